@@ -1,0 +1,318 @@
+"""Speed harness: steps/s of each training mode on each workload, side by side.
+
+    python benchmarks/bench.py                      # all workloads, all modes
+    python benchmarks/bench.py --workloads mlp rollout --modes raw-graph lightning-eager lightning-graphs
+
+Modes:
+  raw-eager          a plain PyTorch loop
+  raw-graph          a hand-written whole-step torch.cuda.graph loop (the speed reference)
+  lightning-eager    Lightning, as users run it
+  lightning-compile  Lightning with the model under torch.compile(mode="reduce-overhead")
+  lightning-graphs   Lightning with CUDAGraphCallback()
+
+Each (workload, mode) runs in a fresh process: ``--warmup`` steps, then ``--repeats``
+timed windows of ``--steps`` steps each (device synchronised at window edges only).
+The table reports the median window; ratios compare medians measured in this one run.
+Results go to ``--out`` as JSON and a PNG bar chart (with matplotlib installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+MODES = ["raw-eager", "raw-graph", "lightning-eager", "lightning-compile", "lightning-graphs"]
+WORKLOAD_NAMES = ["mlp", "rollout", "big"]
+
+
+# -- one (workload, mode) measurement, in its own process ------------------------------------------
+
+
+def _windows(boundaries: list[float], steps: int) -> list[float]:
+    return [steps / (b - a) for a, b in zip(boundaries, boundaries[1:])]
+
+
+def measure_raw(workload, graph: bool, steps: int, warmup: int, repeats: int, device: str) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    model = workload.make_model().to(device)
+    cuda = device.startswith("cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=workload.lr, capturable=graph)
+    batches = workload.batches(pin=cuda)
+
+    def step(batch):
+        opt.zero_grad(set_to_none=True)
+        loss = workload.loss(model, batch)
+        loss.backward()
+        opt.step()
+        return loss
+
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    total = warmup + steps * repeats
+    capture_seconds = None
+    if graph:
+        static = tuple(t.to(device) for t in batches[0])
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step(static)
+        torch.cuda.current_stream().wait_stream(side)
+        started = time.perf_counter()
+        g = torch.cuda.CUDAGraph()
+        opt.zero_grad(set_to_none=True)
+        with torch.cuda.graph(g):
+            step(static)
+        capture_seconds = time.perf_counter() - started
+
+        def run(i):
+            for s, t in zip(static, batches[i % len(batches)]):
+                s.copy_(t, non_blocking=True)
+            g.replay()
+    else:
+
+        def run(i):
+            step(tuple(t.to(device, non_blocking=True) for t in batches[i % len(batches)]))
+
+    boundaries = []
+    for i in range(total):
+        if i >= warmup and (i - warmup) % steps == 0:
+            sync()
+            boundaries.append(time.perf_counter())
+        run(i)
+    sync()
+    boundaries.append(time.perf_counter())
+    return {"steps_per_s": _windows(boundaries, steps), "capture_seconds": capture_seconds}
+
+
+def measure_lightning(workload, mode: str, steps: int, warmup: int, repeats: int, device: str) -> dict:
+    import lightning.pytorch as pl
+    import torch
+
+    from benchmarks.workloads import WorkloadModule, loader
+    from lightning_graphs import CUDAGraphCallback
+
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    total = warmup + steps * repeats
+
+    class WindowTimer(pl.Callback):
+        def __init__(self):
+            self.boundaries = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx >= warmup and (batch_idx - warmup) % steps == 0:
+                sync()
+                self.boundaries.append(time.perf_counter())
+
+        def on_train_end(self, trainer, pl_module):
+            sync()
+            self.boundaries.append(time.perf_counter())
+
+    pl.seed_everything(0, verbose=False)
+    module = WorkloadModule(workload, compile_mode="reduce-overhead" if mode == "lightning-compile" else None)
+    timer = WindowTimer()
+    callbacks = [timer]
+    graphs = CUDAGraphCallback(verbose=False) if mode == "lightning-graphs" else None
+    if graphs:
+        callbacks.append(graphs)
+    trainer = pl.Trainer(
+        accelerator="gpu" if cuda else "cpu", devices=1, max_steps=total, max_epochs=-1, logger=False,
+        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False, callbacks=callbacks,
+    )
+    trainer.fit(module, train_dataloaders=loader(workload, total, pin=cuda))
+    result = {"steps_per_s": _windows(timer.boundaries, steps), "capture_seconds": None}
+    if graphs is not None and graphs.stats is not None:
+        stats = graphs.stats
+        result.update(capture_seconds=stats.capture_seconds, replays=stats.replays, eager_steps=stats.eager_steps,
+                      graphs_disabled=stats.disabled_reason)
+    return result
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+
+    from benchmarks.workloads import WORKLOADS
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    workload = WORKLOADS[args.workload](tiny=args.tiny)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    if args.mode.startswith("raw"):
+        result = measure_raw(workload, args.mode == "raw-graph", args.steps, args.warmup, args.repeats, device)
+    else:
+        result = measure_lightning(workload, args.mode, args.steps, args.warmup, args.repeats, device)
+    result.update(
+        workload=args.workload,
+        mode=args.mode,
+        median_steps_per_s=statistics.median(result["steps_per_s"]),
+        peak_memory_mib=torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None,
+    )
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# -- the driver ---------------------------------------------------------------------------------------
+
+
+def run_one(workload: str, mode: str, args: argparse.Namespace) -> dict:
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--workload", workload, "--mode", mode,
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
+    if args.tiny:
+        command.append("--tiny")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.timeout)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-15:]
+        return {"workload": workload, "mode": mode, "error": "\n".join(tail)}
+    result = json.loads(lines[-1][len("RESULT "):])
+    result["wall_seconds"] = time.perf_counter() - started
+    return result
+
+
+def ratios(results: list[dict]) -> dict[str, dict[str, float]]:
+    """Per workload: the callback's median steps/s over each other mode's."""
+    table: dict[str, dict[str, float]] = {}
+    by_key = {(r["workload"], r["mode"]): r for r in results if "median_steps_per_s" in r}
+    for (workload, mode), result in by_key.items():
+        if mode != "lightning-graphs":
+            continue
+        for other in MODES:
+            base = by_key.get((workload, other))
+            if base and other != mode:
+                table.setdefault(workload, {})[f"vs {other}"] = result["median_steps_per_s"] / base["median_steps_per_s"]
+    return table
+
+
+def print_table(results: list[dict], modes: list[str]) -> None:
+    workloads = list(dict.fromkeys(r["workload"] for r in results))
+    by_key = {(r["workload"], r["mode"]): r for r in results}
+    width = max(len(m) for m in modes) + 2
+    print("\nsteps/s (median of windows)".ljust(24) + "".join(m.rjust(width) for m in modes))
+    for workload in workloads:
+        row = workload.ljust(24)
+        for mode in modes:
+            r = by_key.get((workload, mode), {})
+            row += (f"{r['median_steps_per_s']:.0f}" if "median_steps_per_s" in r else "error").rjust(width)
+        print(row)
+    print("\npeak memory MiB".ljust(24) + "".join(m.rjust(width) for m in modes))
+    for workload in workloads:
+        row = workload.ljust(24)
+        for mode in modes:
+            r = by_key.get((workload, mode), {})
+            value = r.get("peak_memory_mib")
+            row += (f"{value:.0f}" if value is not None else "-").rjust(width)
+        print(row)
+    for workload, row in ratios(results).items():
+        cells = ", ".join(f"{name} {value:.2f}x" for name, value in row.items())
+        print(f"lightning-graphs on {workload}: {cells}")
+    for r in results:
+        if r.get("capture_seconds") is not None:
+            print(f"capture time {r['workload']}/{r['mode']}: {r['capture_seconds'] * 1e3:.0f} ms")
+        if "error" in r:
+            print(f"ERROR {r['workload']}/{r['mode']}:\n{r['error']}")
+
+
+def environment() -> dict:
+    import lightning
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "lightning": lightning.__version__}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def plot(results: list[dict], modes: list[str], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no chart (pip install 'lightning-graphs[bench]')")
+        return False
+    workloads = list(dict.fromkeys(r["workload"] for r in results))
+    by_key = {(r["workload"], r["mode"]): r for r in results}
+    fig, axes = plt.subplots(1, len(workloads), figsize=(4.2 * len(workloads), 3.8), squeeze=False)
+    for ax, workload in zip(axes[0], workloads):
+        values = [by_key.get((workload, m), {}).get("median_steps_per_s", 0.0) for m in modes]
+        bars = ax.bar(range(len(modes)), values,
+                      color=["#9aa5b1" if m != "lightning-graphs" else "#d9534f" for m in modes])
+        ax.set_xticks(range(len(modes)))
+        ax.set_xticklabels(modes, rotation=35, ha="right", fontsize=8)
+        ax.set_title(workload)
+        ax.set_ylabel("steps/s (higher is better)")
+        for bar, value in zip(bars, values):
+            ax.annotate(f"{value:.0f}", (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workloads", nargs="+", default=WORKLOAD_NAMES, choices=WORKLOAD_NAMES)
+    parser.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
+    parser.add_argument("--steps", type=int, default=300, help="steps per timed window")
+    parser.add_argument("--warmup", type=int, default=30, help="untimed steps first")
+    parser.add_argument("--repeats", type=int, default=3, help="timed windows; the median is reported")
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--tiny", action="store_true", help="tiny workloads (for testing the harness)")
+    parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--workload", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+    if not _has_cuda():
+        dropped = [m for m in args.modes if m in ("raw-graph", "lightning-compile")]
+        args.modes = [m for m in args.modes if m not in dropped]
+        print(f"No CUDA device: skipping {', '.join(dropped) or 'nothing'}; lightning-graphs trains eagerly here, "
+              "so its numbers say nothing about graphs.")
+    results = []
+    for workload in args.workloads:
+        for mode in args.modes:
+            print(f"[{len(results) + 1}/{len(args.workloads) * len(args.modes)}] {workload} / {mode} ...", flush=True)
+            result = run_one(workload, mode, args)
+            results.append(result)
+            summary = f"{result['median_steps_per_s']:.0f} steps/s" if "median_steps_per_s" in result else "ERROR"
+            print(f"    {summary}", flush=True)
+    print_table(results, args.modes)
+    args.out.mkdir(parents=True, exist_ok=True)
+    record = {
+        "command": "python benchmarks/bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "environment": environment(),
+        "settings": {"steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "tiny": args.tiny},
+        "results": results,
+        "ratios": ratios(results),
+    }
+    (args.out / "results.json").write_text(json.dumps(record, indent=2))
+    if plot(results, args.modes, args.out / "results.png"):
+        print(f"wrote {args.out / 'results.json'} and {args.out / 'results.png'}")
+    return 1 if any("error" in r for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""The benchmark workloads, shared with the tests (at a tiny size).
+
+* ``mlp``: launch-bound. 64 -> Linear 256 -> GELU, then 7 x (Linear 256, LayerNorm,
+  GELU, Dropout 0.1) -> Linear 1; batch 32; MSE; AdamW(lr=1e-3).
+* ``rollout``: a learned force field in a differentiable integrator: MLP
+  4 -> 128 -> 128 -> 2 with tanh; state (16, 64, 4) holding positions and
+  velocities; 16 semi-implicit Euler steps (acc = net(pos, vel) - 0.1 pos,
+  dt = 0.01); MSE of the final positions against targets.
+* ``big``: compute-bound control. MLP of width 4096 and depth 4, batch 2048.
+
+Each yields 8 distinct pinned CPU batches, cycled through a ``DataLoader(batch_size=None)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class Workload:
+    name: str
+    make_model: Callable[[], nn.Module]
+    make_batch: Callable[[torch.Generator], tuple[torch.Tensor, ...]]
+    loss: Callable[[nn.Module, tuple[torch.Tensor, ...]], torch.Tensor]
+    lr: float = 1e-3
+
+    def batches(self, count: int = 8, pin: bool = True, seed: int = 0) -> list[tuple[torch.Tensor, ...]]:
+        generator = torch.Generator().manual_seed(seed)
+        batches = [self.make_batch(generator) for _ in range(count)]
+        if pin and torch.cuda.is_available():
+            batches = [tuple(t.pin_memory() for t in batch) for batch in batches]
+        return batches
+
+
+class MLP(nn.Module):
+    def __init__(self, features: int, width: int, depth: int, dropout: float = 0.1, norm: bool = True) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Linear(features, width), nn.GELU()]
+        for _ in range(depth):
+            layers.append(nn.Linear(width, width))
+            if norm:
+                layers.append(nn.LayerNorm(width))
+            layers.append(nn.GELU())
+            if dropout:
+                layers.append(nn.Dropout(dropout))
+        layers.append(nn.Linear(width, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _regression_loss(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    x, y = batch
+    return F.mse_loss(model(x), y)
+
+
+class ForceField(nn.Module):
+    """Learned force on each particle from its position and velocity."""
+
+    def __init__(self, hidden: int = 128) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),
+                                 nn.Linear(hidden, 2))
+
+    def forward(self, state: torch.Tensor) -> torch.Tensor:
+        return self.net(state)
+
+
+def rollout_positions(model: nn.Module, state: torch.Tensor, steps: int, dt: float = 0.01) -> torch.Tensor:
+    """Semi-implicit Euler: v += dt * a(p, v); p += dt * v, with a = net(p, v) - 0.1 p."""
+    pos, vel = state[..., :2], state[..., 2:]
+    for _ in range(steps):
+        acc = model(torch.cat([pos, vel], dim=-1)) - 0.1 * pos
+        vel = vel + dt * acc
+        pos = pos + dt * vel
+    return pos
+
+
+def mlp(tiny: bool = False) -> Workload:
+    features, width, depth, batch = (8, 16, 2, 4) if tiny else (64, 256, 7, 32)
+    return Workload(
+        name="mlp",
+        make_model=lambda: MLP(features, width, depth),
+        make_batch=lambda g: (torch.randn(batch, features, generator=g), torch.randn(batch, 1, generator=g)),
+        loss=_regression_loss,
+    )
+
+
+def rollout(tiny: bool = False) -> Workload:
+    systems, particles, steps, hidden = (2, 4, 3, 8) if tiny else (16, 64, 16, 128)
+    return Workload(
+        name="rollout",
+        make_model=lambda: ForceField(hidden),
+        make_batch=lambda g: (torch.randn(systems, particles, 4, generator=g),
+                              torch.randn(systems, particles, 2, generator=g)),
+        loss=lambda model, batch: F.mse_loss(rollout_positions(model, batch[0], steps), batch[1]),
+    )
+
+
+def big(tiny: bool = False) -> Workload:
+    width, depth, batch = (32, 2, 8) if tiny else (4096, 4, 2048)
+    return Workload(
+        name="big",
+        make_model=lambda: MLP(width, width, depth, dropout=0.0, norm=False),
+        make_batch=lambda g: (torch.randn(batch, width, generator=g), torch.randn(batch, 1, generator=g)),
+        loss=_regression_loss,
+    )
+
+
+WORKLOADS: dict[str, Callable[..., Workload]] = {"mlp": mlp, "rollout": rollout, "big": big}
+
+
+class WorkloadModule(pl.LightningModule):
+    """A workload as users would write it in Lightning: ``self.log`` of the loss every step."""
+
+    def __init__(self, workload: Workload, compile_mode: str | None = None) -> None:
+        super().__init__()
+        self.workload = workload
+        self.model = workload.make_model()
+        self.forward_model = torch.compile(self.model, mode=compile_mode) if compile_mode else self.model
+
+    def training_step(self, batch, batch_idx):
+        loss = self.workload.loss(self.forward_model, batch)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.model.parameters(), lr=self.workload.lr)
+
+
+class CycledBatches(torch.utils.data.IterableDataset):
+    """Yields ``length`` items cycling through a few pre-made batches."""
+
+    def __init__(self, batches: list, length: int) -> None:
+        self.batches, self.length = batches, length
+
+    def __iter__(self):
+        for index in range(self.length):
+            yield self.batches[index % len(self.batches)]
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def loader(workload: Workload, length: int, pin: bool = True) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(CycledBatches(workload.batches(pin=pin), length), batch_size=None)

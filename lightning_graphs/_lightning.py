@@ -1,0 +1,246 @@
+"""Every touch of Lightning's private loop internals, in one place.
+
+A Lightning upgrade should mean reading this file and nothing else. What it relies
+on (Lightning 2.4 to 2.6):
+
+* ``trainer.fit_loop.epoch_loop.automatic_optimization.run(optimizer, batch_idx,
+  kwargs)`` runs exactly one training step (training_step, zero_grad, backward,
+  clipping, optimizer step) and returns ``{"loss": ..., **extra}``; ``kwargs`` holds
+  ``batch`` and, if the step takes it, ``batch_idx``.
+* that loop's ``optim_progress`` counts zero_grad and optimizer-step calls; the
+  trainer's ``global_step`` is derived from it.
+* ``LightningModule.log`` reads ``_current_fx_name`` to know which hook logs.
+"""
+
+from __future__ import annotations
+
+import inspect
+import numbers
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import lightning.pytorch as pl
+import torch
+
+from lightning_graphs.batches import clone_tensors, flatten
+from lightning_graphs.python_state import WatchedInt
+
+# hooks that run inside one automatic-optimization step; their Python runs at capture only
+IN_STEP_CALLBACK_HOOKS = ("on_before_zero_grad", "on_before_backward", "on_after_backward", "on_before_optimizer_step")
+
+_LIGHTNING_MODULE_ATTRIBUTES = frozenset(pl.LightningModule().__dict__)
+_MODULE_ATTRIBUTES = frozenset(torch.nn.Module().__dict__)
+
+
+def ignore_framework_attribute(obj: Any, name: str) -> bool:
+    """Attributes Lightning and PyTorch manage themselves (not side effects of a user's step)."""
+    if isinstance(obj, pl.LightningModule):
+        return name in _LIGHTNING_MODULE_ATTRIBUTES
+    if isinstance(obj, torch.nn.Module):
+        return name in _MODULE_ATTRIBUTES
+    if isinstance(obj, torch.optim.Optimizer):
+        return name.startswith("_") or name in ("defaults", "state", "param_groups")
+    return False
+
+
+def automatic_optimization_loop(trainer: pl.Trainer) -> Any:
+    return trainer.fit_loop.epoch_loop.automatic_optimization
+
+
+def patch_step_runner(trainer: pl.Trainer, runner: Callable[..., Any]) -> Callable[..., Any]:
+    """Route every automatic-optimization step through ``runner``; returns the original ``run``."""
+    loop = automatic_optimization_loop(trainer)
+    original = loop.run
+    loop.run = runner
+    return original
+
+
+def unpatch_step_runner(trainer: pl.Trainer) -> None:
+    loop = automatic_optimization_loop(trainer)
+    loop.__dict__.pop("run", None)
+
+
+def progress_state(trainer: pl.Trainer) -> dict:
+    return automatic_optimization_loop(trainer).optim_progress.state_dict()
+
+
+def restore_progress(trainer: pl.Trainer, state: dict) -> None:
+    automatic_optimization_loop(trainer).optim_progress.load_state_dict(state)
+
+
+def count_replayed_step(trainer: pl.Trainer, batch_idx: int) -> None:
+    """Advance the progress counters exactly as one eager ``run`` would."""
+    loop = automatic_optimization_loop(trainer)
+    progress = loop.optim_progress.optimizer
+    if not loop._skip_backward and batch_idx % trainer.accumulate_grad_batches == 0:
+        progress.zero_grad.increment_ready()
+        progress.zero_grad.increment_started()
+        progress.zero_grad.increment_completed()
+    if not trainer.fit_loop._should_accumulate():
+        progress.step.increment_ready()
+        progress.step.increment_completed()
+
+
+def with_batch(kwargs: OrderedDict, batch: Any, batch_idx: Any) -> OrderedDict:
+    """``kwargs`` for ``training_step`` with another batch and batch index, in the same order."""
+    replaced = OrderedDict(kwargs)
+    replaced["batch"] = batch
+    if "batch_idx" in replaced:
+        replaced["batch_idx"] = batch_idx
+    return replaced
+
+
+def takes_dataloader_iter(module: pl.LightningModule) -> bool:
+    try:
+        parameters = inspect.signature(module.training_step).parameters
+    except (TypeError, ValueError):
+        return False
+    return "dataloader_iter" in parameters
+
+
+def in_step_callbacks(trainer: pl.Trainer, exclude: Any) -> list[pl.Callback]:
+    """Callbacks overriding a hook that runs inside the step (their Python runs at capture only)."""
+    found = []
+    for callback in trainer.callbacks:
+        if callback is exclude:
+            continue
+        for hook in IN_STEP_CALLBACK_HOOKS:
+            if getattr(type(callback), hook, None) is not getattr(pl.Callback, hook):
+                found.append(callback)
+                break
+    return found
+
+
+@dataclass
+class LogCall:
+    """One ``self.log`` call made while the step was captured."""
+
+    fx: str | None  # the hook that logged (``_current_fx_name``)
+    name: str
+    value: Any  # a tensor in graph memory, refreshed by every replay
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+class StepProbe:
+    """Watches one eager or captured training step for what a replay cannot repeat.
+
+    While active it stands in for ``LightningModule.log`` (recording calls during
+    capture, forwarding them during warm-up), hands ``training_step`` a
+    :class:`WatchedInt` as ``batch_idx``, and notes reads of ``self.global_step``,
+    ``self.current_epoch`` and the trainer's counterparts from inside the step.
+    ``problem`` is the first finding, as a sentence.
+    """
+
+    _WATCHED_PROPERTIES = ("global_step", "current_epoch")
+    # hooks in which user code runs and Lightning itself reads no epoch or step counter
+    _USER_HOOKS = frozenset(
+        {"training_step", "on_before_backward", "on_after_backward", "on_before_optimizer_step", "on_before_zero_grad",
+         "backward", "configure_gradient_clipping"}
+    )
+
+    def __init__(self, module: pl.LightningModule, capturing: bool) -> None:
+        self.module = module
+        self.capturing = capturing
+        self.calls: list[LogCall] = []
+        self.problem: str | None = None
+        self._log = module.log
+        self._log_signature = inspect.signature(self._log)
+
+    def note(self, problem: str) -> None:
+        if self.problem is None:
+            self.problem = problem
+
+    def watched_index(self, batch_idx: int) -> WatchedInt:
+        return WatchedInt(
+            batch_idx,
+            lambda: self.note(
+                "the training step reads `batch_idx` (to branch, count or log). A CUDA graph would replay the path "
+                "of the captured batch for every batch"
+            ),
+        )
+
+    def _logged(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        bound = self._log_signature.bind(name, value, *args, **kwargs)
+        arguments = dict(bound.arguments)
+        arguments.pop("name"), arguments.pop("value")
+        arguments.update(arguments.pop("kwargs", {}))
+        self._check_logged_value(name, value)
+        if not self.capturing:
+            self._log(name, value, **arguments)
+            return
+        value = clone_tensors(value, lambda t: t.detach().clone())  # a graph output the replays refresh
+        self.calls.append(LogCall(self.module._current_fx_name, name, value, arguments))
+
+    def _check_logged_value(self, name: str, value: Any) -> None:
+        leaves, _ = flatten(value)
+        for leaf in leaves:
+            if isinstance(leaf, torch.Tensor):
+                continue
+            if _is_metric(leaf):
+                self.note(
+                    f"`self.log({name!r}, ...)` logs a torchmetrics object from inside the step; metrics updated "
+                    "inside a graphed step are not supported yet. Log `metric(preds, target)` (a tensor) instead, or "
+                    "update the metric in `on_train_batch_end`"
+                )
+            elif isinstance(leaf, numbers.Number):
+                self.note(
+                    f"`self.log({name!r}, {leaf!r})` logs a Python number from inside the step; a replay cannot "
+                    "recompute it. Log a tensor, or log the number from `on_train_batch_end`"
+                )
+
+    def _watch_property(self, owner: type, name: str, module_level: bool) -> tuple[type, str, Any] | None:
+        original = owner.__dict__.get(name)
+        if not isinstance(original, property):
+            return None
+        probe = self
+
+        def read(instance: Any) -> Any:
+            hook = probe.module._current_fx_name
+            if module_level or hook in StepProbe._USER_HOOKS:
+                where = "self" if module_level else "self.trainer"
+                probe.note(
+                    f"the training step reads `{where}.{name}`; a CUDA graph would replay the captured step's "
+                    "Python decisions at every step"
+                )
+            return original.fget(instance)
+
+        setattr(owner, name, property(read))
+        return owner, name, original
+
+    @contextmanager
+    def active(self) -> Iterator[StepProbe]:
+        """Install the stand-ins; everything is restored on exit, also on errors."""
+        saved_fx = self.module._current_fx_name
+        patched = []
+        self.module.log = self._logged
+        try:
+            for name in self._WATCHED_PROPERTIES:
+                patched.append(self._watch_property(pl.LightningModule, name, module_level=True))
+                patched.append(self._watch_property(pl.Trainer, name, module_level=False))
+            yield self
+        finally:
+            for owner, name, original in (p for p in reversed(patched) if p is not None):
+                setattr(owner, name, original)
+            self.module.__dict__.pop("log", None)
+            self.module._current_fx_name = saved_fx
+
+
+def replay_logs(module: pl.LightningModule, calls: list[LogCall]) -> None:
+    """Log what the captured step logged, with the values of the latest replay."""
+    saved = module._current_fx_name
+    try:
+        for call in calls:
+            module._current_fx_name = call.fx
+            module.log(call.name, call.value, **call.kwargs)
+    finally:
+        module._current_fx_name = saved
+
+
+def _is_metric(value: Any) -> bool:
+    try:
+        from torchmetrics import Metric
+    except ImportError:  # pragma: no cover - torchmetrics is a dependency
+        return False
+    return isinstance(value, Metric)

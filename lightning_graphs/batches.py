@@ -1,0 +1,282 @@
+"""Static batch buffers.
+
+A captured CUDA graph reads its inputs from fixed addresses. This module turns an
+arbitrary batch (tensors nested in tuples, lists, dicts, namedtuples and
+dataclasses, with non-tensor leaves allowed) into
+
+* a :class:`BatchSignature`: the structure, each tensor's shape, dtype, device and
+  ``requires_grad``, and the value of every non-tensor leaf. Two batches with equal
+  signatures can share one graph; anything else must run eagerly.
+* a :class:`StaticBatch`: graph-owned copies of the tensors, rebuilt into the
+  batch's own structure, that later batches of the same signature are copied into.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any, Callable, Iterator
+
+import torch
+
+__all__ = ["BatchSignature", "StaticBatch", "flatten", "signature_of", "describe_mismatch", "clone_tensors"]
+
+
+class _Node:
+    """One container in a flattened batch: its kind, type and child count (or keys).
+
+    ``template`` keeps the original container so that the structure can be rebuilt
+    (a ``defaultdict`` keeps its factory, a dataclass its non-field attributes); it
+    takes no part in equality.
+    """
+
+    __slots__ = ("kind", "type", "keys", "children", "template")
+
+    def __init__(self, kind: str, type_: type, keys: tuple, children: tuple, template: Any) -> None:
+        self.kind = kind
+        self.type = type_
+        self.keys = keys
+        self.children = children
+        self.template = template
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, _Node)
+            and self.kind == other.kind
+            and self.type is other.type
+            and self.keys == other.keys
+            and self.children == other.children
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.kind, self.type, self.keys, self.children))
+
+
+_LEAF = None  # marks a leaf position in the tree
+
+
+def _is_namedtuple(value: Any) -> bool:
+    return isinstance(value, tuple) and hasattr(type(value), "_fields")
+
+
+def flatten(batch: Any) -> tuple[list[Any], Any]:
+    """Split ``batch`` into its leaves (depth first) and a tree describing the containers."""
+    leaves: list[Any] = []
+    tree = _flatten_into(batch, leaves)
+    return leaves, tree
+
+
+def _flatten_into(value: Any, leaves: list[Any]) -> Any:
+    if isinstance(value, torch.Tensor) or isinstance(value, (str, bytes)):
+        leaves.append(value)
+        return _LEAF
+    if isinstance(value, Mapping):
+        keys = tuple(value.keys())
+        children = tuple(_flatten_into(value[k], leaves) for k in keys)
+        return _Node("map", type(value), keys, children, value)
+    if _is_namedtuple(value):
+        children = tuple(_flatten_into(v, leaves) for v in value)
+        return _Node("namedtuple", type(value), (), children, value)
+    if isinstance(value, (tuple, list)):
+        children = tuple(_flatten_into(v, leaves) for v in value)
+        return _Node("seq", type(value), (), children, value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        names = tuple(f.name for f in dataclasses.fields(value))
+        children = tuple(_flatten_into(getattr(value, n), leaves) for n in names)
+        return _Node("dataclass", type(value), names, children, value)
+    leaves.append(value)
+    return _LEAF
+
+
+def unflatten(tree: Any, leaves: list[Any]) -> Any:
+    """Rebuild a batch of the structure ``tree`` around new ``leaves``."""
+    it = iter(leaves)
+    return _rebuild(tree, it)
+
+
+def _rebuild(tree: Any, leaves: Iterator[Any]) -> Any:
+    if tree is _LEAF:
+        return next(leaves)
+    values = [_rebuild(child, leaves) for child in tree.children]
+    if tree.kind == "map":
+        items = list(zip(tree.keys, values))
+        template = tree.template
+        if type(template) is dict:
+            return dict(items)
+        if hasattr(template, "default_factory"):  # defaultdict and its subclasses
+            return type(template)(template.default_factory, items)
+        try:
+            return type(template)(items)
+        except TypeError:
+            return dict(items)
+    if tree.kind == "namedtuple":
+        return tree.type(*values)
+    if tree.kind == "seq":
+        return tree.type(values)
+    # dataclass: a shallow copy keeps attributes outside the fields; frozen ones too
+    rebuilt = copy.copy(tree.template)
+    for name, value in zip(tree.keys, values):
+        object.__setattr__(rebuilt, name, value)
+    return rebuilt
+
+
+class _Value:
+    """A non-tensor leaf compared by value; objects whose ``==`` is not a plain bool
+    (NumPy arrays, for instance) are compared by identity."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _Value):
+            return False
+        a, b = self.value, other.value
+        if a is b:
+            return True
+        if type(a) is not type(b):
+            return False
+        if isinstance(a, float) and math.isnan(a) and math.isnan(b):
+            return True
+        try:
+            equal = a == b
+        except Exception:
+            return False
+        return equal if isinstance(equal, bool) else False
+
+    def __hash__(self) -> int:  # only equality is used; keep the object hashable
+        return hash(type(self.value))
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+_PLAIN_TYPES = (bool, int, float, complex, str, bytes, type(None))
+
+
+def _leaf_spec(leaf: Any) -> Any:
+    if isinstance(leaf, torch.Tensor):
+        return (tuple(leaf.shape), leaf.dtype, leaf.device, leaf.requires_grad, leaf.layout)
+    if type(leaf) in _PLAIN_TYPES and not (type(leaf) is float and math.isnan(leaf)):
+        return (type(leaf), leaf)
+    return _Value(leaf)
+
+
+class BatchSignature:
+    """What a graph captured for one batch must match: structure, tensor metadata and
+    non-tensor values."""
+
+    __slots__ = ("tree", "specs", "leaves")
+
+    def __init__(self, tree: Any, specs: tuple, leaves: list[Any]) -> None:
+        self.tree = tree
+        self.specs = specs
+        self.leaves = leaves  # the batch's own leaves, for copying in; not compared
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, BatchSignature) and self.specs == other.specs and self.tree == other.tree
+
+    def __hash__(self) -> int:
+        return hash(self.specs) if all(not isinstance(s, _Value) for s in self.specs) else hash(len(self.specs))
+
+    @property
+    def tensor_positions(self) -> list[int]:
+        return [i for i, leaf in enumerate(self.leaves) if isinstance(leaf, torch.Tensor)]
+
+    def unsupported_reason(self) -> str | None:
+        """Why batches of this signature can never be copied into static buffers, if so."""
+        for path, leaf in zip(leaf_paths(self.tree), self.leaves):
+            if isinstance(leaf, torch.Tensor):
+                if leaf.layout is not torch.strided:
+                    return f"{path} is a {leaf.layout} tensor; only dense (strided) tensors can be copied into a graph"
+                if leaf.is_nested:
+                    return f"{path} is a nested tensor; only dense tensors can be copied into a graph"
+        return None
+
+
+def signature_of(batch: Any) -> BatchSignature:
+    leaves, tree = flatten(batch)
+    return BatchSignature(tree, tuple(_leaf_spec(leaf) for leaf in leaves), leaves)
+
+
+def leaf_paths(tree: Any, root: str = "batch") -> list[str]:
+    """Readable paths of every leaf, in flattening order: ``batch['x']``, ``batch[1]``, ``batch.y``."""
+    paths: list[str] = []
+
+    def walk(node: Any, path: str) -> None:
+        if node is _LEAF:
+            paths.append(path)
+        elif node.kind == "map":
+            for key, child in zip(node.keys, node.children):
+                walk(child, f"{path}[{key!r}]")
+        elif node.kind == "dataclass":
+            for name, child in zip(node.keys, node.children):
+                walk(child, f"{path}.{name}")
+        else:
+            for index, child in enumerate(node.children):
+                walk(child, f"{path}[{index}]")
+
+    walk(tree, root)
+    return paths
+
+
+def _describe_leaf(spec: Any) -> str:
+    if isinstance(spec, tuple) and len(spec) == 5:
+        shape, dtype, device, requires_grad, _ = spec
+        grad = ", requires_grad" if requires_grad else ""
+        return f"shape {tuple(shape)}, {str(dtype).replace('torch.', '')} on {device}{grad}"
+    if isinstance(spec, tuple):
+        return f"value {spec[1]!r}"
+    return f"value {spec!r}"
+
+
+def describe_mismatch(expected: BatchSignature, got: BatchSignature, root: str = "batch") -> str:
+    """One sentence naming the first difference between two signatures."""
+    if expected.tree != got.tree:
+        return f"{root} has a different structure than the captured one"
+    for path, a, b in zip(leaf_paths(expected.tree, root), expected.specs, got.specs):
+        if a != b:
+            return f"{path} has {_describe_leaf(b)}; the captured graph expects {_describe_leaf(a)}"
+    return f"{root} differs from the captured one"
+
+
+class StaticBatch:
+    """Graph-owned copies of a batch's tensors, in the batch's own structure.
+
+    ``value`` is what the captured step is called with. :meth:`copy_from` writes the
+    tensors of a later batch with the same signature into those copies in one
+    launch, without allocating.
+    """
+
+    def __init__(self, signature: BatchSignature) -> None:
+        self.signature = signature
+        self._positions = signature.tensor_positions
+        leaves = list(signature.leaves)
+        with torch.no_grad():
+            for i in self._positions:
+                source = leaves[i]
+                leaves[i] = source.detach().clone().requires_grad_(source.requires_grad)
+        # the tensors the graph reads; kept apart from `value` so that user code
+        # rebinding fields of the batch object cannot detach them
+        self.tensors: list[torch.Tensor] = [leaves[i] for i in self._positions]
+        self.value = unflatten(signature.tree, leaves)
+
+    def copy_from(self, signature: BatchSignature) -> None:
+        sources = [signature.leaves[i] for i in self._positions]
+        if not sources:
+            return
+        with torch.no_grad():
+            torch._foreach_copy_(self.tensors, sources)
+
+
+def clone_tensors(value: Any, clone: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Any:
+    """A copy of ``value`` with every tensor replaced by a detached clone, so that it
+    survives the next replay overwriting graph memory."""
+    leaves, tree = flatten(value)
+    if not any(isinstance(leaf, torch.Tensor) for leaf in leaves):
+        return value
+    clone = clone or (lambda t: t.detach().clone())
+    return unflatten(tree, [clone(leaf) if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves])

@@ -1,0 +1,246 @@
+"""The Lightning adapter: ``Trainer(callbacks=[CUDAGraphCallback()])``."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from typing_extensions import override
+
+from lightning_graphs import _lightning as internals
+from lightning_graphs.batches import clone_tensors
+from lightning_graphs.graphed_step import Action, CaptureFailed, GraphedStep, GraphStats
+from lightning_graphs.messages import GraphCaptureError, GraphWarning, WarnOnce
+
+__all__ = ["CUDAGraphCallback"]
+
+_SUPPORTED_PRECISION = ("32-true", "32", "bf16-mixed")
+_RAGGED_ADVICE = " A DataLoader with drop_last=True avoids a ragged last batch."
+
+
+class CUDAGraphCallback(pl.Callback):
+    """Captures the whole training step (forward, backward, gradient clipping,
+    optimizer step) as one CUDA graph and replays it, one launch per step.
+
+    Nothing else changes: parameters, losses, ``self.log`` values, learning-rate
+    traces and ``global_step`` are those of eager training, with the
+    LightningModule, optimizers and schedulers exactly as written. Batches of the
+    captured signature (structure, shapes, dtypes, non-tensor values) are copied
+    into static tensors and replayed; any other batch (the ragged last one, say)
+    runs eagerly and correctly. What cannot be graphed is reported once, with the
+    reason, and runs eagerly.
+
+    Args:
+        warmup_steps: eager steps (real training steps, on a side stream) before
+            the capture; at least 1, since optimizers create their state lazily.
+        strict: raise :class:`~lightning_graphs.GraphCaptureError` where the step
+            cannot be graphed, instead of warning and training eagerly.
+        verbose: print a one-line summary (captures, replays, eager steps and why)
+            at the end of training.
+
+    Raises:
+        ValueError: for a negative ``warmup_steps``.
+
+    Example::
+
+        trainer = Trainer(max_epochs=10, callbacks=[CUDAGraphCallback()])
+        trainer.fit(model, datamodule)
+        print(trainer.callbacks[0].stats.summary())
+
+    Requirements of the training step (each is checked; one that is broken makes
+    training run eagerly with a warning naming it):
+
+    * no host synchronisation inside ``training_step`` and the in-step hooks: no
+      ``.item()``, ``print(tensor)``, ``if tensor:``, ``torch.tensor(x, device=...)``.
+      Log tensors with ``self.log``: their values are fed to Lightning after every
+      replay, so ``on_step``/``on_epoch``/``prog_bar`` logging stays exact.
+    * no Python side effects that must happen every step, and no decisions on
+      ``batch_idx``, ``self.global_step`` or ``self.current_epoch``: a replay repeats
+      GPU work only. Append outputs in ``on_train_batch_end`` instead, which runs every
+      step and receives ``outputs["loss"]``.
+    * learning rates and other hyper-parameters are set by schedulers (or any code
+      outside the step), not inside ``training_step`` or ``optimizer_step``.
+
+    Supported today: one CUDA device, automatic optimization, ``precision`` of
+    ``"32-true"`` or ``"bf16-mixed"``, no gradient accumulation. Other setups train
+    eagerly, with one warning saying so.
+
+    Debugging a failed capture: the warning names the operation and your line of
+    code. For host synchronisations in general, run one eager step under
+    ``torch.cuda.set_sync_debug_mode("error")``, which raises at the first one.
+    """
+
+    def __init__(self, warmup_steps: int = 3, strict: bool = False, verbose: bool = True) -> None:
+        if warmup_steps < 0:
+            raise ValueError(f"`warmup_steps` must be >= 0, got {warmup_steps}")
+        self.warmup_steps = warmup_steps
+        self.strict = strict
+        self.verbose = verbose
+        self._warn_once = WarnOnce(self._emit)
+        self._engine: GraphedStep | None = None  # the graphed step of the running fit
+        self._trainer: pl.Trainer | None = None
+        self._original_run: Any = None  # Lightning's own step runner, while patched
+        self._log_calls: list[internals.LogCall] = []  # self.log calls of the captured step
+        self._last_stats: GraphStats | None = None
+
+    @property
+    def stats(self) -> GraphStats | None:
+        """Captures, replays, eager steps and their reasons for the current (or last) fit."""
+        return self._engine.stats if self._engine is not None else self._last_stats
+
+    # -- set-up -------------------------------------------------------------------
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._teardown(trainer)
+        self._warn_once.reset()
+        if not self._on_cuda(pl_module):
+            self._warn_once(
+                "no-cuda",
+                f"CUDAGraphCallback: the model is on {pl_module.device} and CUDA graphs need a CUDA device. "
+                "Training runs eagerly, unchanged.",
+            )
+            return
+        reason = self._unsupported(trainer, pl_module)
+        if reason is not None:
+            if self.strict:
+                raise GraphCaptureError(f"CUDAGraphCallback: {reason}.")
+            self._warn_once(
+                "unsupported", f"CUDAGraphCallback: {reason}. Training runs eagerly, unchanged (no CUDA graph speed-up)."
+            )
+            return
+        self._trainer = trainer
+        self._engine = GraphedStep(
+            None,
+            warmup_steps=self.warmup_steps,
+            optimizers=trainer.optimizers,
+            modules=[pl_module],
+            watch=[("self", pl_module)]
+            + [(f"callback {type(c).__name__}", c) for c in internals.in_step_callbacks(trainer, exclude=self)],
+            strict=self.strict,
+            warn=self._warn_once,
+            ignore_attribute=internals.ignore_framework_attribute,
+            what="the training step",
+            input_name="batch",
+        )
+        self._original_run = internals.patch_step_runner(trainer, self._run_step)
+
+    @staticmethod
+    def _on_cuda(pl_module: pl.LightningModule) -> bool:
+        return torch.cuda.is_available() and pl_module.device.type == "cuda"
+
+    def _unsupported(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str | None:
+        """Why this fit cannot be graphed at all, if so."""
+        if not pl_module.automatic_optimization:
+            return "manual optimization (`automatic_optimization = False`) is not graphed yet"
+        if trainer.world_size > 1 or not isinstance(trainer.strategy, SingleDeviceStrategy):
+            return f"the {type(trainer.strategy).__name__} strategy is not graphed yet; graphs need one CUDA device"
+        if str(trainer.precision) not in _SUPPORTED_PRECISION:
+            return f'precision="{trainer.precision}" is not graphed yet (supported: "32-true", "bf16-mixed")'
+        if internals.takes_dataloader_iter(pl_module):
+            return "`training_step(self, dataloader_iter)` fetches its own batches, which a graph cannot replay"
+        return None
+
+    def _emit(self, message: str) -> None:
+        rank_zero_warn(message, category=GraphWarning)
+
+    # -- the step -------------------------------------------------------------------
+
+    def _run_step(self, optimizer: torch.optim.Optimizer, batch_idx: int, kwargs: OrderedDict) -> dict:
+        """Stands in for Lightning's automatic-optimization ``run``: one training step."""
+        engine, trainer, run = self._engine, self._trainer, self._original_run
+        if trainer.accumulate_grad_batches != 1:
+            return engine.eager(lambda: run(optimizer, batch_idx, kwargs), "gradient accumulation is not graphed yet")
+        plan = engine.plan(kwargs["batch"])
+        if plan.action is Action.REPLAY:
+            outputs = engine.replay(plan)
+            internals.count_replayed_step(trainer, batch_idx)
+            internals.replay_logs(trainer.lightning_module, self._log_calls)
+            return clone_tensors(outputs)
+        if plan.action is Action.WARMUP:
+            probe = internals.StepProbe(trainer.lightning_module, capturing=False)
+            with probe.active():
+                watched = internals.with_batch(kwargs, kwargs["batch"], probe.watched_index(batch_idx))
+                outputs = engine.warmup(lambda: run(optimizer, batch_idx, watched))
+            if probe.problem is not None:
+                engine.disable(probe.problem)
+            return outputs
+        if plan.action is Action.CAPTURE:
+            return self._capture_step(plan, optimizer, batch_idx, kwargs)
+        engine.warn_fallback(plan, _RAGGED_ADVICE)
+        return engine.eager(lambda: run(optimizer, batch_idx, kwargs), plan.reason)
+
+    def _capture_step(self, plan: Any, optimizer: torch.optim.Optimizer, batch_idx: int, kwargs: OrderedDict) -> dict:
+        engine, trainer, run = self._engine, self._trainer, self._original_run
+        module = trainer.lightning_module
+        progress = internals.progress_state(trainer)
+        probe = internals.StepProbe(module, capturing=True)
+        try:
+            with probe.active():
+                index = probe.watched_index(batch_idx)
+                outputs = engine.capture(
+                    plan, lambda static_batch: run(optimizer, batch_idx, internals.with_batch(kwargs, static_batch, index))
+                )
+        except CaptureFailed as failure:
+            internals.restore_progress(trainer, progress)
+            engine.disable(failure.explanation, cause=failure)
+            return engine.eager(lambda: run(optimizer, batch_idx, kwargs), "capture failed")
+        self._log_calls = probe.calls
+        if probe.problem is not None:
+            engine.disable(probe.problem)  # this step ran from the graph correctly; no replays after it
+        internals.replay_logs(module, self._log_calls)
+        return clone_tensors(outputs)
+
+    # -- keeping the graph honest ------------------------------------------------------
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._engine is not None:
+            self._engine.request_structure_check()
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._engine is not None:
+            self._engine.request_structure_check()
+
+    @override
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        """Save optimizer state as the user's unprepared optimizer would have."""
+        if self._engine is None or "optimizer_states" not in checkpoint:
+            return
+        states = checkpoint["optimizer_states"]
+        for index, optimizer in enumerate(trainer.optimizers[: len(states)]):
+            states[index] = self._engine.user_optimizer_state(optimizer, states[index])
+
+    # -- clean exit ------------------------------------------------------------------------
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        stats = self.stats
+        self._teardown(trainer)
+        if self.verbose and stats is not None:
+            rank_zero_info(f"CUDAGraphCallback: {stats.summary()}")
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._teardown(trainer)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._teardown(trainer)
+
+    def _teardown(self, trainer: pl.Trainer) -> None:
+        """Remove the patch, free the graph, restore the optimizers. Safe to call twice."""
+        if self._original_run is not None:
+            internals.unpatch_step_runner(self._trainer or trainer)
+            self._original_run = None
+        if self._engine is not None:
+            self._last_stats = self._engine.stats
+            self._engine.close()
+            self._engine = None
+        self._log_calls = []
+        self._trainer = None

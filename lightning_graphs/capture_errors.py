@@ -1,0 +1,126 @@
+"""Explaining why a capture failed, in terms of the user's own code.
+
+CUDA reports "operation not permitted when stream is capturing" and similar; what a
+user needs is the operation and the line of their code that caused it. The
+traceback holds it: the innermost frame outside PyTorch, Lightning, this library
+and the standard library is the user's line.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import linecache
+import os
+import re
+import sysconfig
+import traceback
+from types import TracebackType
+
+__all__ = ["explain_capture_error", "user_frame"]
+
+
+def _package_dir(module_name: str) -> str | None:
+    """Where a package lives, found without importing it."""
+    try:
+        spec = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return os.path.abspath(list(spec.submodule_search_locations)[0]) + os.sep
+
+
+_FRAMEWORK_DIRS = tuple(
+    d
+    for d in (
+        _package_dir("torch"),
+        _package_dir("lightning"),
+        _package_dir("pytorch_lightning"),
+        _package_dir("lightning_utilities"),
+        _package_dir("torchmetrics"),
+        os.path.dirname(os.path.abspath(__file__)) + os.sep,
+        os.path.abspath(sysconfig.get_paths()["stdlib"]) + os.sep,
+    )
+    if d
+)
+
+# source patterns that synchronise with the host, most specific first
+_SYNC_PATTERNS = [
+    (r"\.item\(\)", "`.item()` copies a GPU value to the host"),
+    (r"\.tolist\(\)", "`.tolist()` copies GPU values to the host"),
+    (r"\.cpu\(\)", "`.cpu()` copies a GPU tensor to the host"),
+    (r"\.numpy\(\)", "`.numpy()` copies a GPU tensor to the host"),
+    (r"\bprint\(", "`print` of a tensor copies its values to the host"),
+    (r"\btorch\.(tensor|as_tensor)\(", "`torch.tensor(...)` copies host data to the GPU"),
+    (r"\b(float|int|bool)\(", "converting a tensor to a Python number reads it on the host"),
+    (r"\bif\b|\bwhile\b|\band\b|\bor\b|\bnot\b", "a Python condition on a tensor reads its value on the host"),
+    (r"\.to\(|\.cuda\(", "copying host data to the GPU during capture"),
+    (r"nonzero|masked_select|unique|repeat_interleave", "an operation whose output size depends on the data"),
+]
+
+
+def user_frame(tb: TracebackType | None) -> traceback.FrameSummary | None:
+    """The innermost traceback frame in the user's code, if there is one."""
+    found = None
+    for frame in traceback.extract_tb(tb):
+        filename = os.path.abspath(frame.filename)
+        if filename.startswith(_FRAMEWORK_DIRS) or frame.filename.startswith("<"):
+            continue
+        found = frame
+    return found
+
+
+def _innermost(exc: BaseException) -> BaseException:
+    """The exception that started it all (capture_end errors chain the original)."""
+    while exc.__cause__ is not None or (exc.__context__ is not None and not exc.__suppress_context__):
+        exc = exc.__cause__ or exc.__context__
+    return exc
+
+
+def _operation(line: str, exc: BaseException) -> str:
+    for pattern, meaning in _SYNC_PATTERNS:
+        if re.search(pattern, line):
+            return meaning
+    text = str(exc)
+    if "capturing" in text or "capture" in text:
+        return "an operation that is not allowed while a CUDA graph is being captured"
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def is_capture_error(exc: BaseException) -> bool:
+    """Whether ``exc`` comes from CUDA graph capture rules rather than from a bug in the step."""
+    text = " ".join(str(e) for e in (exc, _innermost(exc)))
+    return any(
+        marker in text
+        for marker in (
+            "capturing",
+            "capture",
+            "cudaErrorStreamCapture",
+            "graph",
+            "operation not permitted",
+            "CUDA error",
+        )
+    )
+
+
+def explain_capture_error(exc: BaseException, what: str = "the training step") -> str:
+    """One paragraph: what failed, where in the user's code, and what to do."""
+    origin = _innermost(exc)
+    frame = user_frame(origin.__traceback__) or user_frame(exc.__traceback__)
+    first_line = (str(origin).strip().splitlines() or [""])[0]
+    if frame is not None:
+        line = (frame.line or linecache.getline(frame.filename, frame.lineno)).strip()
+        where = f"{os.path.basename(frame.filename)}:{frame.lineno} in `{frame.name}`: `{line}`"
+        operation = _operation(line, origin)
+        return (
+            f"Could not capture {what} as a CUDA graph: {operation}, at {where} "
+            f"({type(origin).__name__}: {first_line}). A graph can only hold GPU work that needs no answer "
+            "from the host; keep such reads out of the step (log the tensor itself with `self.log`, or read "
+            "values in `on_train_batch_end`)."
+        )
+    return (
+        f"Could not capture {what} as a CUDA graph ({type(origin).__name__}: {first_line}). "
+        "To find the operation, run one eager step under `torch.cuda.set_sync_debug_mode('error')`, "
+        "which raises at the first host synchronisation and names its line."
+    )
+

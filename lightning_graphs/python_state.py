@@ -1,0 +1,140 @@
+"""Finding Python side effects in a step, which a graph replay would not repeat.
+
+A replay re-runs the GPU work of the captured step and none of its Python. A step
+that appends to a list, counts in an attribute, rebinds a tensor attribute or
+branches on the batch index would silently diverge from eager training. These
+helpers look for such effects while the step still runs eagerly (warm-up) and
+while it is captured, so that the caller can fall back to eager execution and say
+why.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable
+
+import torch
+
+__all__ = ["StateFingerprint", "WatchedInt"]
+
+_PLAIN = (bool, int, complex, str, bytes, type(None))
+_SIZED = (list, dict, set, frozenset, tuple, bytearray)
+
+
+def _value_key(value: Any) -> tuple:
+    """What about an attribute value must stay the same across a step."""
+    if isinstance(value, float):
+        return ("number", "nan" if math.isnan(value) else value)
+    if isinstance(value, _PLAIN):
+        return ("number", value)
+    if isinstance(value, _SIZED):
+        return ("container", id(value), len(value))
+    # tensors included: in-place updates are replayed by the graph, rebinding is not
+    return ("object", id(value))
+
+
+def _describe(name: str, before: tuple, after: tuple | None, value: Any) -> str:
+    if after is None:
+        return f"deletes `{name}`"
+    if before is None:
+        return f"sets a new attribute `{name}`"
+    if before[0] == "container" and after[0] == "container" and before[1] == after[1]:
+        verb = "grows" if after[2] > before[2] else "shrinks"
+        return f"{verb} `{name}` (a {type(value).__name__}: {before[2]} -> {after[2]} items)"
+    if before[0] == "number" and after[0] == "number":
+        return f"changes `{name}` from {before[1]!r} to {after[1]!r}"
+    if isinstance(value, torch.Tensor):
+        return f"rebinds `{name}` to a new tensor"
+    return f"rebinds `{name}`"
+
+
+def _with_submodules(objects: Iterable[tuple[str, Any]]) -> Iterable[tuple[str, Any]]:
+    """Each object, and for modules every submodule under a dotted label."""
+    for label, obj in objects:
+        if isinstance(obj, torch.nn.Module):
+            for name, module in obj.named_modules():
+                yield (f"{label}.{name}" if name else label), module
+        else:
+            yield label, obj
+
+
+class StateFingerprint:
+    """The Python-visible state of some objects (modules with all their submodules):
+    each attribute's value (numbers), length (containers) or identity (everything
+    else, tensors included), plus the identity of every parameter and buffer.
+
+    ``ignore`` names attributes the framework itself manages (hooks, caches,
+    ``training``), which are not the step's side effects.
+    """
+
+    def __init__(self, objects: Iterable[tuple[str, Any]], ignore: Callable[[Any, str], bool]) -> None:
+        self._entries: dict[tuple[str, str], tuple] = {}
+        self._objects: dict[str, Any] = {}
+        for label, obj in _with_submodules(objects):
+            self._objects[label] = obj
+            attributes = getattr(obj, "__dict__", {})
+            for name, value in list(attributes.items()):
+                if ignore(obj, name):
+                    continue
+                self._entries[(label, name)] = _value_key(value)
+            if isinstance(obj, torch.nn.Module):
+                for kind in ("_parameters", "_buffers"):
+                    for name, value in obj.__dict__.get(kind, {}).items():
+                        self._entries[(label, name)] = ("object", id(value))
+
+    def changes(self, after: StateFingerprint) -> list[str]:
+        """Readable descriptions of what changed between this fingerprint and ``after``."""
+        found = []
+        for key in list(self._entries) + [k for k in after._entries if k not in self._entries]:
+            before_key, after_key = self._entries.get(key), after._entries.get(key)
+            if before_key == after_key:
+                continue
+            label, name = key
+            obj = after._objects.get(label, self._objects.get(label))
+            value = getattr(obj, name, None) if obj is not None else None
+            if value is None and isinstance(obj, torch.nn.Module):
+                value = obj._parameters.get(name, obj._buffers.get(name))
+            found.append(_describe(f"{label}.{name}" if label else name, before_key, after_key, value))
+        return found
+
+
+_INT_OPERATIONS = (
+    "__eq__ __ne__ __lt__ __le__ __gt__ __ge__ __hash__ __bool__ __add__ __radd__ __sub__ __rsub__ __mul__ "
+    "__rmul__ __mod__ __rmod__ __floordiv__ __rfloordiv__ __truediv__ __rtruediv__ __pow__ __rpow__ __divmod__ "
+    "__rdivmod__ __and__ __rand__ __or__ __ror__ __xor__ __rxor__ __lshift__ __rlshift__ __rshift__ __rrshift__ "
+    "__neg__ __pos__ __abs__ __invert__ __index__ __int__ __float__ __round__ __trunc__ __floor__ __ceil__ "
+    "__str__ __repr__ __format__"
+).split()
+
+
+class WatchedInt(int):
+    """An ``int`` that reports when the step reads it (compares, formats, does
+    arithmetic with it). Passing it along untouched reports nothing.
+
+    Used for ``batch_idx``: a step that branches on it, or logs it, takes a
+    different path on every batch, which one captured graph cannot follow.
+    """
+
+    def __new__(cls, value: int, on_read: Callable[[], None]) -> WatchedInt:
+        obj = super().__new__(cls, value)
+        obj._on_read = on_read
+        return obj
+
+    def __reduce__(self) -> tuple:
+        return (int, (int(self),))
+
+
+def _watching(name: str) -> Callable:
+    plain = getattr(int, name)
+
+    def method(self: WatchedInt, *args: Any) -> Any:
+        self._on_read()
+        return plain(int.__int__(self), *args) if name != "__hash__" else plain(self)
+
+    method.__name__ = name
+    return method
+
+
+for _name in _INT_OPERATIONS:
+    setattr(WatchedInt, _name, _watching(_name))
+del _name

@@ -1,0 +1,345 @@
+"""Eager vs graphed training, side by side, on a CUDA GPU.
+
+Every test trains the same seeded module twice (TF32 off, deterministic kernels)
+and compares what users observe. fp32 tolerance is rtol = atol = 1e-6: graph-safe
+Adam computes its bias corrections on the device in float32 rather than on the host
+in float64, a difference of about 1e-7 relative per step; SGD's fused kernel reads
+the learning rate as a float32 tensor. Learning rates, global_step and progress
+counters must match exactly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+import models
+from lightning_graphs import CUDAGraphCallback, GraphCaptureError
+from lightning_graphs.graphed_step import Phase
+from parity import assert_same, fit, loader, regression_data
+
+pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("deterministic")]
+
+
+def both(make_module, **kwargs):
+    return fit(make_module, graphed=False, **kwargs), fit(make_module, graphed=True, **kwargs)
+
+
+def graphs_used(run, eager_steps=None):
+    stats = run.callback.stats
+    assert stats.captures >= 1 and stats.replays > 0, stats.summary()
+    assert stats.disabled_reason is None, stats.summary()
+    if eager_steps is not None:
+        assert stats.eager_steps == eager_steps, stats.summary()
+
+
+# -- stock optimizers and schedulers, ragged last batches ---------------------------------------
+
+
+@pytest.mark.parametrize("ragged", [3, 1])
+def test_adamw_with_per_step_lambda_lr_and_a_ragged_last_batch(ragged):
+    data = lambda: loader(regression_data(n=64 + ragged))  # noqa: E731
+    eager, graphed = both(lambda: models.Regressor("adamw", "lambda"), train_loader=data)
+    assert_same(eager, graphed)
+    graphs_used(graphed, eager_steps=2)  # the ragged batch of each of the 2 epochs
+    assert any(f"shape ({ragged}, 8)" in w for w in graphed.warnings), graphed.warnings
+
+
+def test_adamw_with_onecycle_cycling_lr_and_betas():
+    eager, graphed = both(lambda: models.Regressor("adamw", "onecycle"), max_epochs=2)
+    assert_same(eager, graphed)
+    graphs_used(graphed)
+
+
+def test_sgd_nesterov_weight_decay_with_per_epoch_steplr():
+    eager, graphed = both(lambda: models.Regressor("sgd", "step_epoch", epochs=3), max_epochs=3)
+    assert_same(eager, graphed)
+    graphs_used(graphed)
+    assert len({tuple(lr) for lr in graphed.recorder.lrs}) == 3  # the lr really changed each epoch
+
+
+def test_adam_two_param_groups_with_cosine():
+    eager, graphed = both(lambda: models.Regressor("adam_two_groups", "cosine"))
+    assert_same(eager, graphed)
+    graphs_used(graphed)
+    assert len(graphed.recorder.lrs[0]) == 2
+
+
+def test_rmsprop_without_scheduler():
+    eager, graphed = both(lambda: models.Regressor("rmsprop", None))
+    assert_same(eager, graphed)
+    graphs_used(graphed)
+
+
+@pytest.mark.parametrize("optimizer, why", [("lbfgs", "LBFGS"), ("adagrad", "Adagrad")])
+def test_optimizers_that_cannot_be_graphed_train_eagerly_with_one_warning(optimizer, why):
+    eager, graphed = both(lambda: models.Regressor(optimizer, None))
+    assert_same(eager, graphed)
+    assert graphed.callback.stats.replays == 0
+    warned = [w for w in graphed.warnings if why in w]
+    assert len(warned) == 1, graphed.warnings
+
+
+# -- training_step signatures, batch structures ------------------------------------------------
+
+
+@pytest.mark.parametrize("module", [models.OneArgStep, models.Regressor, models.ThreeArgStep])
+def test_training_step_signatures(module):
+    eager, graphed = both(lambda: module("adamw", "lambda"))
+    assert_same(eager, graphed)
+    graphs_used(graphed)
+
+
+def _dict_loader(names_for_batch):
+    """A loader of dict batches whose "names" leaf is ``names_for_batch(i)`` for the i-th batch of the fit."""
+
+    def make():
+        count = [0]
+
+        def collate(items):
+            batch = {
+                "x": torch.stack([item[0] for item in items]),
+                "y": torch.stack([item[1] for item in items]),
+                "names": names_for_batch(count[0]),
+            }
+            count[0] += 1
+            return batch
+
+        return torch.utils.data.DataLoader(regression_data(n=64), batch_size=8, collate_fn=collate)
+
+    return make
+
+
+def test_dict_batch_with_a_constant_list_of_strings_is_replayed():
+    eager, graphed = both(models.DictBatchStep, train_loader=_dict_loader(lambda i: ["single", "a"]))
+    assert_same(eager, graphed)
+    graphs_used(graphed, eager_steps=0)
+
+
+def test_a_changing_string_leaf_runs_those_batches_eagerly():
+    # every third batch says "double": the training step branches on it
+    names = lambda i: ["double" if i % 3 == 0 else "single", "a"]  # noqa: E731
+    eager, graphed = both(models.DictBatchStep, train_loader=_dict_loader(names))
+    assert_same(eager, graphed)
+    stats = graphed.callback.stats
+    assert stats.replays > 0 and stats.eager_steps > 0, stats.summary()
+    assert any("batch['names'][0]" in w for w in graphed.warnings), graphed.warnings
+
+
+# -- logging and outputs ---------------------------------------------------------------------
+
+
+def test_logged_values_and_outputs_are_each_steps_own():
+    eager, graphed = both(lambda: models.Regressor("adamw", "lambda"))
+    assert_same(eager, graphed)
+    losses = graphed.recorder.losses
+    assert len(set(losses)) == len(losses)  # no frozen values
+    logged = [r[1]["train_loss_step"] for r in graphed.logger.records if "train_loss_step" in r[1]]
+    assert len(set(logged)) == len(logged) > 10
+
+
+def test_logging_from_an_in_step_hook_is_replayed():
+    eager, graphed = both(lambda: models.LogsGradNorm("adamw", "lambda"))
+    assert_same(eager, graphed)
+    graphs_used(graphed)
+    norms = [r[1]["grad_norm_step"] for r in graphed.logger.records if "grad_norm_step" in r[1]]
+    assert len(set(norms)) == len(norms) > 10
+
+
+def test_validation_and_model_checkpoint_monitor_match_eager(tmp_path):
+    def checkpoint():
+        return [ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_loss", save_top_k=1)]
+
+    eager, graphed = both(
+        lambda: models.Regressor("adamw", "lambda"),
+        val_loader=lambda: loader(regression_data(n=32, seed=1)),
+        extra_callbacks=checkpoint,
+        enable_checkpointing=True,
+        val_check_interval=4,
+    )
+    assert_same(eager, graphed)
+    graphs_used(graphed)
+    best_eager = eager.trainer.checkpoint_callback.best_model_score
+    best_graphed = graphed.trainer.checkpoint_callback.best_model_score
+    torch.testing.assert_close(best_graphed.cpu(), best_eager.cpu(), rtol=1e-6, atol=1e-6)
+    saved = torch.load(graphed.trainer.checkpoint_callback.best_model_path, weights_only=False)
+    group = saved["optimizer_states"][0]["param_groups"][0]
+    assert group["capturable"] is False and isinstance(group["lr"], float)
+    steps = [s["step"] for s in saved["optimizer_states"][0]["state"].values()]
+    assert all(step.device.type == "cpu" for step in steps)
+
+
+# -- precision, clipping, randomness, buffers ----------------------------------------------------
+
+
+def test_bf16_mixed():
+    # bf16 rounds activations to 8 bits of mantissa; the 1e-7 optimizer difference can flip
+    # a rounding now and then, so agreement is checked at bf16 resolution
+    eager, graphed = both(lambda: models.Regressor("adamw", "lambda"), precision="bf16-mixed")
+    assert_same(eager, graphed, rtol=2e-2, atol=2e-3)
+    graphs_used(graphed)
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_gradient_clipping(algorithm):
+    eager, graphed = both(
+        lambda: models.Regressor("adamw", "lambda"), gradient_clip_val=0.05, gradient_clip_algorithm=algorithm
+    )
+    assert_same(eager, graphed)
+    graphs_used(graphed)
+
+
+def test_dropout_draws_the_same_fresh_masks_as_eager():
+    eager, graphed = both(lambda: models.Regressor("adamw", "lambda", dropout=0.3))
+    assert_same(eager, graphed)
+    graphs_used(graphed)
+
+
+def test_batchnorm_running_statistics_match():
+    eager, graphed = both(lambda: models.Regressor("sgd", None, batchnorm=True))
+    assert_same(eager, graphed)
+    graphs_used(graphed)
+    assert graphed.state["net.1.num_batches_tracked"].item() == eager.state["net.1.num_batches_tracked"].item()
+
+
+# -- what a graph cannot replay: detected, warned once, trained eagerly ---------------------------
+
+
+def test_item_in_training_step_falls_back_naming_the_line():
+    eager, graphed = both(models.ItemInStep)
+    assert_same(eager, graphed)
+    stats = graphed.callback.stats
+    assert stats.replays == 0 and stats.disabled_reason is not None
+    (warning,) = [w for w in graphed.warnings if "Could not capture" in w]
+    assert "models.py" in warning and "loss.item()" in warning and "`.item()`" in warning
+
+
+def test_item_in_training_step_raises_when_strict():
+    with pytest.raises(GraphCaptureError, match="item"):
+        fit(models.ItemInStep, graphed=True, callback_kwargs={"strict": True})
+
+
+@pytest.mark.parametrize(
+    "module, needle",
+    [
+        (models.CollectsOutputs, "self.step_losses"),
+        (models.BranchesOnBatchIdx, "batch_idx"),
+        (models.ReadsEpoch, "current_epoch"),
+        (models.LogsPythonNumber, "Python number"),
+        (models.ManualWarmupInOptimizerStep, "'lr'"),
+    ],
+)
+def test_python_side_effects_are_detected_and_trained_eagerly(module, needle):
+    eager, graphed = both(lambda: module("adamw", "lambda"))
+    assert_same(eager, graphed)
+    assert graphed.callback.stats.replays == 0, graphed.callback.stats.summary()
+    assert any(needle in w for w in graphed.warnings), graphed.warnings
+    if module is models.CollectsOutputs:
+        assert graphed.module.epoch_means == pytest.approx(eager.module.epoch_means, rel=1e-6)
+
+
+# -- invalidation, clean exit, second fit ----------------------------------------------------
+
+
+class FreezeFirstLayerAtEpoch1(Callback):
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            for p in pl_module.net[0].parameters():
+                p.requires_grad_(False)
+
+
+def test_freezing_a_layer_between_epochs_recaptures():
+    eager, graphed = both(lambda: models.Regressor("sgd", None), extra_callbacks=lambda: [FreezeFirstLayerAtEpoch1()])
+    assert_same(eager, graphed)
+    assert graphed.callback.stats.captures == 2, graphed.callback.stats.summary()
+
+
+def test_teardown_restores_optimizer_and_loop_and_a_second_fit_works():
+    graphed = fit(lambda: models.Regressor("adamw", None), graphed=True)
+    trainer, module = graphed.trainer, graphed.module
+    loop = trainer.fit_loop.epoch_loop.automatic_optimization
+    assert "run" not in loop.__dict__
+    optimizer = trainer.optimizers[0]
+    assert optimizer.param_groups[0]["capturable"] is False
+    assert isinstance(optimizer.param_groups[0]["lr"], float)
+    assert all(s["step"].device.type == "cpu" for s in optimizer.state.values())
+    # fit again on the same trainer, two more epochs
+    trainer.fit_loop.max_epochs = 4
+    trainer.fit(module, train_dataloaders=loader())
+    assert trainer.global_step == 4 * 9
+    assert graphed.callback.stats.replays > 0
+
+
+class FailAt(Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError("stop here")
+
+
+def test_a_failed_fit_cleans_up():
+    import lightning.pytorch as pl
+
+    callback = CUDAGraphCallback()
+    module = models.Regressor("adamw", None)
+    trainer = pl.Trainer(accelerator="gpu", devices=1, max_epochs=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, callbacks=[FailAt(6), callback])
+    with pytest.raises(RuntimeError, match="stop here"):
+        trainer.fit(module, train_dataloaders=loader())
+    assert callback.stats.replays > 0
+    assert "run" not in trainer.fit_loop.epoch_loop.automatic_optimization.__dict__
+    assert trainer.optimizers[0].param_groups[0]["capturable"] is False
+
+
+def test_resuming_from_a_checkpoint_saved_while_graphed(tmp_path):
+    make = lambda: models.Regressor("adamw", "lambda", epochs=4)  # noqa: E731
+    straight = fit(make, graphed=True, max_epochs=4)
+    first = fit(make, graphed=True, max_epochs=2)
+    path = tmp_path / "mid.ckpt"
+    first.trainer.save_checkpoint(path)
+    resumed = fit(make, graphed=True, max_epochs=4, ckpt_path=str(path))
+    for name in straight.state:
+        torch.testing.assert_close(resumed.state[name], straight.state[name], rtol=1e-6, atol=1e-6)
+    assert resumed.global_step == straight.global_step
+
+
+# -- the framework-free core in a plain PyTorch loop ----------------------------------------------
+
+
+def test_graphed_step_in_a_plain_loop_matches_eager():
+    from lightning_graphs import GraphedStep
+
+    def train(graphed):
+        torch.manual_seed(0)
+        model = models.mlp(dropout=0.1).cuda()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=40)
+        data = regression_data(n=8 * 40 + 5)
+        batches = [(x.cuda(), y.cuda()) for x, y in loader(data)]
+
+        def step(x, y):
+            opt.zero_grad(set_to_none=True)
+            loss = F.mse_loss(model(x), y)
+            loss.backward()
+            opt.step()
+            return loss.detach()
+
+        runner = GraphedStep(step, optimizers=[opt], modules=[model]) if graphed else step
+        losses = []
+        for x, y in batches[:40]:
+            losses.append(runner(x, y))
+            sched.step()
+        if graphed:
+            assert runner.stats.replays == 40 - 4, runner.stats.summary()
+            runner.close()
+        return torch.stack(losses).cpu(), {k: v.cpu() for k, v in model.state_dict().items()}
+
+    eager_losses, eager_state = train(False)
+    graphed_losses, graphed_state = train(True)
+    torch.testing.assert_close(graphed_losses, eager_losses, rtol=1e-6, atol=1e-6)
+    for name in eager_state:
+        torch.testing.assert_close(graphed_state[name], eager_state[name], rtol=1e-6, atol=1e-6)

@@ -1,0 +1,86 @@
+import textwrap
+
+import pytest
+
+from lightning_graphs.capture_errors import explain_capture_error, user_frame
+
+
+def _raise_from_user_file(tmp_path, body: str):
+    """Runs ``body`` as if it were a user's module and returns the exception it raises."""
+    path = tmp_path / "user_model.py"
+    path.write_text(textwrap.dedent(body))
+    namespace = {}
+    exec(compile(path.read_text(), str(path), "exec"), namespace)
+    with pytest.raises(Exception) as info:
+        namespace["training_step"]()
+    return info.value
+
+
+def test_explanation_names_the_user_line_and_the_operation(tmp_path):
+    exc = _raise_from_user_file(
+        tmp_path,
+        """
+        import torch
+        framework = {}
+        # an `item` whose frame lies inside torch, as the real (C) one does
+        exec(compile(
+            "def item(self):\\n    raise RuntimeError('CUDA error: operation not permitted when stream is capturing')",
+            torch.__file__, "exec"), framework)
+        FakeTensor = type("FakeTensor", (), {"item": framework["item"]})
+
+        def training_step():
+            loss = FakeTensor()
+            if loss.item() > 3:
+                return None
+        """,
+    )
+    message = explain_capture_error(exc, "the training step")
+    assert "user_model.py:12" in message
+    assert "training_step" in message
+    assert "`.item()`" in message
+    assert "if loss.item() > 3:" in message
+
+
+def test_chained_errors_are_traced_back_to_the_original(tmp_path):
+    exc = _raise_from_user_file(
+        tmp_path,
+        """
+        def training_step():
+            try:
+                print_tensor()
+            except RuntimeError as error:
+                raise RuntimeError("operation failed due to a previous error during capture") from error
+
+        def print_tensor():
+            print(object.__new__(Boom))
+
+        class Boom:
+            def __repr__(self):
+                raise RuntimeError("operation not permitted when stream is capturing")
+        """,
+    )
+    message = explain_capture_error(exc)
+    # the innermost user frame of the original error: Boom.__repr__ in the user's file
+    assert "user_model.py" in message
+    assert "operation not permitted" in message
+
+
+def test_without_a_user_frame_the_explanation_points_to_sync_debug_mode():
+    try:
+        raise RuntimeError("capture failed")
+    except RuntimeError as error:
+        exc = error
+    # the test file itself counts as user code, so strip the traceback
+    exc.__traceback__ = None
+    message = explain_capture_error(exc)
+    assert "set_sync_debug_mode" in message
+
+
+def test_user_frame_skips_framework_frames():
+    import torch
+
+    try:
+        torch.ones(2, 2) @ torch.ones(3, 3)
+    except RuntimeError as error:
+        frame = user_frame(error.__traceback__)
+    assert frame is not None and frame.filename.endswith("test_capture_errors.py")

@@ -1,0 +1,172 @@
+import pytest
+import torch
+
+from lightning_graphs.optimizers import GraphSafeOptimizer, plan_for
+
+
+def _params(n=2):
+    return [torch.nn.Parameter(torch.randn(3)) for _ in range(n)]
+
+
+def _step(opt):
+    for group in opt.param_groups:
+        for p in group["params"]:
+            p.grad = torch.ones_like(p)
+    opt.step()
+
+
+def test_adam_and_adamw_get_a_live_learning_rate_and_device_steps():
+    for cls in (torch.optim.Adam, torch.optim.AdamW):
+        plan = plan_for(cls(_params(), lr=1e-3))
+        assert plan.unsupported is None
+        assert "lr" in plan.live_keys
+        assert plan.persistent == {"capturable": True}
+        assert plan.step_on_device
+
+
+def test_sgd_is_captured_through_the_fused_kernel_only_on_cuda():
+    plan = plan_for(torch.optim.SGD(_params(), lr=0.1, momentum=0.9))
+    # CPU parameters: the fused kernel does not apply; hyper-parameters stay baked
+    assert plan.while_capturing == {} and plan.live_keys == ()
+
+
+def test_lbfgs_is_unsupported_with_a_reason():
+    plan = plan_for(torch.optim.LBFGS(_params()))
+    assert plan.unsupported is not None and "closure" in plan.unsupported
+
+
+def test_enter_capture_swaps_floats_for_tensors_and_exit_restores_them():
+    opt = torch.optim.AdamW(_params(), lr=1e-3, betas=(0.9, 0.99))
+    _step(opt)
+    prepared = GraphSafeOptimizer(opt)
+    prepared.enter_capture()
+    group = opt.param_groups[0]
+    assert isinstance(group["lr"], torch.Tensor) and group["lr"].item() == pytest.approx(1e-3)
+    assert group["capturable"] is True
+    assert prepared.exit_capture() is None
+    assert group["lr"] == 1e-3 and isinstance(group["lr"], float)
+    assert group["betas"] == (0.9, 0.99)
+    # capturable stays on for the eager steps between replays; restore() undoes it
+    assert group["capturable"] is True
+    prepared.restore()
+    assert group["capturable"] is False
+
+
+def test_scheduler_changes_reach_the_live_tensor_before_replay():
+    opt = torch.optim.AdamW(_params(), lr=1.0)
+    _step(opt)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 ** step)
+    prepared = GraphSafeOptimizer(opt)
+    prepared.enter_capture()
+    live = opt.param_groups[0]["lr"]
+    prepared.exit_capture()
+    sched.step()
+    assert prepared.stale_reason() is None  # lr is live: no re-capture needed
+    prepared.sync_live()
+    assert live.item() == pytest.approx(0.5)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5)  # the user still sees a float
+
+
+def test_a_baked_hyperparameter_change_makes_the_graph_stale():
+    opt = torch.optim.AdamW(_params(), lr=1e-3, weight_decay=0.01)
+    _step(opt)
+    prepared = GraphSafeOptimizer(opt)
+    prepared.enter_capture()
+    prepared.exit_capture()
+    assert prepared.stale_reason() is None
+    opt.param_groups[0]["weight_decay"] = 0.1
+    reason = prepared.stale_reason()
+    assert reason is not None and "weight_decay" in reason
+
+
+def test_loading_a_state_dict_makes_the_graph_stale():
+    opt = torch.optim.Adam(_params(), lr=1e-3)
+    _step(opt)
+    prepared = GraphSafeOptimizer(opt)
+    prepared.enter_capture()
+    prepared.exit_capture()
+    opt.load_state_dict(opt.state_dict())
+    assert "replaced" in prepared.stale_reason()
+
+
+def test_a_step_writing_its_own_learning_rate_is_reported():
+    opt = torch.optim.AdamW(_params(), lr=1e-3)
+    _step(opt)
+    prepared = GraphSafeOptimizer(opt)
+    prepared.enter_capture()
+    opt.param_groups[0]["lr"] = 5e-4  # what an optimizer_step override with a manual warm-up does
+    problem = prepared.exit_capture()
+    assert problem is not None and "'lr'" in problem
+    assert opt.param_groups[0]["lr"] == 5e-4  # the step's own write is kept, as in eager
+
+
+def test_a_step_writing_a_baked_hyperparameter_is_reported():
+    opt = torch.optim.SGD(_params(), lr=0.1, momentum=0.9)
+    _step(opt)
+    prepared = GraphSafeOptimizer(opt)
+    prepared.enter_capture()
+    opt.param_groups[0]["momentum"] = 0.5
+    problem = prepared.exit_capture()
+    assert problem is not None and "momentum" in problem
+
+
+def test_steps_move_to_device_and_back_on_restore():
+    opt = torch.optim.Adam(_params(), lr=1e-3)
+    _step(opt)
+    state = next(iter(opt.state.values()))
+    original = state["step"]
+    prepared = GraphSafeOptimizer(opt)
+    # on a CPU machine "the parameter's device" is the CPU: the step tensor is kept
+    prepared.enter_capture()
+    prepared.exit_capture()
+    assert state["step"].device == original.device
+    prepared.restore()
+    assert float(state["step"]) == float(original)
+
+
+def test_user_state_dict_looks_like_the_unprepared_optimizers():
+    opt = torch.optim.AdamW(_params(), lr=1e-3)
+    _step(opt)
+    eager_groups = opt.state_dict()["param_groups"]
+    prepared = GraphSafeOptimizer(opt)
+    prepared.enter_capture()
+    prepared.exit_capture()
+    saved = prepared.user_state_dict(opt.state_dict())
+    assert saved["param_groups"][0]["capturable"] is False
+    assert saved["param_groups"][0]["lr"] == eager_groups[0]["lr"]
+    assert opt.param_groups[0]["capturable"] is True  # the live optimizer is untouched
+
+
+def test_host_state_of_adagrad_is_named():
+    opt = torch.optim.Adagrad(_params(), lr=0.1)
+    _step(opt)
+    problem = GraphSafeOptimizer(opt).host_state()
+    assert problem is not None and "Adagrad" in problem and "'step'" in problem
+
+
+def test_adam_step_counter_on_cpu_is_not_reported_since_it_is_moved():
+    opt = torch.optim.Adam(_params(), lr=1e-3)
+    _step(opt)
+    assert GraphSafeOptimizer(opt).host_state() is None
+
+
+class _CountingOptimizer(torch.optim.Optimizer):
+    """A user optimizer keeping a Python counter in its state."""
+
+    def __init__(self, params):
+        super().__init__(params, {"lr": 0.1})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                state["n"] = state.get("n", 0) + 1
+                p.add_(p.grad, alpha=-group["lr"] / state["n"])
+
+
+def test_python_numbers_in_a_custom_optimizers_state_are_named():
+    opt = _CountingOptimizer(_params())
+    _step(opt)
+    problem = GraphSafeOptimizer(opt).host_state()
+    assert problem is not None and "'n'" in problem

@@ -1,0 +1,81 @@
+import torch
+
+from lightning_graphs.graphed_step import _fingerprint_ignores
+from lightning_graphs.python_state import StateFingerprint, WatchedInt
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 2)
+        self.outputs = []
+        self.count = 0
+        self.last = None
+        self.register_buffer("running", torch.zeros(2))
+
+
+def _fp(net):
+    return StateFingerprint([("self", net)], _fingerprint_ignores)
+
+
+def test_a_step_without_side_effects_shows_no_change():
+    net = Net()
+    before = _fp(net)
+    net.layer(torch.randn(3, 2)).sum().backward()
+    net.running.add_(1)  # in-place tensor updates are replayed by the graph: fine
+    net.train()
+    assert before.changes(_fp(net)) == []
+
+
+def test_appending_to_a_list_is_named():
+    net = Net()
+    before = _fp(net)
+    net.outputs.append(1)
+    (change,) = before.changes(_fp(net))
+    assert "self.outputs" in change and "0 -> 1" in change
+
+
+def test_counting_and_rebinding_are_named():
+    net = Net()
+    before = _fp(net)
+    net.count += 1
+    net.last = torch.ones(1)
+    changes = before.changes(_fp(net))
+    assert any("self.count" in c and "0 to 1" in c for c in changes)
+    assert any("self.last" in c for c in changes)
+
+
+def test_rebinding_a_buffer_is_named_but_updating_it_in_place_is_not():
+    net = Net()
+    before = _fp(net)
+    net.running = net.running * 0.9
+    (change,) = before.changes(_fp(net))
+    assert "self.running" in change
+
+
+def test_attributes_of_submodules_are_watched():
+    net = Net()
+    before = _fp(net)
+    net.layer.cache = torch.ones(1)
+    (change,) = before.changes(_fp(net))
+    assert "self.layer.cache" in change
+
+
+def test_watched_int_reports_reads_but_not_being_passed_along():
+    reads = []
+    index = WatchedInt(7, lambda: reads.append(1))
+    holder = [index]
+    assert holder[0] is index and reads == []
+    assert index % 2 == 1
+    assert len(reads) == 1
+    assert f"{index}" == "7"
+    assert index == 7 and index + 1 == 8 and not index < 3
+    assert len(reads) == 5
+
+
+def test_watched_int_behaves_as_an_int():
+    index = WatchedInt(3, lambda: None)
+    assert isinstance(index, int)
+    assert [0, 1, 2, 3][index] == 3
+    assert {3: "x"}[index] == "x"
+    assert str(index) == "3" and repr(index) == "3"
