@@ -77,6 +77,17 @@ def _innermost(exc: BaseException) -> BaseException:
     return exc
 
 
+def _raised_in(tb: TracebackType | None) -> str:
+    """Where an error was raised, as ``package/module.py:line (function)``."""
+    frames = traceback.extract_tb(tb)
+    if not frames:
+        return ""
+    frame = frames[-1]
+    parts = os.path.abspath(frame.filename).split(os.sep)
+    short = os.sep.join(parts[-3:]) if "site-packages" in parts or "dist-packages" in parts else os.path.basename(frame.filename)
+    return f"{short}:{frame.lineno} ({frame.name})"
+
+
 def _operation(line: str, exc: BaseException) -> str:
     for pattern, meaning in _SYNC_PATTERNS:
         if re.search(pattern, line):
@@ -118,8 +129,10 @@ def explain_capture_error(exc: BaseException, what: str = "the training step") -
             "from the host; keep such reads out of the step (log the tensor itself with `self.log`, or read "
             "values in `on_train_batch_end`)."
         )
+    raised = _raised_in(origin.__traceback__)
+    raised = f", raised in {raised}" if raised else ""
     return (
-        f"Could not capture {what} as a CUDA graph ({type(origin).__name__}: {first_line}). "
+        f"Could not capture {what} as a CUDA graph ({type(origin).__name__}: {first_line}{raised}). "
         "To find the operation, run one eager step under `torch.cuda.set_sync_debug_mode('error')`, "
         "which raises at the first host synchronisation and names its line."
     )

@@ -207,6 +207,9 @@ class GraphedStep:
         self._stream: torch.cuda.Stream | None = None  # side stream for warm-up and capture
         self._pool: Any = None  # memory pool shared by every capture of this step
         self._graph: torch.cuda.CUDAGraph | None = None
+        # a stale graph is kept (never replayed) until the next capture: while a graph
+        # holds the pool, the next capture may share it and reuse its memory
+        self._retired_graph: torch.cuda.CUDAGraph | None = None
         self._signature: BatchSignature | None = None  # inputs the graph was captured for
         self._static: StaticBatch | None = None  # static copies of those inputs
         self._static_outputs: Any = None  # what the captured call returned (graph memory)
@@ -346,16 +349,19 @@ class GraphedStep:
                 optimizer.exit_capture()
             for p, grad in zip(self._params, saved_grads):
                 p.grad = grad
+            _release_generator_after_failed_capture(self._device)
             self._stream = None  # a failed capture can leave the stream routed to the pool
+            self._pool = None
             if not isinstance(exc, Exception):
                 raise
             raise CaptureFailed(explain_capture_error(exc, self.what)) from exc
         problems = [optimizer.exit_capture() for optimizer in self._optimizers]
-        problems.append(self._side_effects(before))
+        problems.append(self._side_effects(before, hyperparameters=False))
         self.stats.capture_seconds += time.perf_counter() - started
         self.stats.graph_memory_bytes = max(torch.cuda.memory_reserved(self._device) - reserved, 0)
         self.stats.captures += 1
         self._graph, self._signature, self._static_outputs = graph, signature, outputs
+        self._retired_graph = None
         self._static_grads = [p.grad for p in self._params]
         self._structure = self._structure_key()
         self._structure_check_due = False
@@ -441,6 +447,7 @@ class GraphedStep:
     def close(self) -> None:
         """Free the graph and static buffers; give the optimizers back as the user made them."""
         self._drop_graph(None)
+        self._retired_graph = None
         self._static = None
         for optimizer in self._optimizers:
             optimizer.restore()
@@ -460,6 +467,7 @@ class GraphedStep:
         if stale_reason is not None:
             self._short_lived = self._short_lived + 1 if self._replays_of_graph < _SHORT_LIVED_REPLAYS else 0
         torch.cuda.synchronize(self._device)  # the last replay may still be running
+        self._retired_graph = self._graph
         self._graph = None
         self._static_outputs = None
         self._static_grads = []
@@ -484,8 +492,11 @@ class GraphedStep:
             [o.hyperparameters() for o in self._optimizers],
         )
 
-    def _side_effects(self, before: tuple[StateFingerprint, list] | None) -> str | None:
-        """A sentence naming the first Python side effect of the step, if any."""
+    def _side_effects(self, before: tuple[StateFingerprint, list] | None, hyperparameters: bool = True) -> str | None:
+        """A sentence naming the first Python side effect of the step, if any.
+
+        ``hyperparameters=False`` while capturing: the optimizers' own check covers them
+        (their settings for capture differ from the user's on purpose)."""
         if before is None:
             return None
         fingerprint, hyper = before
@@ -497,7 +508,7 @@ class GraphedStep:
                 "so this Python side effect would happen once instead of every step. Move it out of the step "
                 "(with Lightning, into `on_train_batch_end`, which runs every step and receives `outputs`)"
             )
-        for optimizer, old in zip(self._optimizers, hyper):
+        for optimizer, old in zip(self._optimizers, hyper if hyperparameters else []):
             change = optimizer.describe_change(old, optimizer.hyperparameters())
             if change is not None:
                 return (
@@ -513,6 +524,15 @@ class GraphedStep:
             if problem is not None:
                 return f"{problem}; a graph would freeze it"
         return None
+
+
+def _release_generator_after_failed_capture(device: torch.device) -> None:
+    """A capture that fails before its end leaves the CUDA generator believing it is
+    still being captured, and every later random op (dropout) raises. A fresh copy
+    of its state, with the same seed and offset, is not captured."""
+    generator = torch.cuda.default_generators[device.index if device.index is not None else 0]
+    if hasattr(generator, "graphsafe_set_state") and hasattr(generator, "clone_state"):
+        generator.graphsafe_set_state(generator.clone_state())
 
 
 def _end_capture(graph: torch.cuda.CUDAGraph) -> None:

@@ -25,15 +25,13 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 
 __all__ = ["OptimizerPlan", "GraphSafeOptimizer", "plan_for"]
 
-_TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
-# Adam and AdamW take tensor betas on their capturable foreach path from PyTorch 2.5.
-_ADAM_TENSOR_BETAS = _TORCH_VERSION >= (2, 5)
 
 
 @dataclass(frozen=True)
@@ -45,6 +43,9 @@ class OptimizerPlan:
     persistent: dict[str, Any] = field(default_factory=dict)  # group settings kept from the first capture on
     while_capturing: dict[str, Any] = field(default_factory=dict)  # group settings only while capturing
     step_on_device: bool = False  # move state["step"] to the parameter's device
+    # Adam's betas can be made live too, through a step of our own (PyTorch's foreach
+    # kernels take betas as host numbers); done once a scheduler is seen to change them
+    live_betas_possible: bool = False
 
 
 def _is_dense_cuda_float(optimizer: torch.optim.Optimizer) -> bool:
@@ -72,9 +73,10 @@ def plan_for(optimizer: torch.optim.Optimizer) -> OptimizerPlan:
         if all(group.get("fused") for group in groups):
             # fused kernels read a tensor lr and keep their step counts on the device already
             return OptimizerPlan(live_keys=("lr",))
-        foreach = all(group.get("foreach") is not False for group in groups)
-        live = ("lr", "betas") if (_ADAM_TENSOR_BETAS and foreach) else ("lr",)
-        return OptimizerPlan(live_keys=live, persistent={"capturable": True}, step_on_device=True)
+        return OptimizerPlan(
+            live_keys=("lr",), persistent={"capturable": True}, step_on_device=True,
+            live_betas_possible=_adam_step_applies(optimizer),
+        )
 
     if isinstance(optimizer, torch.optim.SGD):
         if "fused" in groups[0] and _is_dense_cuda_float(optimizer):
@@ -132,6 +134,8 @@ class GraphSafeOptimizer:
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         self.optimizer = optimizer
         self.plan = plan_for(optimizer)
+        self.live_keys: tuple[str, ...] = self.plan.live_keys
+        self._saved_step: Any = _MISSING  # the optimizer's own `step` attribute, while ours stands in
         self._originals: list[dict[str, Any]] = []  # per group: settings before the first capture
         self._moved_steps: list[tuple[dict, torch.device]] = []  # state dicts whose step we moved
         self._live: dict[tuple[int, str], Any] = {}  # (group index, key) -> device tensor(s)
@@ -205,7 +209,7 @@ class GraphSafeOptimizer:
         for index, group in enumerate(groups):
             if not group["params"]:
                 continue
-            for key in self.plan.live_keys:
+            for key in self.live_keys:
                 value = group.get(key)
                 slot = (index, key)
                 if not _is_live_value(value):
@@ -215,6 +219,9 @@ class GraphSafeOptimizer:
                 self._write_live(slot, value)
                 self._swapped[slot] = value
                 group[key] = self._live[slot]
+        if "betas" in self.live_keys:
+            self._saved_step = self.optimizer.__dict__.get("step", _MISSING)
+            self.optimizer.step = partial(adam_step_with_tensor_hyperparameters, self.optimizer)
         self._baked = self._baked_snapshot()
 
     def exit_capture(self) -> str | None:
@@ -238,6 +245,12 @@ class GraphSafeOptimizer:
                 problem = f"the step changed its optimizer's hyper-parameters while it ran: {change}"
         for group, saved in zip(groups, self._while_capturing):
             group.update(saved)
+        if "betas" in self.live_keys:
+            if self._saved_step is _MISSING:
+                self.optimizer.__dict__.pop("step", None)
+            else:
+                self.optimizer.step = self._saved_step
+            self._saved_step = _MISSING
         self._baked = self._baked_snapshot()
         self._structure = self._structure_key()
         return problem
@@ -281,6 +294,8 @@ class GraphSafeOptimizer:
             return f"{type(self.optimizer).__name__}'s state or param_groups were replaced (a checkpoint was loaded?)"
         change = self.describe_change(self._baked, self._baked_snapshot())
         if change is not None:
+            if "['betas']" in change and self.plan.live_betas_possible and "betas" not in self.live_keys:
+                self.live_keys = (*self.live_keys, "betas")  # a scheduler cycles them: capture them live
             return f"{type(self.optimizer).__name__} {change}"
         groups = self.optimizer.param_groups
         for index, key in self._live:
@@ -315,6 +330,7 @@ class GraphSafeOptimizer:
         self._live.clear()
         self._synced.clear()
         self._baked = self._structure = None
+        self.live_keys = self.plan.live_keys
 
     def user_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """``state_dict`` as the user's unprepared optimizer would have saved it (for checkpoints)."""
@@ -331,3 +347,85 @@ class GraphSafeOptimizer:
                 entry = {**entry, "step": entry["step"].to(devices[id(entry)])}
             state[key] = entry
         return {**state_dict, "state": state, "param_groups": groups}
+
+
+def _adam_step_applies(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether :func:`adam_step_with_tensor_hyperparameters` computes exactly what this optimizer's
+    own capturable step would: PyTorch's Adam or AdamW, real parameters, no step hooks."""
+    if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
+        return False
+    if optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks:
+        return False
+    return all(
+        not group.get("fused") and not group.get("differentiable") and not any(p.is_complex() for p in group["params"])
+        for group in optimizer.param_groups
+    )
+
+
+@torch.no_grad()
+def _adam_group_step(optimizer: torch.optim.Optimizer, group: dict) -> None:
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], []
+    for p in group["params"]:
+        if p.grad is None:
+            continue
+        state = optimizer.state[p]
+        params.append(p)
+        grads.append(p.grad)
+        exp_avgs.append(state["exp_avg"])
+        exp_avg_sqs.append(state["exp_avg_sq"])
+        steps.append(state["step"])
+        if group["amsgrad"]:
+            max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+    if not params:
+        return
+    lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+    decoupled = group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW))
+    if group["maximize"]:
+        grads = torch._foreach_neg(grads)
+    torch._foreach_add_(steps, 1)
+    if weight_decay != 0:
+        if decoupled:
+            torch._foreach_mul_(params, 1 - lr * weight_decay)
+        else:
+            grads = torch._foreach_add(grads, params, alpha=weight_decay)
+    # exp_avg.lerp_(grad, 1 - beta1), spelled with ops that take a device tensor as the weight
+    difference = torch._foreach_sub(grads, exp_avgs)
+    torch._foreach_mul_(difference, 1 - beta1)
+    torch._foreach_add_(exp_avgs, difference)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, torch._foreach_mul(grads, 1 - beta2), grads, 1.0)
+    # bias corrections exactly as PyTorch's capturable path computes them
+    bias_correction1 = torch._foreach_pow([beta1] * len(steps), steps)
+    bias_correction2 = torch._foreach_pow([beta2] * len(steps), steps)
+    torch._foreach_sub_(bias_correction1, 1)
+    torch._foreach_sub_(bias_correction2, 1)
+    torch._foreach_neg_(bias_correction2)
+    torch._foreach_div_(bias_correction1, lr)
+    torch._foreach_reciprocal_(bias_correction1)  # -lr / (1 - beta1^t)
+    torch._foreach_sqrt_(bias_correction2)
+    if group["amsgrad"]:
+        torch._foreach_maximum_(max_exp_avg_sqs, exp_avg_sqs)
+        denom = torch._foreach_sqrt(max_exp_avg_sqs)
+    else:
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, bias_correction2)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_div_(denom, bias_correction1)
+    torch._foreach_addcdiv_(params, exp_avgs, denom)
+
+
+def adam_step_with_tensor_hyperparameters(optimizer: torch.optim.Optimizer, closure: Any = None) -> Any:
+    """Adam/AdamW's capturable step with ``lr`` and ``betas`` read from device tensors.
+
+    PyTorch's own foreach kernels take the betas as host numbers, so a captured step
+    would keep them fixed; schedulers such as ``OneCycleLR`` cycle them every step.
+    This step stands in for ``optimizer.step`` while capturing, with the same
+    arithmetic as PyTorch's capturable path (up to the rounding of one lerp).
+    """
+    loss = None
+    if closure is not None:
+        with torch.enable_grad():
+            loss = closure()
+    for group in optimizer.param_groups:
+        _adam_group_step(optimizer, group)
+    return loss
