@@ -140,6 +140,47 @@ def measure_lightning(workload, mode: str, steps: int, warmup: int, repeats: int
     return result
 
 
+def find_syncs(workload_name: str, steps: int = 40) -> None:
+    """Train with CUDAGraphCallback and report every host synchronisation after capture, with its stack."""
+    import traceback
+    import warnings
+
+    import lightning.pytorch as pl
+    import torch
+
+    from benchmarks.workloads import WORKLOADS, WorkloadModule, loader
+    from lightning_graphs import CUDAGraphCallback
+
+    workload = WORKLOADS[workload_name]()
+    seen: dict[str, int] = {}
+
+    class SyncWatch(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 10:
+                torch.cuda.set_sync_debug_mode("warn")
+
+        def on_train_end(self, trainer, pl_module):
+            torch.cuda.set_sync_debug_mode("default")
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message):
+            return
+        stack = "".join(traceback.format_stack(limit=14)[:-2])
+        seen[stack] = seen.get(stack, 0) + 1
+
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(accelerator="gpu", devices=1, max_steps=steps, logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, enable_model_summary=False,
+                         callbacks=[SyncWatch(), CUDAGraphCallback(verbose=False)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        trainer.fit(WorkloadModule(workload), train_dataloaders=loader(workload, steps))
+    print(f"{len(seen)} distinct synchronising call sites after capture:")
+    for stack, count in sorted(seen.items(), key=lambda item: -item[1]):
+        print(f"--- {count} times:\n{stack}")
+
+
 def worker(args: argparse.Namespace) -> None:
     import torch
 
@@ -279,12 +320,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--tiny", action="store_true", help="tiny workloads (for testing the harness)")
     parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--find-syncs", action="store_true",
+                        help="instead of timing, list the host synchronisations left in the graphed step (first workload)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workload", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker(args)
+        return 0
+    if args.find_syncs:
+        find_syncs(args.workloads[0])
         return 0
     if not _has_cuda():
         dropped = [m for m in args.modes if m in ("raw-graph", "lightning-compile")]

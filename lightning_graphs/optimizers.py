@@ -4,10 +4,9 @@ A captured optimizer step replays the kernels it recorded, with every Python
 number that was passed to them baked in. Three measures keep each replay equal to
 the step the user's optimizer would take eagerly:
 
-1. **State on the device.** Adam-style optimizers keep ``state["step"]`` on the CPU
-   and compute bias corrections on the host unless ``capturable=True``. From the
-   first capture on, such groups are capturable and their step counters live on the
-   parameters' device (eager steps then use the same device-side arithmetic).
+1. **Scalar state on the device.** Adam-style optimizers count steps in 0-dim CPU
+   tensors, which a graph would freeze. From the first capture on they live on the
+   parameters' device; the user's eager steps read them from there.
 2. **Live hyper-parameters.** The learning rate (and Adam's betas, which
    schedulers such as ``OneCycleLR`` cycle every step) is swapped for a device
    tensor while capturing only. Before each replay the tensor is refreshed from the
@@ -17,8 +16,11 @@ the step the user's optimizer would take eagerly:
    momentum, eps, ...) is snapshotted at capture; any change makes the graph stale,
    and it is captured again.
 
-Optimizers that cannot be captured at all (``LBFGS``, state held on the host) are
-reported with the reason, and the caller runs them eagerly.
+While capturing, a few group settings differ from the user's: Adam and AdamW are
+stepped by :mod:`lightning_graphs.adam_step`, SGD by its fused kernel (which reads
+a tensor learning rate), other optimizers with ``capturable=True``. Eager steps
+always run the user's settings. Optimizers that cannot be captured at all
+(``LBFGS``, state held on the host) are reported with the reason.
 """
 
 from __future__ import annotations
@@ -30,8 +32,11 @@ from typing import Any
 
 import torch
 
+from lightning_graphs.adam_step import adam_step_applies, adam_step_on_device, uniform_step_groups
+
 __all__ = ["OptimizerPlan", "GraphSafeOptimizer", "plan_for"]
 
+_MISSING = object()
 
 
 @dataclass(frozen=True)
@@ -40,12 +45,10 @@ class OptimizerPlan:
 
     unsupported: str | None = None
     live_keys: tuple[str, ...] = ()  # swapped for device tensors while capturing
-    persistent: dict[str, Any] = field(default_factory=dict)  # group settings kept from the first capture on
+    live_dtype: torch.dtype = torch.float32  # what the capturing kernels read them as
     while_capturing: dict[str, Any] = field(default_factory=dict)  # group settings only while capturing
-    step_on_device: bool = False  # move state["step"] to the parameter's device
-    # Adam's betas can be made live too, through a step of our own (PyTorch's foreach
-    # kernels take betas as host numbers); done once a scheduler is seen to change them
-    live_betas_possible: bool = False
+    scalar_state_on_device: bool = False  # move 0-dim CPU state (step counters) to the device
+    own_adam_step: bool = False  # capture adam_step_on_device instead of optimizer.step
 
 
 def _is_dense_cuda_float(optimizer: torch.optim.Optimizer) -> bool:
@@ -70,13 +73,14 @@ def plan_for(optimizer: torch.optim.Optimizer) -> OptimizerPlan:
         return OptimizerPlan(unsupported=f"{name} was built with differentiable=True")
 
     if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        if adam_step_applies(optimizer):
+            return OptimizerPlan(
+                live_keys=("lr", "betas"), live_dtype=torch.float64, scalar_state_on_device=True, own_adam_step=True
+            )
         if all(group.get("fused") for group in groups):
             # fused kernels read a tensor lr and keep their step counts on the device already
             return OptimizerPlan(live_keys=("lr",))
-        return OptimizerPlan(
-            live_keys=("lr",), persistent={"capturable": True}, step_on_device=True,
-            live_betas_possible=_adam_step_applies(optimizer),
-        )
+        return OptimizerPlan(live_keys=("lr",), while_capturing={"capturable": True}, scalar_state_on_device=True)
 
     if isinstance(optimizer, torch.optim.SGD):
         if "fused" in groups[0] and _is_dense_cuda_float(optimizer):
@@ -87,12 +91,9 @@ def plan_for(optimizer: torch.optim.Optimizer) -> OptimizerPlan:
     if all("capturable" in group for group in groups):
         # PyTorch's other capturable optimizers (RMSprop, NAdam, RAdam, Adamax, ...):
         # device-side state, hyper-parameters baked and re-captured when changed
-        return OptimizerPlan(persistent={"capturable": True}, step_on_device=True)
+        return OptimizerPlan(while_capturing={"capturable": True}, scalar_state_on_device=True)
 
     return OptimizerPlan()
-
-
-_MISSING = object()
 
 
 def _frozen(value: Any) -> Any:
@@ -116,35 +117,24 @@ def _is_live_value(value: Any) -> bool:
     return _is_number(value)
 
 
-def _to_live(value: Any, device: torch.device) -> Any:
-    """A float32 device tensor (or a tuple of them) holding ``value``."""
-    if isinstance(value, tuple):
-        return tuple(torch.tensor(float(v), dtype=torch.float32, device=device) for v in value)
-    return torch.tensor(float(value), dtype=torch.float32, device=device)
-
-
 class GraphSafeOptimizer:
     """Prepares one optimizer for capture, keeps its live hyper-parameters in sync
     and tells when a captured step has gone stale.
 
-    The user's optimizer object is used as it is; only group settings named by its
-    :class:`OptimizerPlan` change, and :meth:`restore` puts them back.
+    The user's optimizer object is used as it is; :meth:`restore` undoes every change.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         self.optimizer = optimizer
         self.plan = plan_for(optimizer)
-        self.live_keys: tuple[str, ...] = self.plan.live_keys
-        self._saved_step: Any = _MISSING  # the optimizer's own `step` attribute, while ours stands in
-        self._originals: list[dict[str, Any]] = []  # per group: settings before the first capture
-        self._moved_steps: list[tuple[dict, torch.device]] = []  # state dicts whose step we moved
+        self._moved_state: list[tuple[dict, str, torch.device]] = []  # (state, key, original device)
         self._live: dict[tuple[int, str], Any] = {}  # (group index, key) -> device tensor(s)
         self._synced: dict[tuple[int, str], Any] = {}  # (group index, key) -> value last written to the device
+        self._swapped: dict[tuple[int, str], Any] = {}  # live slots swapped for tensors in this capture
+        self._while_capturing: list[dict[str, Any]] = []  # per group: settings to restore after capturing
+        self._saved_step: Any = _MISSING  # the optimizer's own `step` attribute, while ours stands in
         self._baked: list[dict[str, Any]] | None = None  # per group: baked values when captured
         self._structure: tuple | None = None  # identities that a captured graph depends on
-        self._while_capturing: list[dict[str, Any]] = []  # per group: settings to restore after capturing
-        self._swapped: dict[tuple[int, str], Any] = {}  # live slots swapped for tensors in this capture
-        self._warned_flag: Any = _MISSING  # PyTorch's "capturable but uncaptured" warning flag, before us
 
     # -- checks ---------------------------------------------------------------
 
@@ -154,15 +144,14 @@ class GraphSafeOptimizer:
 
     def host_state(self) -> str | None:
         """Names optimizer state that lives on the host, which a graph would freeze."""
-        moved = self.plan.step_on_device
         for index, (param, state) in enumerate(self.optimizer.state.items()):
             if not isinstance(state, dict):
                 continue
             for key, value in state.items():
-                if moved and key == "step":
-                    continue
                 where = f"{type(self.optimizer).__name__}.state[param {index}][{key!r}]"
                 if isinstance(value, torch.Tensor) and value.device.type == "cpu":
+                    if value.dim() == 0 and self.plan.scalar_state_on_device:
+                        continue  # moved to the device at capture
                     # a scalar on the host is a counter the host updates (Adagrad's step);
                     # larger CPU state only matters when the parameters live elsewhere
                     if value.dim() == 0 or (isinstance(param, torch.Tensor) and param.device.type != "cpu"):
@@ -187,21 +176,11 @@ class GraphSafeOptimizer:
 
     # -- capture --------------------------------------------------------------
 
-    def _first_device(self, group: dict) -> torch.device:
-        return group["params"][0].device
-
     def enter_capture(self) -> None:
         """Make the optimizer capturable; swap live hyper-parameters for device tensors."""
         groups = self.optimizer.param_groups
-        if not self._originals:
-            self._originals = [{k: g.get(k) for k in self.plan.persistent} for g in groups]
-            # eager steps between replays run capturable groups uncaptured, on purpose
-            self._warned_flag = self.optimizer.__dict__.get("_warned_capturable_if_run_uncaptured", _MISSING)
-            self.optimizer._warned_capturable_if_run_uncaptured = True
-        for group in groups:
-            group.update(self.plan.persistent)
-        if self.plan.step_on_device:
-            self._move_steps_to_device()
+        if self.plan.scalar_state_on_device:
+            self._move_scalar_state_to_device()
         self._while_capturing = [{k: g.get(k) for k in self.plan.while_capturing} for g in groups]
         for group in groups:
             group.update(self.plan.while_capturing)
@@ -209,23 +188,23 @@ class GraphSafeOptimizer:
         for index, group in enumerate(groups):
             if not group["params"]:
                 continue
-            for key in self.live_keys:
+            for key in self.plan.live_keys:
                 value = group.get(key)
-                slot = (index, key)
                 if not _is_live_value(value):
                     continue  # a tensor already, or not a number: leave it as the user set it
+                slot = (index, key)
                 if slot not in self._live:
-                    self._live[slot] = _to_live(value, self._first_device(group))
+                    self._live[slot] = self._new_live(value, group["params"][0].device)
                 self._write_live(slot, value)
                 self._swapped[slot] = value
                 group[key] = self._live[slot]
-        if "betas" in self.live_keys:
+        if self.plan.own_adam_step:
             self._saved_step = self.optimizer.__dict__.get("step", _MISSING)
-            self.optimizer.step = partial(adam_step_with_tensor_hyperparameters, self.optimizer)
+            self.optimizer.step = partial(adam_step_on_device, self.optimizer, uniform_step_groups(self.optimizer))
         self._baked = self._baked_snapshot()
 
     def exit_capture(self) -> str | None:
-        """Put the user's floats back; names a hyper-parameter the step itself changed, if any.
+        """Put the user's settings back; names a hyper-parameter the step itself changed, if any.
 
         A step that writes its own hyper-parameters (an ``optimizer_step`` override
         setting a warm-up learning rate, say) cannot be replayed: the graph would
@@ -239,18 +218,19 @@ class GraphSafeOptimizer:
                 group[key] = value
             elif problem is None:
                 problem = f"the step wrote param_groups[{index}][{key!r}] while it ran"
+        self._swapped = {}
         if problem is None:
             change = self.describe_change(self._baked, self._baked_snapshot())
             if change is not None:
                 problem = f"the step changed its optimizer's hyper-parameters while it ran: {change}"
         for group, saved in zip(groups, self._while_capturing):
             group.update(saved)
-        if "betas" in self.live_keys:
-            if self._saved_step is _MISSING:
-                self.optimizer.__dict__.pop("step", None)
-            else:
-                self.optimizer.step = self._saved_step
-            self._saved_step = _MISSING
+        self._while_capturing = []
+        if self._saved_step is not _MISSING:
+            self.optimizer.step = self._saved_step
+        elif self.plan.own_adam_step:
+            self.optimizer.__dict__.pop("step", None)
+        self._saved_step = _MISSING
         self._baked = self._baked_snapshot()
         self._structure = self._structure_key()
         return problem
@@ -266,16 +246,18 @@ class GraphSafeOptimizer:
         opt = self.optimizer
         return (id(opt.state), id(opt.param_groups), tuple(id(g["params"]) for g in opt.param_groups))
 
-    def _move_steps_to_device(self) -> None:
+    def _move_scalar_state_to_device(self) -> None:
         for group in self.optimizer.param_groups:
             for p in group["params"]:
                 state = self.optimizer.state.get(p)
-                if not state or "step" not in state:
-                    continue
-                step = state["step"]
-                if isinstance(step, torch.Tensor) and step.device != p.device:
-                    self._moved_steps.append((state, step.device))
-                    state["step"] = step.to(device=p.device, dtype=torch.float32)
+                for key, value in list((state or {}).items()):
+                    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.device != p.device:
+                        self._moved_state.append((state, key, value.device))
+                        state[key] = value.to(device=p.device)
+
+    def _new_live(self, value: Any, device: torch.device) -> Any:
+        make = partial(torch.zeros, (), dtype=self.plan.live_dtype, device=device)
+        return tuple(make() for _ in value) if isinstance(value, tuple) else make()
 
     def _write_live(self, slot: tuple[int, str], value: Any) -> None:
         live = self._live[slot]
@@ -290,17 +272,16 @@ class GraphSafeOptimizer:
 
     def stale_reason(self) -> str | None:
         """Why a graph captured earlier no longer matches this optimizer, if it does not."""
+        name = type(self.optimizer).__name__
         if self._structure != self._structure_key():
-            return f"{type(self.optimizer).__name__}'s state or param_groups were replaced (a checkpoint was loaded?)"
+            return f"{name}'s state or param_groups were replaced (a checkpoint was loaded?)"
         change = self.describe_change(self._baked, self._baked_snapshot())
         if change is not None:
-            if "['betas']" in change and self.plan.live_betas_possible and "betas" not in self.live_keys:
-                self.live_keys = (*self.live_keys, "betas")  # a scheduler cycles them: capture them live
-            return f"{type(self.optimizer).__name__} {change}"
+            return f"{name} {change}"
         groups = self.optimizer.param_groups
         for index, key in self._live:
             if not _is_live_value(groups[index].get(key)):
-                return f"{type(self.optimizer).__name__} param_groups[{index}][{key!r}] is no longer a number"
+                return f"{name} param_groups[{index}][{key!r}] is no longer a number"
         return None
 
     def sync_live(self) -> None:
@@ -314,118 +295,31 @@ class GraphSafeOptimizer:
     # -- teardown -------------------------------------------------------------
 
     def restore(self) -> None:
-        """Undo every change: group settings as the user made them, step counters where they were."""
-        for group, saved in zip(self.optimizer.param_groups, self._originals):
-            group.update(saved)
-        if self._originals:
-            if self._warned_flag is _MISSING:
-                self.optimizer.__dict__.pop("_warned_capturable_if_run_uncaptured", None)
-            else:
-                self.optimizer._warned_capturable_if_run_uncaptured = self._warned_flag
-        for state, device in self._moved_steps:
-            step = state.get("step")
-            if isinstance(step, torch.Tensor):
-                state["step"] = step.to(device)
-        self._originals, self._moved_steps = [], []
+        """Undo every change: state where it was, group settings as the user made them."""
+        for state, key, device in self._moved_state:
+            value = state.get(key)
+            if isinstance(value, torch.Tensor):
+                state[key] = value.to(device)
+        self._moved_state = []
         self._live.clear()
         self._synced.clear()
         self._baked = self._structure = None
-        self.live_keys = self.plan.live_keys
 
     def user_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """``state_dict`` as the user's unprepared optimizer would have saved it (for checkpoints)."""
-        if not self._originals and not self._moved_steps:
+        if not self._moved_state:
             return state_dict
-        groups = [dict(g) for g in state_dict["param_groups"]]
-        for group, saved in zip(groups, self._originals):
-            group.update(saved)
         # state_dict() shares the live per-parameter dicts: copy the ones we change
-        devices = {id(state): device for state, device in self._moved_steps}
-        state = {}
-        for key, entry in state_dict["state"].items():
-            if id(entry) in devices and isinstance(entry.get("step"), torch.Tensor):
-                entry = {**entry, "step": entry["step"].to(devices[id(entry)])}
-            state[key] = entry
-        return {**state_dict, "state": state, "param_groups": groups}
-
-
-def _adam_step_applies(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether :func:`adam_step_with_tensor_hyperparameters` computes exactly what this optimizer's
-    own capturable step would: PyTorch's Adam or AdamW, real parameters, no step hooks."""
-    if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
-        return False
-    if optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks:
-        return False
-    return all(
-        not group.get("fused") and not group.get("differentiable") and not any(p.is_complex() for p in group["params"])
-        for group in optimizer.param_groups
-    )
-
-
-@torch.no_grad()
-def _adam_group_step(optimizer: torch.optim.Optimizer, group: dict) -> None:
-    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], []
-    for p in group["params"]:
-        if p.grad is None:
-            continue
-        state = optimizer.state[p]
-        params.append(p)
-        grads.append(p.grad)
-        exp_avgs.append(state["exp_avg"])
-        exp_avg_sqs.append(state["exp_avg_sq"])
-        steps.append(state["step"])
-        if group["amsgrad"]:
-            max_exp_avg_sqs.append(state["max_exp_avg_sq"])
-    if not params:
-        return
-    lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-    decoupled = group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW))
-    if group["maximize"]:
-        grads = torch._foreach_neg(grads)
-    torch._foreach_add_(steps, 1)
-    if weight_decay != 0:
-        if decoupled:
-            torch._foreach_mul_(params, 1 - lr * weight_decay)
-        else:
-            grads = torch._foreach_add(grads, params, alpha=weight_decay)
-    # exp_avg.lerp_(grad, 1 - beta1), spelled with ops that take a device tensor as the weight
-    difference = torch._foreach_sub(grads, exp_avgs)
-    torch._foreach_mul_(difference, 1 - beta1)
-    torch._foreach_add_(exp_avgs, difference)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, torch._foreach_mul(grads, 1 - beta2), grads, 1.0)
-    # bias corrections exactly as PyTorch's capturable path computes them
-    bias_correction1 = torch._foreach_pow([beta1] * len(steps), steps)
-    bias_correction2 = torch._foreach_pow([beta2] * len(steps), steps)
-    torch._foreach_sub_(bias_correction1, 1)
-    torch._foreach_sub_(bias_correction2, 1)
-    torch._foreach_neg_(bias_correction2)
-    torch._foreach_div_(bias_correction1, lr)
-    torch._foreach_reciprocal_(bias_correction1)  # -lr / (1 - beta1^t)
-    torch._foreach_sqrt_(bias_correction2)
-    if group["amsgrad"]:
-        torch._foreach_maximum_(max_exp_avg_sqs, exp_avg_sqs)
-        denom = torch._foreach_sqrt(max_exp_avg_sqs)
-    else:
-        denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denom, bias_correction2)
-    torch._foreach_add_(denom, eps)
-    torch._foreach_div_(denom, bias_correction1)
-    torch._foreach_addcdiv_(params, exp_avgs, denom)
-
-
-def adam_step_with_tensor_hyperparameters(optimizer: torch.optim.Optimizer, closure: Any = None) -> Any:
-    """Adam/AdamW's capturable step with ``lr`` and ``betas`` read from device tensors.
-
-    PyTorch's own foreach kernels take the betas as host numbers, so a captured step
-    would keep them fixed; schedulers such as ``OneCycleLR`` cycle them every step.
-    This step stands in for ``optimizer.step`` while capturing, with the same
-    arithmetic as PyTorch's capturable path (up to the rounding of one lerp).
-    """
-    loss = None
-    if closure is not None:
-        with torch.enable_grad():
-            loss = closure()
-    for group in optimizer.param_groups:
-        _adam_group_step(optimizer, group)
-    return loss
+        moved: dict[int, list[tuple[str, torch.device]]] = {}
+        for state, key, device in self._moved_state:
+            moved.setdefault(id(state), []).append((key, device))
+        entries = {}
+        for index, entry in state_dict["state"].items():
+            changes = moved.get(id(entry), ())
+            if changes:
+                entry = dict(entry)
+                for key, device in changes:
+                    if isinstance(entry.get(key), torch.Tensor):
+                        entry[key] = entry[key].to(device)
+            entries[index] = entry
+        return {**state_dict, "state": entries}

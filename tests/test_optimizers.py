@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -15,13 +17,22 @@ def _step(opt):
     opt.step()
 
 
-def test_adam_and_adamw_get_a_live_learning_rate_and_device_steps():
+def test_adam_and_adamw_get_live_lr_and_betas_through_their_own_step():
     for cls in (torch.optim.Adam, torch.optim.AdamW):
         plan = plan_for(cls(_params(), lr=1e-3))
         assert plan.unsupported is None
-        assert "lr" in plan.live_keys
-        assert plan.persistent == {"capturable": True}
-        assert plan.step_on_device
+        assert plan.live_keys == ("lr", "betas") and plan.live_dtype == torch.float64
+        assert plan.own_adam_step and plan.scalar_state_on_device
+        assert plan.while_capturing == {}  # eager steps keep the user's settings
+
+
+def test_an_adam_subclass_uses_pytorchs_capturable_path():
+    class MyAdam(torch.optim.Adam):
+        pass
+
+    plan = plan_for(MyAdam(_params(), lr=1e-3))
+    assert not plan.own_adam_step and plan.live_keys == ("lr",)
+    assert plan.while_capturing == {"capturable": True}
 
 
 def test_sgd_is_captured_through_the_fused_kernel_only_on_cuda():
@@ -38,18 +49,32 @@ def test_lbfgs_is_unsupported_with_a_reason():
 def test_enter_capture_swaps_floats_for_tensors_and_exit_restores_them():
     opt = torch.optim.AdamW(_params(), lr=1e-3, betas=(0.9, 0.99))
     _step(opt)
+    own_step = opt.__dict__.get("step")
     prepared = GraphSafeOptimizer(opt)
     prepared.enter_capture()
     group = opt.param_groups[0]
-    assert isinstance(group["lr"], torch.Tensor) and group["lr"].item() == pytest.approx(1e-3)
-    assert group["capturable"] is True
+    assert isinstance(group["lr"], torch.Tensor) and group["lr"].dtype == torch.float64
+    assert group["lr"].item() == 1e-3  # float64: the scheduler's value exactly
+    assert [b.item() for b in group["betas"]] == [0.9, 0.99]
+    assert opt.__dict__.get("step") is not own_step  # our step stands in while capturing
     assert prepared.exit_capture() is None
     assert group["lr"] == 1e-3 and isinstance(group["lr"], float)
     assert group["betas"] == (0.9, 0.99)
-    # capturable stays on for the eager steps between replays; restore() undoes it
-    assert group["capturable"] is True
-    prepared.restore()
     assert group["capturable"] is False
+    assert opt.__dict__.get("step") is own_step
+    prepared.restore()
+
+
+def test_sgd_settings_change_only_while_capturing():
+    opt = torch.optim.SGD(_params(), lr=0.1, momentum=0.9)
+    _step(opt)
+    prepared = GraphSafeOptimizer(opt)
+    # the plan SGD gets for CUDA parameters (this machine may have none)
+    prepared.plan = dataclasses.replace(prepared.plan, live_keys=("lr",), while_capturing={"fused": True, "foreach": False})
+    prepared.enter_capture()
+    assert opt.param_groups[0]["fused"] is True
+    prepared.exit_capture()
+    assert opt.param_groups[0]["fused"] is None and opt.param_groups[0]["foreach"] is None
 
 
 def test_scheduler_changes_reach_the_live_tensor_before_replay():
@@ -110,31 +135,18 @@ def test_a_step_writing_a_baked_hyperparameter_is_reported():
     assert problem is not None and "momentum" in problem
 
 
-def test_steps_move_to_device_and_back_on_restore():
+def test_steps_stay_put_on_a_cpu_only_machine_and_restore_is_harmless():
     opt = torch.optim.Adam(_params(), lr=1e-3)
     _step(opt)
     state = next(iter(opt.state.values()))
     original = state["step"]
     prepared = GraphSafeOptimizer(opt)
-    # on a CPU machine "the parameter's device" is the CPU: the step tensor is kept
     prepared.enter_capture()
     prepared.exit_capture()
-    assert state["step"].device == original.device
+    assert state["step"] is original  # already on the parameters' device
     prepared.restore()
-    assert float(state["step"]) == float(original)
-
-
-def test_user_state_dict_looks_like_the_unprepared_optimizers():
-    opt = torch.optim.AdamW(_params(), lr=1e-3)
-    _step(opt)
-    eager_groups = opt.state_dict()["param_groups"]
-    prepared = GraphSafeOptimizer(opt)
-    prepared.enter_capture()
-    prepared.exit_capture()
-    saved = prepared.user_state_dict(opt.state_dict())
-    assert saved["param_groups"][0]["capturable"] is False
-    assert saved["param_groups"][0]["lr"] == eager_groups[0]["lr"]
-    assert opt.param_groups[0]["capturable"] is True  # the live optimizer is untouched
+    assert state["step"] is original
+    assert prepared.user_state_dict(opt.state_dict())["state"][0]["step"] is original
 
 
 def test_host_state_of_adagrad_is_named():
