@@ -140,7 +140,7 @@ def measure_lightning(workload, mode: str, steps: int, warmup: int, repeats: int
     return result
 
 
-def find_syncs(workload_name: str, steps: int = 40) -> None:
+def find_syncs(workload_name: str, steps: int = 200) -> None:
     """Train with CUDAGraphCallback and report every host synchronisation after capture, with its stack."""
     import traceback
     import warnings
@@ -154,29 +154,50 @@ def find_syncs(workload_name: str, steps: int = 40) -> None:
     workload = WORKLOADS[workload_name]()
     seen: dict[str, int] = {}
 
+    timing: dict[str, float] = {}
+
     class SyncWatch(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if batch_idx == 10:
                 torch.cuda.set_sync_debug_mode("warn")
+            if batch_idx == 20:
+                torch.cuda.set_sync_debug_mode("default")
+                graph = callback._engine._graph
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize()
+                start.record()
+                for _ in range(50):
+                    graph.replay()
+                end.record()
+                torch.cuda.synchronize()
+                timing["replay"] = start.elapsed_time(end) / 50
+                timing["t0"] = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == steps - 1:
+                torch.cuda.synchronize()
+                timing["step"] = (time.perf_counter() - timing["t0"]) * 1e3 / (steps - 21)
 
         def on_train_end(self, trainer, pl_module):
             torch.cuda.set_sync_debug_mode("default")
 
     def record(message, category, filename, lineno, file=None, line=None):
-        if "synchroniz" not in str(message):
+        if "synchroniz" not in str(message) or "set_sync_debug_mode" in "".join(traceback.format_stack(limit=4)):
             return
         stack = "".join(traceback.format_stack(limit=14)[:-2])
         seen[stack] = seen.get(stack, 0) + 1
 
     pl.seed_everything(0, verbose=False)
+    callback = CUDAGraphCallback(verbose=False)
     trainer = pl.Trainer(accelerator="gpu", devices=1, max_steps=steps, logger=False, enable_progress_bar=False,
-                         enable_checkpointing=False, enable_model_summary=False,
-                         callbacks=[SyncWatch(), CUDAGraphCallback(verbose=False)])
+                         enable_checkpointing=False, enable_model_summary=False, callbacks=[SyncWatch(), callback])
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = record
         trainer.fit(WorkloadModule(workload), train_dataloaders=loader(workload, steps))
+    replay_ms, step_ms = timing["replay"], timing["step"]
     print(f"{len(seen)} distinct synchronising call sites after capture:")
+    print(f"GPU time of one replay: {replay_ms:.3f} ms; wall time per training step: {step_ms:.3f} ms")
     for stack, count in sorted(seen.items(), key=lambda item: -item[1]):
         print(f"--- {count} times:\n{stack}")
 
