@@ -179,8 +179,7 @@ class BatchSignature:
     def __eq__(self, other: object) -> bool:
         return isinstance(other, BatchSignature) and self.specs == other.specs and self.tree == other.tree
 
-    def __hash__(self) -> int:
-        return hash(self.specs) if all(not isinstance(s, _Value) for s in self.specs) else hash(len(self.specs))
+    __hash__ = None  # compared, never hashed: non-tensor leaves may be unhashable
 
     @property
     def tensor_positions(self) -> list[int]:

@@ -98,22 +98,6 @@ def _operation(line: str, exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
-def is_capture_error(exc: BaseException) -> bool:
-    """Whether ``exc`` comes from CUDA graph capture rules rather than from a bug in the step."""
-    text = " ".join(str(e) for e in (exc, _innermost(exc)))
-    return any(
-        marker in text
-        for marker in (
-            "capturing",
-            "capture",
-            "cudaErrorStreamCapture",
-            "graph",
-            "operation not permitted",
-            "CUDA error",
-        )
-    )
-
-
 def explain_capture_error(exc: BaseException, what: str = "the training step") -> str:
     """One paragraph: what failed, where in the user's code, and what to do."""
     origin = _innermost(exc)

@@ -79,8 +79,8 @@ def test_sgd_settings_change_only_while_capturing():
 
 def test_scheduler_changes_reach_the_live_tensor_before_replay():
     opt = torch.optim.AdamW(_params(), lr=1.0)
-    _step(opt)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 ** step)
+    _step(opt)
     prepared = GraphSafeOptimizer(opt)
     prepared.enter_capture()
     live = opt.param_groups[0]["lr"]
