@@ -187,12 +187,11 @@ class BatchSignature:
 
     def unsupported_reason(self) -> str | None:
         """Why batches of this signature can never be copied into static buffers, if so."""
-        for path, leaf in zip(leaf_paths(self.tree), self.leaves):
-            if isinstance(leaf, torch.Tensor):
-                if leaf.layout is not torch.strided:
-                    return f"{path} is a {leaf.layout} tensor; only dense (strided) tensors can be copied into a graph"
-                if leaf.is_nested:
-                    return f"{path} is a nested tensor; only dense tensors can be copied into a graph"
+        for index, leaf in enumerate(self.leaves):
+            if isinstance(leaf, torch.Tensor) and (leaf.layout is not torch.strided or leaf.is_nested):
+                path = leaf_paths(self.tree)[index]  # only named when needed: building paths costs
+                kind = "nested" if leaf.is_nested else str(leaf.layout)
+                return f"{path} is a {kind} tensor; only dense (strided) tensors can be copied into a graph"
         return None
 
 

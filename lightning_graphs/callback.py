@@ -154,7 +154,13 @@ class CUDAGraphCallback(pl.Callback):
         """Stands in for Lightning's automatic-optimization ``run``: one training step."""
         engine, trainer, run = self._engine, self._trainer, self._original_run
         if trainer.accumulate_grad_batches != 1:
-            return engine.eager(lambda: run(optimizer, batch_idx, kwargs), "gradient accumulation is not graphed yet")
+            reason = "gradient accumulation is not graphed yet"
+            self._warn_once(
+                "accumulation",
+                f"CUDAGraphCallback: accumulate_grad_batches={trainer.accumulate_grad_batches}: {reason}. "
+                "These steps run eagerly, unchanged (no CUDA graph speed-up).",
+            )
+            return engine.eager(lambda: run(optimizer, batch_idx, kwargs), reason)
         plan = engine.plan(kwargs["batch"])
         if plan.action is Action.REPLAY:
             outputs = engine.replay(plan)

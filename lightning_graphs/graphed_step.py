@@ -218,7 +218,6 @@ class GraphedStep:
         self._structure_check_due = False
         self._replays_of_graph = 0
         self._short_lived = 0
-        self._pending_problem: str | None = None
         for optimizer in self._optimizers:
             if optimizer.unsupported:
                 self.disable(f"{type(optimizer.optimizer).__name__} cannot be captured: {optimizer.unsupported}")

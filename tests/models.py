@@ -179,3 +179,21 @@ class LogsGradNorm(Regressor):
     def on_before_optimizer_step(self, optimizer):
         norms = [p.grad.norm() for p in self.parameters() if p.grad is not None]
         self.log("grad_norm", torch.stack(norms).norm(), on_step=True, on_epoch=True)
+
+
+class UpdatesMetric(Regressor):
+    """A torchmetrics object updated and logged inside the step (not graphed yet)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        import torchmetrics
+
+        self.train_mse = torchmetrics.MeanSquaredError()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        pred = self(x)
+        loss = F.mse_loss(pred, y)
+        self.train_mse(pred, y)
+        self.log("train_mse", self.train_mse, on_step=True, on_epoch=True)
+        return loss

@@ -241,6 +241,24 @@ def test_python_side_effects_are_detected_and_trained_eagerly(module, needle):
         assert graphed.module.epoch_means == pytest.approx(eager.module.epoch_means, rel=1e-6)
 
 
+def test_torchmetrics_updated_in_the_step_is_detected():
+    eager, graphed = both(lambda: models.UpdatesMetric("adamw", "lambda"))
+    assert_same(eager, graphed)
+    assert graphed.callback.stats.replays == 0
+    assert any("train_mse" in w for w in graphed.warnings), graphed.warnings
+
+
+@pytest.mark.parametrize("setting, needle", [
+    ({"accumulate_grad_batches": 2}, "accumulate_grad_batches=2"),
+    ({"precision": "16-mixed"}, "16-mixed"),
+])
+def test_setups_not_graphed_yet_train_unchanged_with_one_warning(setting, needle):
+    eager, graphed = both(lambda: models.Regressor("adamw", "lambda"), **setting)
+    assert_same(eager, graphed, rtol=0, atol=0)  # untouched: bitwise equal
+    assert graphed.callback.stats is None or graphed.callback.stats.replays == 0
+    assert len([w for w in graphed.warnings if needle in w]) == 1, graphed.warnings
+
+
 # -- invalidation, clean exit, second fit ----------------------------------------------------
 
 
