@@ -43,13 +43,16 @@ def uniform_step_groups(optimizer: torch.optim.Optimizer) -> list[list[list[torc
     """Per param group, the parameters (with gradients) split by their step count.
 
     Bias corrections depend on the step count; parameters counted alike share one
-    set of scalars. Reads the counts on the host: call it before capturing."""
+    set of scalars. Reads the counts on the host: call it before capturing. A
+    parameter without state yet is kept (its step then fails loudly, not silently)."""
     groups = []
     for group in optimizer.param_groups:
-        by_count: dict[float, list[torch.Tensor]] = {}
+        by_count: dict[float | None, list[torch.Tensor]] = {}
         for p in group["params"]:
-            if p.grad is not None and "step" in optimizer.state.get(p, {}):
-                by_count.setdefault(float(optimizer.state[p]["step"]), []).append(p)
+            if p.grad is None:
+                continue
+            state = optimizer.state.get(p, {})
+            by_count.setdefault(float(state["step"]) if "step" in state else None, []).append(p)
         groups.append(list(by_count.values()))
     return groups
 

@@ -201,7 +201,7 @@ class GraphedStep:
         watched = {id(obj) for _, obj in watch}
         self._watch = list(watch) + [(type(m).__name__, m) for m in self._modules if id(m) not in watched]
         self._watch += [(type(o.optimizer).__name__, o.optimizer) for o in self._optimizers]
-        self._params = [p for o in self._optimizers for g in o.optimizer.param_groups for p in g["params"]]
+        self._params = self._optimized_params()
         self._warmups_left = self.warmup_steps
         self._device: torch.device | None = None
         self._stream: torch.cuda.Stream | None = None  # side stream for warm-up and capture
@@ -241,10 +241,9 @@ class GraphedStep:
                 return StepPlan(
                     Action.EAGER, signature, describe_mismatch(self._signature, signature, self.input_name)
                 )
-            stale = self._stale_reason()
+            stale, structural = self._stale_reason()
             if stale is None:
                 return StepPlan(Action.REPLAY, signature)
-            structural = self._structure_check_due and self._structure != self._structure_key()
             self._drop_graph(stale)
             if self.phase is Phase.DISABLED:
                 return StepPlan(Action.EAGER, signature, "graphs disabled")
@@ -259,17 +258,18 @@ class GraphedStep:
         (call it where they may have changed: epoch start, after validation)."""
         self._structure_check_due = True
 
-    def _stale_reason(self) -> str | None:
+    def _stale_reason(self) -> tuple[str | None, bool]:
+        """Why the graph no longer matches, if so, and whether the modules themselves
+        changed (new trainable parameters need an eager step to create optimizer state)."""
         for optimizer in self._optimizers:
-            reason = optimizer.stale_reason()
+            reason, structural = optimizer.stale_reason()
             if reason is not None:
-                return reason
+                return reason, structural
         if self._structure_check_due:
             self._structure_check_due = False
             if self._structure != self._structure_key():
-                self._structure_check_due = True  # plan() reads it to choose a warm-up
-                return "a parameter, a train/eval mode or a requires_grad flag changed"
-        return None
+                return "a parameter, a train/eval mode or a requires_grad flag changed", True
+        return None, False
 
     def _structure_key(self) -> tuple:
         modules = [m for root in self._modules for m in root.modules()]
@@ -318,6 +318,7 @@ class GraphedStep:
                 and gradients are as before.
         """
         signature = plan.signature
+        self._params = self._optimized_params()  # param groups may have been added since the last capture
         if self._static is None or self._static.signature != signature:
             self._static = StaticBatch(signature)
         else:
@@ -479,6 +480,9 @@ class GraphedStep:
             )
 
     # -- helpers ----------------------------------------------------------------
+
+    def _optimized_params(self) -> list[torch.Tensor]:
+        return [p for o in self._optimizers for g in o.optimizer.param_groups for p in g["params"]]
 
     def _side_stream(self) -> torch.cuda.Stream:
         if self._stream is None:

@@ -270,19 +270,20 @@ class GraphSafeOptimizer:
 
     # -- replay ---------------------------------------------------------------
 
-    def stale_reason(self) -> str | None:
-        """Why a graph captured earlier no longer matches this optimizer, if it does not."""
+    def stale_reason(self) -> tuple[str | None, bool]:
+        """Why a graph captured earlier no longer matches this optimizer, if it does not,
+        and whether its parameters changed (new ones get their state from an eager step)."""
         name = type(self.optimizer).__name__
         if self._structure != self._structure_key():
-            return f"{name}'s state or param_groups were replaced (a checkpoint was loaded?)"
+            return f"{name}'s state or param_groups were replaced or extended", True
         change = self.describe_change(self._baked, self._baked_snapshot())
         if change is not None:
-            return f"{name} {change}"
+            return f"{name} {change}", False
         groups = self.optimizer.param_groups
         for index, key in self._live:
             if not _is_live_value(groups[index].get(key)):
-                return f"{name} param_groups[{index}][{key!r}] is no longer a number"
-        return None
+                return f"{name} param_groups[{index}][{key!r}] is no longer a number", False
+        return None, False
 
     def sync_live(self) -> None:
         """Write hyper-parameters the scheduler changed since the last replay into the graph's tensors."""

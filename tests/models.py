@@ -197,3 +197,14 @@ class UpdatesMetric(Regressor):
         self.train_mse(pred, y)
         self.log("train_mse", self.train_mse, on_step=True, on_epoch=True)
         return loss
+
+
+class WithBackbone(Regressor):
+    """Trains the head first; BackboneFinetuning unfreezes the first layer later."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backbone = self.net[0]
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(filter(lambda p: p.requires_grad, self.parameters()), lr=1e-3)

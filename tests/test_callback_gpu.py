@@ -275,6 +275,18 @@ def test_freezing_a_layer_between_epochs_recaptures():
     assert graphed.callback.stats.captures == 2, graphed.callback.stats.summary()
 
 
+def test_backbone_finetuning_adding_a_param_group_recaptures():
+    from lightning.pytorch.callbacks import BackboneFinetuning
+
+    eager, graphed = both(
+        lambda: models.WithBackbone("adamw", None),
+        extra_callbacks=lambda: [BackboneFinetuning(unfreeze_backbone_at_epoch=1, verbose=False)],
+    )
+    assert_same(eager, graphed)
+    assert graphed.callback.stats.captures == 2, graphed.callback.stats.summary()
+    assert len(graphed.trainer.optimizers[0].param_groups) == 2
+
+
 def test_teardown_restores_optimizer_and_loop_and_a_second_fit_works():
     graphed = fit(lambda: models.Regressor("adamw", None), graphed=True)
     trainer, module = graphed.trainer, graphed.module

@@ -86,7 +86,7 @@ def test_scheduler_changes_reach_the_live_tensor_before_replay():
     live = opt.param_groups[0]["lr"]
     prepared.exit_capture()
     sched.step()
-    assert prepared.stale_reason() is None  # lr is live: no re-capture needed
+    assert prepared.stale_reason() == (None, False)  # lr is live: no re-capture needed
     prepared.sync_live()
     assert live.item() == pytest.approx(0.5)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.5)  # the user still sees a float
@@ -98,10 +98,10 @@ def test_a_baked_hyperparameter_change_makes_the_graph_stale():
     prepared = GraphSafeOptimizer(opt)
     prepared.enter_capture()
     prepared.exit_capture()
-    assert prepared.stale_reason() is None
+    assert prepared.stale_reason() == (None, False)
     opt.param_groups[0]["weight_decay"] = 0.1
-    reason = prepared.stale_reason()
-    assert reason is not None and "weight_decay" in reason
+    reason, structural = prepared.stale_reason()
+    assert "weight_decay" in reason and not structural  # captured again at once
 
 
 def test_loading_a_state_dict_makes_the_graph_stale():
@@ -111,7 +111,20 @@ def test_loading_a_state_dict_makes_the_graph_stale():
     prepared.enter_capture()
     prepared.exit_capture()
     opt.load_state_dict(opt.state_dict())
-    assert "replaced" in prepared.stale_reason()
+    reason, structural = prepared.stale_reason()
+    assert "replaced" in reason and structural
+
+
+def test_adding_a_param_group_is_a_structural_change():
+    params = _params(3)
+    opt = torch.optim.AdamW(params[:2], lr=1e-3)
+    _step(opt)
+    prepared = GraphSafeOptimizer(opt)
+    prepared.enter_capture()
+    prepared.exit_capture()
+    opt.add_param_group({"params": [params[2]], "lr": 1e-4})
+    reason, structural = prepared.stale_reason()
+    assert "extended" in reason and structural  # its new parameters need state from an eager step first
 
 
 def test_a_step_writing_its_own_learning_rate_is_reported():
