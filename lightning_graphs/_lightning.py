@@ -25,24 +25,20 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_graphs.batches import clone_tensors, flatten
+from lightning_graphs.graphed_step import ignore_torch_attribute
 from lightning_graphs.python_state import WatchedInt
 
 # hooks that run inside one automatic-optimization step; their Python runs at capture only
 IN_STEP_CALLBACK_HOOKS = ("on_before_zero_grad", "on_before_backward", "on_after_backward", "on_before_optimizer_step")
 
 _LIGHTNING_MODULE_ATTRIBUTES = frozenset(pl.LightningModule().__dict__)
-_MODULE_ATTRIBUTES = frozenset(torch.nn.Module().__dict__)
 
 
 def ignore_framework_attribute(obj: Any, name: str) -> bool:
     """Attributes Lightning and PyTorch manage themselves (not side effects of a user's step)."""
     if isinstance(obj, pl.LightningModule):
         return name in _LIGHTNING_MODULE_ATTRIBUTES
-    if isinstance(obj, torch.nn.Module):
-        return name in _MODULE_ATTRIBUTES
-    if isinstance(obj, torch.optim.Optimizer):
-        return name.startswith("_") or name in ("defaults", "state", "param_groups")
-    return False
+    return ignore_torch_attribute(obj, name)
 
 
 def automatic_optimization_loop(trainer: pl.Trainer) -> Any:

@@ -140,7 +140,8 @@ class CaptureFailed(Exception):
         self.explanation = explanation
 
 
-def _fingerprint_ignores(obj: Any, name: str) -> bool:
+def ignore_torch_attribute(obj: Any, name: str) -> bool:
+    """Attributes PyTorch manages itself (hooks, caches, ``training``; optimizer internals)."""
     if isinstance(obj, torch.nn.Module):
         return name in _MODULE_ATTRIBUTES
     if isinstance(obj, torch.optim.Optimizer):
@@ -195,7 +196,7 @@ class GraphedStep:
         self.stats = GraphStats()
         self.phase = Phase.WARMING_UP
         self._warn = warn or WarnOnce()
-        self._ignore = ignore_attribute or _fingerprint_ignores
+        self._ignore = ignore_attribute or ignore_torch_attribute
         self._optimizers = [GraphSafeOptimizer(o) for o in optimizers]
         self._modules = list(modules)
         watched = {id(obj) for _, obj in watch}

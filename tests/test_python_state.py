@@ -1,6 +1,6 @@
 import torch
 
-from lightning_graphs.graphed_step import _fingerprint_ignores
+from lightning_graphs.graphed_step import ignore_torch_attribute
 from lightning_graphs.python_state import StateFingerprint, WatchedInt
 
 
@@ -15,7 +15,7 @@ class Net(torch.nn.Module):
 
 
 def _fp(net):
-    return StateFingerprint([("self", net)], _fingerprint_ignores)
+    return StateFingerprint([("self", net)], ignore_torch_attribute)
 
 
 def test_a_step_without_side_effects_shows_no_change():
