@@ -96,7 +96,8 @@ def measure_raw(workload, graph: bool, steps: int, warmup: int, repeats: int, de
     return {"steps_per_s": _windows(boundaries, steps), "capture_seconds": capture_seconds}
 
 
-def measure_lightning(workload, mode: str, steps: int, warmup: int, repeats: int, device: str) -> dict:
+def measure_lightning(workload, mode: str, steps: int, warmup: int, repeats: int, device: str,
+                      prog_bar: bool = False) -> dict:
     import lightning.pytorch as pl
     import torch
 
@@ -121,7 +122,8 @@ def measure_lightning(workload, mode: str, steps: int, warmup: int, repeats: int
             self.boundaries.append(time.perf_counter())
 
     pl.seed_everything(0, verbose=False)
-    module = WorkloadModule(workload, compile_mode="reduce-overhead" if mode == "lightning-compile" else None)
+    compile_mode = "reduce-overhead" if mode == "lightning-compile" else None
+    module = WorkloadModule(workload, compile_mode=compile_mode, prog_bar=prog_bar)
     timer = WindowTimer()
     callbacks = [timer]
     graphs = CUDAGraphCallback(verbose=False) if mode == "lightning-graphs" else None
@@ -162,7 +164,9 @@ def find_syncs(workload_name: str, steps: int = 200) -> None:
                 torch.cuda.set_sync_debug_mode("warn")
             if batch_idx == 20:
                 torch.cuda.set_sync_debug_mode("default")
-                graph = callback._engine._graph
+                graph = callback._engine._graph if callback._engine is not None else None
+                if graph is None:
+                    raise RuntimeError(f"nothing was captured: {callback.stats.summary()}")
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 torch.cuda.synchronize()
                 start.record()
@@ -214,7 +218,7 @@ def worker(args: argparse.Namespace) -> None:
     if args.mode.startswith("raw"):
         result = measure_raw(workload, args.mode == "raw-graph", args.steps, args.warmup, args.repeats, device)
     else:
-        result = measure_lightning(workload, args.mode, args.steps, args.warmup, args.repeats, device)
+        result = measure_lightning(workload, args.mode, args.steps, args.warmup, args.repeats, device, args.prog_bar)
     result.update(
         workload=args.workload,
         mode=args.mode,
@@ -232,6 +236,8 @@ def run_one(workload: str, mode: str, args: argparse.Namespace) -> dict:
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
     if args.tiny:
         command.append("--tiny")
+    if args.prog_bar:
+        command.append("--prog-bar")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.timeout)
@@ -340,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed windows; the median is reported")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--tiny", action="store_true", help="tiny workloads (for testing the harness)")
+    parser.add_argument("--prog-bar", action="store_true",
+                        help="log with prog_bar=True, which makes Lightning read the value on the host every step")
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--find-syncs", action="store_true",
                         help="instead of timing, list the host synchronisations left in the graphed step (first workload)")
@@ -371,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "command": "python benchmarks/bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "environment": environment(),
-        "settings": {"steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "tiny": args.tiny},
+        "settings": {"steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "tiny": args.tiny,
+                     "prog_bar": args.prog_bar},
         "results": results,
         "ratios": ratios(results),
     }

@@ -120,15 +120,16 @@ WORKLOADS: dict[str, Callable[..., Workload]] = {"mlp": mlp, "rollout": rollout,
 class WorkloadModule(pl.LightningModule):
     """A workload as users would write it in Lightning: ``self.log`` of the loss every step."""
 
-    def __init__(self, workload: Workload, compile_mode: str | None = None) -> None:
+    def __init__(self, workload: Workload, compile_mode: str | None = None, prog_bar: bool = False) -> None:
         super().__init__()
         self.workload = workload
+        self.prog_bar = prog_bar
         self.model = workload.make_model()
         self.forward_model = torch.compile(self.model, mode=compile_mode) if compile_mode else self.model
 
     def training_step(self, batch, batch_idx):
         loss = self.workload.loss(self.forward_model, batch)
-        self.log("train_loss", loss)
+        self.log("train_loss", loss, prog_bar=self.prog_bar)
         return loss
 
     def configure_optimizers(self):

@@ -84,7 +84,7 @@ class CUDAGraphCallback(pl.Callback):
         self._engine: GraphedStep | None = None  # the graphed step of the running fit
         self._trainer: pl.Trainer | None = None
         self._original_run: Any = None  # Lightning's own step runner, while patched
-        self._log_calls: list[internals.LogCall] = []  # self.log calls of the captured step
+        self._replay_logs: internals.LogReplayer | None = None  # self.log calls of the captured step
         self._last_stats: GraphStats | None = None
 
     @property
@@ -165,7 +165,7 @@ class CUDAGraphCallback(pl.Callback):
         if plan.action is Action.REPLAY:
             outputs = engine.replay(plan)
             internals.count_replayed_step(trainer, batch_idx)
-            internals.replay_logs(trainer.lightning_module, self._log_calls)
+            self._replay_logs()
             return clone_tensors(outputs)
         if plan.action is Action.WARMUP:
             probe = internals.StepProbe(trainer.lightning_module, capturing=False)
@@ -195,10 +195,10 @@ class CUDAGraphCallback(pl.Callback):
             internals.restore_progress(trainer, progress)
             engine.disable(failure.explanation, cause=failure)
             return engine.eager(lambda: run(optimizer, batch_idx, kwargs), "capture failed")
-        self._log_calls = probe.calls
+        self._replay_logs = internals.LogReplayer(module, probe.calls)
         if probe.problem is not None:
             engine.disable(probe.problem)  # this step ran from the graph correctly; no replays after it
-        internals.replay_logs(module, self._log_calls)
+        self._replay_logs()
         return clone_tensors(outputs)
 
     # -- keeping the graph honest ------------------------------------------------------
@@ -248,5 +248,5 @@ class CUDAGraphCallback(pl.Callback):
             self._last_stats = self._engine.stats
             self._engine.close()
             self._engine = None
-        self._log_calls = []
+        self._replay_logs = None
         self._trainer = None

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from lightning_graphs.adam_step import adam_step_applies, adam_step_on_device, uniform_step_groups
+from lightning_graphs.adam_step import AdamHostScalars, adam_step_applies, adam_step_on_device, uniform_step_groups
 
 __all__ = ["OptimizerPlan", "GraphSafeOptimizer", "plan_for"]
 
@@ -133,7 +133,9 @@ class GraphSafeOptimizer:
         self._swapped: dict[tuple[int, str], Any] = {}  # live slots swapped for tensors in this capture
         self._while_capturing: list[dict[str, Any]] = []  # per group: settings to restore after capturing
         self._saved_step: Any = _MISSING  # the optimizer's own `step` attribute, while ours stands in
+        self._host_scalars: list[AdamHostScalars | None] = []  # per group, for our Adam step
         self._baked: list[dict[str, Any]] | None = None  # per group: baked values when captured
+        self._baked_raw: list[tuple[int, dict[str, Any]]] = []  # per group: (item count, the values themselves)
         self._structure: tuple | None = None  # identities that a captured graph depends on
 
     # -- checks ---------------------------------------------------------------
@@ -181,6 +183,9 @@ class GraphSafeOptimizer:
         groups = self.optimizer.param_groups
         if self.plan.scalar_state_on_device:
             self._move_scalar_state_to_device()
+        if self.plan.own_adam_step:
+            self._host_scalars = [AdamHostScalars(g["params"][0].device).write(g) if g["params"] else None
+                                  for g in groups]
         self._while_capturing = [{k: g.get(k) for k in self.plan.while_capturing} for g in groups]
         for group in groups:
             group.update(self.plan.while_capturing)
@@ -200,7 +205,9 @@ class GraphSafeOptimizer:
                 group[key] = self._live[slot]
         if self.plan.own_adam_step:
             self._saved_step = self.optimizer.__dict__.get("step", _MISSING)
-            self.optimizer.step = partial(adam_step_on_device, self.optimizer, uniform_step_groups(self.optimizer))
+            self.optimizer.step = partial(
+                adam_step_on_device, self.optimizer, uniform_step_groups(self.optimizer), self._host_scalars
+            )
         self._baked = self._baked_snapshot()
 
     def exit_capture(self) -> str | None:
@@ -232,6 +239,10 @@ class GraphSafeOptimizer:
             self.optimizer.__dict__.pop("step", None)
         self._saved_step = _MISSING
         self._baked = self._baked_snapshot()
+        self._baked_raw = [
+            (len(group), {k: v for k, v in group.items() if k != "params" and (i, k) not in self._live})
+            for i, group in enumerate(groups)
+        ]
         self._structure = self._structure_key()
         return problem
 
@@ -272,26 +283,49 @@ class GraphSafeOptimizer:
 
     def stale_reason(self) -> tuple[str | None, bool]:
         """Why a graph captured earlier no longer matches this optimizer, if it does not,
-        and whether its parameters changed (new ones get their state from an eager step)."""
+        and whether its parameters changed (new ones get their state from an eager step).
+
+        Runs before every replay, so the common case (nothing changed) is a few
+        identity checks per hyper-parameter."""
         name = type(self.optimizer).__name__
         if self._structure != self._structure_key():
             return f"{name}'s state or param_groups were replaced or extended", True
-        change = self.describe_change(self._baked, self._baked_snapshot())
-        if change is not None:
-            return f"{name} {change}", False
+        if self._baked_values_changed():
+            change = self.describe_change(self._baked, self._baked_snapshot())
+            if change is not None:
+                return f"{name} {change}", False
         groups = self.optimizer.param_groups
         for index, key in self._live:
             if not _is_live_value(groups[index].get(key)):
                 return f"{name} param_groups[{index}][{key!r}] is no longer a number", False
         return None, False
 
+    def _baked_values_changed(self) -> bool:
+        groups = self.optimizer.param_groups
+        if len(groups) != len(self._baked_raw):
+            return True
+        for group, (count, baked) in zip(groups, self._baked_raw):
+            if len(group) != count:
+                return True
+            for key, value in baked.items():
+                current = group.get(key, _MISSING)
+                if current is not value and _frozen(current) != _frozen(value):
+                    return True
+        return False
+
     def sync_live(self) -> None:
         """Write hyper-parameters the scheduler changed since the last replay into the graph's tensors."""
         groups = self.optimizer.param_groups
+        changed = None
         for slot in self._live:
             value = groups[slot[0]].get(slot[1])
             if value != self._synced[slot]:
                 self._write_live(slot, value)
+                changed = (changed or set()) | {slot[0]}
+        for index in changed or ():
+            host = self._host_scalars[index] if index < len(self._host_scalars) else None
+            if host is not None:
+                host.write(groups[index])
 
     # -- teardown -------------------------------------------------------------
 
@@ -304,7 +338,9 @@ class GraphSafeOptimizer:
         self._moved_state = []
         self._live.clear()
         self._synced.clear()
+        self._host_scalars = []
         self._baked = self._structure = None
+        self._baked_raw = []
 
     def user_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """``state_dict`` as the user's unprepared optimizer would have saved it (for checkpoints)."""

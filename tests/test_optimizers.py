@@ -92,6 +92,23 @@ def test_scheduler_changes_reach_the_live_tensor_before_replay():
     assert opt.param_groups[0]["lr"] == pytest.approx(0.5)  # the user still sees a float
 
 
+def test_adams_host_computed_scalars_follow_the_scheduler():
+    opt = torch.optim.AdamW(_params(), lr=1.0, betas=(0.9, 0.99), weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 ** step)
+    _step(opt)
+    prepared = GraphSafeOptimizer(opt)
+    prepared.enter_capture()
+    prepared.exit_capture()
+    host = prepared._host_scalars[0]
+    assert host.decay.item() == pytest.approx(0.9) and host.one_minus_beta1.item() == pytest.approx(0.1)
+    sched.step()
+    opt.param_groups[0]["betas"] = (0.8, 0.99)
+    prepared.sync_live()
+    assert host.decay.item() == pytest.approx(1 - 0.5 * 0.1)
+    assert host.one_minus_beta1.item() == pytest.approx(0.2) and host.beta2.item() == pytest.approx(0.99)
+    assert host.decay.dtype == torch.float32
+
+
 def test_a_baked_hyperparameter_change_makes_the_graph_stale():
     opt = torch.optim.AdamW(_params(), lr=1e-3, weight_decay=0.01)
     _step(opt)

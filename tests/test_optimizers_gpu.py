@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_graphs.adam_step import adam_step_on_device, uniform_step_groups
+from lightning_graphs.adam_step import AdamHostScalars, adam_step_on_device, uniform_step_groups
 from lightning_graphs.optimizers import GraphSafeOptimizer
 
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("deterministic")]
@@ -46,10 +46,11 @@ def test_device_hyperparameter_adam_step_matches_the_users_optimizer(cls, kwargs
                 state["step"] = state["step"].cuda()
             continue
         group = opt_ours.param_groups[0]
+        host = AdamHostScalars(torch.device("cuda")).write(group)
         lr, betas = group["lr"], group["betas"]
         group["lr"] = torch.tensor(lr, dtype=torch.float64, device="cuda")
         group["betas"] = tuple(torch.tensor(b, dtype=torch.float64, device="cuda") for b in betas)
-        adam_step_on_device(opt_ours, uniform_step_groups(opt_ours))
+        adam_step_on_device(opt_ours, uniform_step_groups(opt_ours), [host])
         group["lr"], group["betas"] = lr, betas
     # float32 rounding of two fused operations is all that may differ
     for a, b in zip(ours, theirs):

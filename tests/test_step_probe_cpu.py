@@ -78,3 +78,44 @@ def test_replayed_logs_reach_lightning_with_their_hook_name():
     internals.replay_logs(module, calls)
     assert float(trainer._results["training_step.loss"].value) == 3.0
     assert module._current_fx_name is None
+
+
+def _log_epochs(replay, epochs=2, steps=3):
+    """Feed captured-step log calls to Lightning over a few epochs; what the results hold after each step."""
+    module = _module_in_a_step()
+    module._current_fx_name = None
+    trainer = module.trainer
+    trainer.training = True
+    connector = trainer._logger_connector
+    value = torch.zeros(())
+    calls = [
+        internals.LogCall("training_step", "loss", value, {}),
+        internals.LogCall("training_step", "mean", value, {"on_step": True, "on_epoch": True, "batch_size": 4}),
+        internals.LogCall("training_step", "top", value, {"on_epoch": True, "reduce_fx": "max", "prog_bar": True}),
+        internals.LogCall("on_after_backward", "grad", value, {"on_epoch": True, "reduce_fx": "sum"}),
+    ]
+    feed = replay(module, calls)
+    seen = []
+    for epoch in range(epochs):
+        for step in range(steps):
+            connector.on_batch_start(torch.ones(3, 2))
+            value.fill_(epoch * 10 + step + 0.5)  # the replay refreshed the graph's output
+            feed()
+            connector.update_train_step_metrics()
+            connector.on_batch_end()
+            seen.append({k: v.clone() for k, v in connector.callback_metrics.items()})
+        connector.epoch_end_reached()
+        connector.on_epoch_end()
+        connector.update_train_epoch_metrics()
+        seen.append({k: v.clone() for k, v in connector.callback_metrics.items()})
+    return seen
+
+
+def test_direct_log_replay_equals_logging_each_call():
+    through_log = _log_epochs(lambda module, calls: lambda: internals.replay_logs(module, calls))
+    direct = _log_epochs(internals.LogReplayer)
+    assert [sorted(s) for s in direct] == [sorted(s) for s in through_log]
+    for a, b in zip(direct, through_log):
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+    assert float(direct[-1]["mean_epoch"]) == sum(10 + s + 0.5 for s in range(3)) / 3
