@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 MODES = ["raw-eager", "raw-graph", "lightning-eager", "lightning-compile", "lightning-graphs"]
-WORKLOAD_NAMES = ["mlp", "rollout", "big"]
+WORKLOAD_NAMES = ["mlp", "rollout", "pinn", "big"]
 
 
 # -- one (workload, mode) measurement, in its own process ------------------------------------------
@@ -77,8 +77,9 @@ def measure_raw(workload, graph: bool, steps: int, warmup: int, repeats: int, de
         capture_seconds = time.perf_counter() - started
 
         def run(i):
-            for s, t in zip(static, batches[i % len(batches)]):
-                s.copy_(t, non_blocking=True)
+            with torch.no_grad():  # a static input may require grad (pinn)
+                for s, t in zip(static, batches[i % len(batches)]):
+                    s.copy_(t, non_blocking=True)
             g.replay()
     else:
 
@@ -272,8 +273,9 @@ def print_table(results: list[dict], modes: list[str]) -> None:
     for workload in workloads:
         row = workload.ljust(24)
         for mode in modes:
-            r = by_key.get((workload, mode), {})
-            row += (f"{r['median_steps_per_s']:.0f}" if "median_steps_per_s" in r else "error").rjust(width)
+            r = by_key.get((workload, mode))
+            cell = "-" if r is None else f"{r['median_steps_per_s']:.0f}" if "median_steps_per_s" in r else "error"
+            row += cell.rjust(width)
         print(row)
     print("\npeak memory MiB".ljust(24) + "".join(m.rjust(width) for m in modes))
     for workload in workloads:
@@ -317,15 +319,16 @@ def plot(results: list[dict], modes: list[str], path: Path) -> bool:
     by_key = {(r["workload"], r["mode"]): r for r in results}
     fig, axes = plt.subplots(1, len(workloads), figsize=(4.2 * len(workloads), 3.8), squeeze=False)
     for ax, workload in zip(axes[0], workloads):
-        values = [by_key.get((workload, m), {}).get("median_steps_per_s", 0.0) for m in modes]
-        bars = ax.bar(range(len(modes)), values,
+        values = [by_key.get((workload, m), {}).get("median_steps_per_s") for m in modes]
+        bars = ax.bar(range(len(modes)), [v or 0.0 for v in values],
                       color=["#9aa5b1" if m != "lightning-graphs" else "#d9534f" for m in modes])
         ax.set_xticks(range(len(modes)))
         ax.set_xticklabels(modes, rotation=35, ha="right", fontsize=8)
         ax.set_title(workload)
         ax.set_ylabel("steps/s (higher is better)")
         for bar, value in zip(bars, values):
-            ax.annotate(f"{value:.0f}", (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom", fontsize=7)
+            label = f"{value:.0f}" if value is not None else "n/a"
+            ax.annotate(label, (bar.get_x() + bar.get_width() / 2, value or 0.0), ha="center", va="bottom", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return True
@@ -351,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--find-syncs", action="store_true",
                         help="instead of timing, list the host synchronisations left in the graphed step (first workload)")
+    parser.add_argument("--replot", type=Path, metavar="JSON",
+                        help="redraw the table and chart of an earlier results.json into --out, without running")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workload", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
@@ -361,19 +366,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.find_syncs:
         find_syncs(args.workloads[0])
         return 0
+    if args.replot:
+        results = json.loads(args.replot.read_text())["results"]
+        print_table(results, args.modes)
+        args.out.mkdir(parents=True, exist_ok=True)
+        return 0 if plot(results, args.modes, args.out / "results.png") else 1
     if not _has_cuda():
         dropped = [m for m in args.modes if m in ("raw-graph", "lightning-compile")]
         args.modes = [m for m in args.modes if m not in dropped]
         print(f"No CUDA device: skipping {', '.join(dropped) or 'nothing'}; lightning-graphs trains eagerly here, "
               "so its numbers say nothing about graphs.")
+    from benchmarks.workloads import WORKLOADS
+
+    runs = [(w, m) for w in args.workloads for m in args.modes
+            if m != "lightning-compile" or WORKLOADS[w](tiny=True).compilable]
     results = []
-    for workload in args.workloads:
-        for mode in args.modes:
-            print(f"[{len(results) + 1}/{len(args.workloads) * len(args.modes)}] {workload} / {mode} ...", flush=True)
-            result = run_one(workload, mode, args)
-            results.append(result)
-            summary = f"{result['median_steps_per_s']:.0f} steps/s" if "median_steps_per_s" in result else "ERROR"
-            print(f"    {summary}", flush=True)
+    for workload, mode in runs:
+        print(f"[{len(results) + 1}/{len(runs)}] {workload} / {mode} ...", flush=True)
+        result = run_one(workload, mode, args)
+        results.append(result)
+        summary = f"{result['median_steps_per_s']:.0f} steps/s" if "median_steps_per_s" in result else "ERROR"
+        print(f"    {summary}", flush=True)
     print_table(results, args.modes)
     args.out.mkdir(parents=True, exist_ok=True)
     record = {

@@ -6,6 +6,11 @@
   4 -> 128 -> 128 -> 2 with tanh; state (16, 64, 4) holding positions and
   velocities; 16 semi-implicit Euler steps (acc = net(pos, vel) - 0.1 pos,
   dt = 0.01); MSE of the final positions against targets.
+* ``pinn``: a physics-informed network for the heat equation: MLP 2 -> 64 x 3 -> 1
+  with tanh; 1024 interior collocation points whose PDE residual needs first and
+  second input derivatives (``autograd.grad(..., create_graph=True)``, then a
+  double backward), plus 256 initial and 256 boundary points. ``torch.compile``
+  does not support the double backward, so its mode is skipped here.
 * ``big``: compute-bound control. MLP of width 4096 and depth 4, batch 2048.
 
 Each yields 8 distinct pinned CPU batches, cycled through a ``DataLoader(batch_size=None)``.
@@ -29,6 +34,7 @@ class Workload:
     make_batch: Callable[[torch.Generator], tuple[torch.Tensor, ...]]
     loss: Callable[[nn.Module, tuple[torch.Tensor, ...]], torch.Tensor]
     lr: float = 1e-3
+    compilable: bool = True  # whether torch.compile can train it
 
     def batches(self, count: int = 8, pin: bool = True, seed: int = 0) -> list[tuple[torch.Tensor, ...]]:
         generator = torch.Generator().manual_seed(seed)
@@ -104,6 +110,34 @@ def rollout(tiny: bool = False) -> Workload:
     )
 
 
+def heat_residual_loss(model: nn.Module, batch: tuple[torch.Tensor, ...], alpha: float = 0.1) -> torch.Tensor:
+    """u_t = alpha u_xx on (x, t) in [0, 1]^2; u(x, 0) = sin(pi x); u = 0 at x = 0 and 1.
+
+    The interior points are made to require grad here, as users write it."""
+    interior, initial, boundary = batch
+    interior = interior.requires_grad_()
+    u = model(interior)
+    (du,) = torch.autograd.grad(u.sum(), interior, create_graph=True)
+    (du_x,) = torch.autograd.grad(du[:, 0].sum(), interior, create_graph=True)
+    residual = du[:, 1] - alpha * du_x[:, 0]
+    start = model(torch.cat([initial, torch.zeros_like(initial)], 1)) - torch.sin(torch.pi * initial)
+    edges = model(torch.cat([torch.cat([boundary * 0, boundary], 1), torch.cat([boundary * 0 + 1, boundary], 1)]))
+    return (residual**2).mean() + (start**2).mean() + (edges**2).mean()
+
+
+def pinn(tiny: bool = False) -> Workload:
+    points, width = (16, 8) if tiny else (1024, 64)
+    return Workload(
+        name="pinn",
+        make_model=lambda: nn.Sequential(nn.Linear(2, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(),
+                                         nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 1)),
+        make_batch=lambda g: (torch.rand(points, 2, generator=g), torch.rand(points // 4, 1, generator=g),
+                              torch.rand(points // 4, 1, generator=g)),
+        loss=heat_residual_loss,
+        compilable=False,
+    )
+
+
 def big(tiny: bool = False) -> Workload:
     width, depth, batch = (32, 2, 8) if tiny else (4096, 4, 2048)
     return Workload(
@@ -114,7 +148,7 @@ def big(tiny: bool = False) -> Workload:
     )
 
 
-WORKLOADS: dict[str, Callable[..., Workload]] = {"mlp": mlp, "rollout": rollout, "big": big}
+WORKLOADS: dict[str, Callable[..., Workload]] = {"mlp": mlp, "rollout": rollout, "pinn": pinn, "big": big}
 
 
 class WorkloadModule(pl.LightningModule):

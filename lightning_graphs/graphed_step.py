@@ -170,6 +170,11 @@ class GraphedStep:
             attributes from the side-effect check.
         what: how messages name the step, e.g. ``"the training step"``.
         input_name: how messages name the inputs, e.g. ``"batch"``.
+        device: the CUDA device the step runs on, for a step whose inputs, modules
+            and optimizers do not say (a simulation updating tensors it closes over).
+
+    Optimizers wrapped by Lightning or Fabric (``fabric.setup(model, optimizer)``)
+    are prepared through the optimizer they wrap.
     """
 
     def __init__(
@@ -185,6 +190,7 @@ class GraphedStep:
         ignore_attribute: Callable[[Any, str], bool] | None = None,
         what: str = "the step",
         input_name: str = "inputs",
+        device: torch.device | str | int | None = None,
     ) -> None:
         if warmup_steps < 0:
             raise ValueError(f"`warmup_steps` must be >= 0, got {warmup_steps}")
@@ -197,14 +203,18 @@ class GraphedStep:
         self.phase = Phase.WARMING_UP
         self._warn = warn or WarnOnce()
         self._ignore = ignore_attribute or ignore_torch_attribute
-        self._optimizers = [GraphSafeOptimizer(o) for o in optimizers]
+        self._optimizers = [GraphSafeOptimizer(_unwrap_optimizer(o)) for o in optimizers]
         self._modules = list(modules)
         watched = {id(obj) for _, obj in watch}
         self._watch = list(watch) + [(type(m).__name__, m) for m in self._modules if id(m) not in watched]
         self._watch += [(type(o.optimizer).__name__, o.optimizer) for o in self._optimizers]
         self._params = self._optimized_params()
         self._warmups_left = self.warmup_steps
-        self._device: torch.device | None = None
+        self._device: torch.device | None = torch.device("cuda", device) if isinstance(device, int) else (
+            torch.device(device) if device is not None else None
+        )
+        if self._device is not None and self._device.type != "cuda":
+            raise ValueError(f"`device` must be a CUDA device, got {self._device}")
         self._stream: torch.cuda.Stream | None = None  # side stream for warm-up and capture
         self._pool: Any = None  # memory pool shared by every capture of this step
         self._graph: torch.cuda.CUDAGraph | None = None
@@ -528,6 +538,16 @@ class GraphedStep:
             if problem is not None:
                 return f"{problem}; a graph would freeze it"
         return None
+
+
+def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside Lightning's and Fabric's optimizer wrappers."""
+    seen = {id(optimizer)}
+    inner = getattr(optimizer, "optimizer", None)
+    while isinstance(inner, torch.optim.Optimizer) and id(inner) not in seen:
+        optimizer, seen = inner, seen | {id(inner)}
+        inner = getattr(optimizer, "optimizer", None)
+    return optimizer
 
 
 def _release_generator_after_failed_capture(device: torch.device) -> None:

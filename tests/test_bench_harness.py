@@ -54,3 +54,6 @@ def test_harness_end_to_end_tiny(tmp_path, capsys):
     assert all(len(r["steps_per_s"]) == 3 for r in record["results"])
     assert "torch" in record["environment"] and record["command"].startswith("python benchmarks/bench.py")
     assert "steps/s" in out
+    assert bench.main(["--replot", str(tmp_path / "results.json"), "--out", str(tmp_path / "again"),
+                       "--modes", "raw-eager", "lightning-graphs"]) in (0, 1)  # 1: no matplotlib here
+    assert "lightning-graphs" in capsys.readouterr().out

@@ -10,6 +10,7 @@ Learning rates, global_step and progress counters must match exactly.
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
@@ -374,3 +375,40 @@ def test_graphed_step_in_a_plain_loop_matches_eager():
     torch.testing.assert_close(graphed_losses, eager_losses, rtol=1e-6, atol=1e-6)
     for name in eager_state:
         torch.testing.assert_close(graphed_state[name], eager_state[name], rtol=1e-6, atol=1e-6)
+
+
+# -- physics-informed training: input derivatives and a double backward inside the graph ----------
+
+
+class HeatPINN(pl.LightningModule):
+    """The PDE residual needs derivatives with respect to the batch, made to require
+    grad inside ``training_step`` as users write it."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(2, 32), torch.nn.Tanh(), torch.nn.Linear(32, 32),
+                                       torch.nn.Tanh(), torch.nn.Linear(32, 1))
+
+    def training_step(self, batch, batch_idx):
+        from benchmarks.workloads import heat_residual_loss
+
+        loss = heat_residual_loss(self.net, batch)
+        self.log("residual_loss", loss, on_epoch=True)
+        return loss
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam(self.parameters(), lr=3e-3)
+        return [optimizer], [torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.99)]
+
+
+def _collocation_batches():
+    generator = torch.Generator().manual_seed(0)
+    return [(torch.rand(64, 2, generator=generator), torch.rand(16, 1, generator=generator),
+             torch.rand(16, 1, generator=generator)) for _ in range(10)]
+
+
+def test_pinn_with_input_gradients_and_double_backward():
+    eager, graphed = both(HeatPINN, train_loader=lambda: torch.utils.data.DataLoader(_collocation_batches(), batch_size=None),
+                          max_epochs=3)
+    assert_same(eager, graphed, rtol=1e-5, atol=1e-6)
+    graphs_used(graphed)
