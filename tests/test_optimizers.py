@@ -212,3 +212,49 @@ def test_python_numbers_in_a_custom_optimizers_state_are_named():
     _step(opt)
     problem = GraphSafeOptimizer(opt).host_state()
     assert problem is not None and "'n'" in problem
+
+
+@pytest.mark.parametrize("per_tensor", [False, True], ids=["foreach", "per-tensor"])
+@pytest.mark.parametrize("cls, kwargs", [
+    (torch.optim.AdamW, {"weight_decay": 0.01}),
+    (torch.optim.Adam, {"weight_decay": 1e-3, "amsgrad": True}),
+    (torch.optim.Adam, {"maximize": True}),
+])
+def test_device_scalar_adam_step_follows_pytorchs_adam(monkeypatch, cls, kwargs, per_tensor):
+    """The arithmetic of the graph-safe Adam step, on CPU tensors: lr and betas read from
+    float64 tensors, betas cycled as OneCycleLR does, both update paths."""
+    from lightning_graphs import adam_step
+
+    if per_tensor:
+        monkeypatch.setattr(adam_step, "_PER_TENSOR_NUMEL", 100)
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(40, 30), (30,), (1,)]
+    start = [torch.randn(s, generator=generator) for s in shapes]
+    ours = [torch.nn.Parameter(t.clone()) for t in start]
+    theirs = [torch.nn.Parameter(t.clone()) for t in start]
+    opt_ours = cls(ours, lr=1e-2, betas=(0.9, 0.999), foreach=True, **kwargs)
+    opt_theirs = cls(theirs, lr=1e-2, betas=(0.9, 0.999), foreach=True, **kwargs)
+    for step in range(30):
+        grads = [torch.randn(s, generator=generator) for s in shapes]
+        for opt in (opt_ours, opt_theirs):
+            opt.param_groups[0]["betas"] = (0.85 + 0.1 * step / 30, 0.999)
+            opt.param_groups[0]["lr"] = 1e-2 * (1 - step / 40)
+        for params in (ours, theirs):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+        opt_theirs.step()
+        if step == 0:
+            opt_ours.step()  # creates the state, as a warm-up step does
+            continue
+        group = opt_ours.param_groups[0]
+        host = adam_step.AdamHostScalars(torch.device("cpu")).write(group)
+        lr, betas = group["lr"], group["betas"]
+        group["lr"] = torch.tensor(lr, dtype=torch.float64)
+        group["betas"] = tuple(torch.tensor(b, dtype=torch.float64) for b in betas)
+        adam_step.adam_step_on_device(opt_ours, adam_step.uniform_step_groups(opt_ours), [host])
+        group["lr"], group["betas"] = lr, betas
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    for a, b in zip(ours, theirs):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(opt_ours.state[a][key], opt_theirs.state[b][key], rtol=1e-6, atol=1e-7)
