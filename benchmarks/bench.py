@@ -165,7 +165,8 @@ def find_syncs(workload_name: str, steps: int = 200) -> None:
                 torch.cuda.set_sync_debug_mode("warn")
             if batch_idx == 20:
                 torch.cuda.set_sync_debug_mode("default")
-                graph = callback._engine._graph if callback._engine is not None else None
+                held = callback._engine.graphs if callback._engine is not None else ()
+                graph = held[-1].graph if held else None
                 if graph is None:
                     raise RuntimeError(f"nothing was captured: {callback.stats.summary()}")
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -37,6 +37,12 @@ class CUDAGraphCallback(pl.Callback):
     Args:
         warmup_steps: eager steps (real training steps, on a side stream) before
             the capture; at least 1, since optimizers create their state lazily.
+        max_graphs: graphs held at once, one per recurring batch signature (the
+            ragged last batch of each epoch, bucketed shapes), sharing one memory
+            pool; least recently used eviction beyond it. A new signature runs one
+            eager step first and is captured when it comes again. Each graph holds
+            its own gradients: ``max_graphs=1`` saves that memory and runs other
+            signatures eagerly.
         strict: raise :class:`~lightning_graphs.GraphCaptureError` where the step
             cannot be graphed, instead of warning and training eagerly.
         verbose: print a one-line summary (captures, replays, eager steps and why)
@@ -74,17 +80,19 @@ class CUDAGraphCallback(pl.Callback):
     ``torch.cuda.set_sync_debug_mode("error")``, which raises at the first one.
     """
 
-    def __init__(self, warmup_steps: int = 3, strict: bool = False, verbose: bool = True) -> None:
+    def __init__(self, warmup_steps: int = 3, max_graphs: int = 2, strict: bool = False, verbose: bool = True) -> None:
         if warmup_steps < 0:
             raise ValueError(f"`warmup_steps` must be >= 0, got {warmup_steps}")
+        if max_graphs < 1:
+            raise ValueError(f"`max_graphs` must be >= 1, got {max_graphs}")
         self.warmup_steps = warmup_steps
+        self.max_graphs = max_graphs
         self.strict = strict
         self.verbose = verbose
         self._warn_once = WarnOnce(self._emit)
         self._engine: GraphedStep | None = None  # the graphed step of the running fit
         self._trainer: pl.Trainer | None = None
         self._original_run: Any = None  # Lightning's own step runner, while patched
-        self._replay_logs: internals.LogReplayer | None = None  # self.log calls of the captured step
         self._last_stats: GraphStats | None = None
 
     @property
@@ -117,6 +125,7 @@ class CUDAGraphCallback(pl.Callback):
         self._engine = GraphedStep(
             None,
             warmup_steps=self.warmup_steps,
+            max_graphs=self.max_graphs,
             optimizers=trainer.optimizers,
             modules=[pl_module],
             watch=[("self", pl_module)]
@@ -165,13 +174,13 @@ class CUDAGraphCallback(pl.Callback):
         if plan.action is Action.REPLAY:
             outputs = engine.replay(plan)
             internals.count_replayed_step(trainer, batch_idx)
-            self._replay_logs()
+            plan.graph.notes["logs"]()
             return clone_tensors(outputs)
         if plan.action is Action.WARMUP:
             probe = internals.StepProbe(trainer.lightning_module, capturing=False)
             with probe.active():
                 watched = internals.with_batch(kwargs, kwargs["batch"], probe.watched_index(batch_idx))
-                outputs = engine.warmup(lambda: run(optimizer, batch_idx, watched))
+                outputs = engine.warmup(lambda: run(optimizer, batch_idx, watched), plan)
             if probe.problem is not None:
                 engine.disable(probe.problem)
             return outputs
@@ -195,10 +204,11 @@ class CUDAGraphCallback(pl.Callback):
             internals.restore_progress(trainer, progress)
             engine.disable(failure.explanation, cause=failure)
             return engine.eager(lambda: run(optimizer, batch_idx, kwargs), "capture failed")
-        self._replay_logs = internals.LogReplayer(module, probe.calls)
+        replay_logs = internals.LogReplayer(module, probe.calls)
+        plan.graph.notes["logs"] = replay_logs
         if probe.problem is not None:
             engine.disable(probe.problem)  # this step ran from the graph correctly; no replays after it
-        self._replay_logs()
+        replay_logs()
         return clone_tensors(outputs)
 
     # -- keeping the graph honest ------------------------------------------------------
@@ -248,5 +258,4 @@ class CUDAGraphCallback(pl.Callback):
             self._last_stats = self._engine.stats
             self._engine.close()
             self._engine = None
-        self._replay_logs = None
         self._trainer = None

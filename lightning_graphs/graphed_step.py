@@ -63,7 +63,7 @@ from lightning_graphs.messages import GraphCaptureError, WarnOnce
 from lightning_graphs.optimizers import GraphSafeOptimizer
 from lightning_graphs.python_state import StateFingerprint
 
-__all__ = ["GraphedStep", "Phase", "Action", "StepPlan", "GraphStats", "CaptureFailed"]
+__all__ = ["GraphedStep", "Phase", "Action", "StepPlan", "GraphStats", "CapturedGraph", "CaptureFailed"]
 
 # a graph dropped as stale after fewer replays than this counts as "thrashing"
 _SHORT_LIVED_REPLAYS = 4
@@ -90,14 +90,30 @@ class Action(Enum):
     EAGER = "eager"
 
 
+@dataclass(eq=False)
+class CapturedGraph:
+    """One captured graph: the inputs it was captured for, the static copies it reads,
+    and what it writes (outputs, gradients) in graph memory."""
+
+    signature: BatchSignature
+    graph: torch.cuda.CUDAGraph
+    static: StaticBatch
+    outputs: Any
+    grads: list[torch.Tensor | None]  # p.grad as this graph writes them
+    memory_bytes: int  # device memory the pool grew by when it was captured
+    replays: int = 0
+    notes: dict[str, Any] = field(default_factory=dict)  # an adapter's per-graph data (the callback's log calls)
+
+
 @dataclass
 class StepPlan:
-    """The decision for one call: its action, the inputs' signature and, for eager
-    calls, the reason."""
+    """The decision for one call: its action, the inputs' signature, the graph to
+    replay and, for eager calls, the reason."""
 
     action: Action
     signature: BatchSignature | None
     reason: str | None = None
+    graph: CapturedGraph | None = None
 
 
 @dataclass
@@ -110,13 +126,18 @@ class GraphStats:
     eager_steps: int = 0
     eager_reasons: dict[str, int] = field(default_factory=dict)  # reason -> eager calls
     capture_seconds: float = 0.0  # total time spent capturing
-    graph_memory_bytes: int = 0  # device memory reserved by the latest capture
+    graph_memory_bytes: int = 0  # the most device memory the pool grew by for the graphs held at once
+    graphs_held: int = 0  # graphs ready to replay now (one per input signature, up to max_graphs)
+    most_graphs_held: int = 0
+    evictions: int = 0  # graphs dropped to make room for another signature
     disabled_reason: str | None = None
 
     def summary(self) -> str:
+        held = f", {self.most_graphs_held} graphs held at once" if self.most_graphs_held > 1 else ""
+        evicted = f", {self.evictions} evicted" if self.evictions else ""
         parts = [
             f"{self.captures} capture{'s' if self.captures != 1 else ''} "
-            f"({self.capture_seconds * 1e3:.0f} ms, {self.graph_memory_bytes / 2**20:.1f} MiB)",
+            f"({self.capture_seconds * 1e3:.0f} ms, {self.graph_memory_bytes / 2**20:.1f} MiB{held}{evicted})",
             f"{self.replays} replays",
             f"{self.warmup_steps} warm-up steps",
             f"{self.eager_steps} eager steps",
@@ -158,6 +179,12 @@ class GraphedStep:
             and :meth:`eager` itself (the Lightning callback does).
         warmup_steps: eager steps before the first capture (at least one when
             ``optimizers`` are given: their state is created lazily by a first step).
+        max_graphs: graphs held at once, one per recurring input signature (the
+            ragged last batch of an epoch, bucketed sequence lengths), all in one
+            memory pool. A new signature runs one eager warm-up step, is captured the
+            next time it comes, and evicts the least recently replayed graph when
+            the limit is reached. Each graph holds its own gradients and outputs;
+            ``max_graphs=1`` keeps only the first signature's graph.
         optimizers: optimizers stepped inside ``fn``; prepared for capture (see
             :mod:`lightning_graphs.optimizers`) and restored by :meth:`close`.
         modules: modules used inside ``fn``; a change of their parameters, train/eval
@@ -182,6 +209,7 @@ class GraphedStep:
         fn: Callable[..., Any] | None = None,
         *,
         warmup_steps: int = 3,
+        max_graphs: int = 2,
         optimizers: Sequence[torch.optim.Optimizer] = (),
         modules: Sequence[torch.nn.Module] = (),
         watch: Sequence[tuple[str, Any]] = (),
@@ -194,7 +222,10 @@ class GraphedStep:
     ) -> None:
         if warmup_steps < 0:
             raise ValueError(f"`warmup_steps` must be >= 0, got {warmup_steps}")
+        if max_graphs < 1:
+            raise ValueError(f"`max_graphs` must be >= 1, got {max_graphs}")
         self.fn = fn
+        self.max_graphs = max_graphs
         self.warmup_steps = max(warmup_steps, 1) if optimizers else warmup_steps
         self.strict = strict
         self.what = what
@@ -217,18 +248,15 @@ class GraphedStep:
             raise ValueError(f"`device` must be a CUDA device, got {self._device}")
         self._stream: torch.cuda.Stream | None = None  # side stream for warm-up and capture
         self._pool: Any = None  # memory pool shared by every capture of this step
-        self._graph: torch.cuda.CUDAGraph | None = None
-        # a stale graph is kept (never replayed) until the next capture: while a graph
-        # holds the pool, the next capture may share it and reuse its memory
-        self._retired_graph: torch.cuda.CUDAGraph | None = None
-        self._signature: BatchSignature | None = None  # inputs the graph was captured for
-        self._static: StaticBatch | None = None  # static copies of those inputs
-        self._static_outputs: Any = None  # what the captured call returned (graph memory)
-        self._static_grads: list[torch.Tensor | None] = []  # p.grad as the graph writes them
+        self._graphs: list[CapturedGraph] = []  # least recently replayed first
+        # graphs dropped as stale or evicted are kept (never replayed) until the next
+        # capture: while a graph holds the pool, the next capture may share it
+        self._retired: list[CapturedGraph] = []
+        self._warmed: list[BatchSignature] = []  # signatures that ran a warm-up step, newest last
         self._structure: tuple | None = None  # modules' parameters, modes and flags at capture
         self._structure_check_due = False
-        self._replays_of_graph = 0
-        self._short_lived = 0
+        self._short_lived = 0  # graphs dropped as stale after a few replays, in a row
+        self._short_evictions = 0  # graphs evicted after a few replays, in a row
         for optimizer in self._optimizers:
             if optimizer.unsupported:
                 self.disable(f"{type(optimizer.optimizer).__name__} cannot be captured: {optimizer.unsupported}")
@@ -247,22 +275,48 @@ class GraphedStep:
         unsupported = signature.unsupported_reason()
         if unsupported is not None:
             return StepPlan(Action.EAGER, signature, unsupported)
-        if self._graph is not None:
-            if signature != self._signature:
-                return StepPlan(
-                    Action.EAGER, signature, describe_mismatch(self._signature, signature, self.input_name)
-                )
+        if self._graphs:
+            # checked before every call, not only replays: a capture for another
+            # signature would otherwise take the changed settings as its baseline
             stale, structural = self._stale_reason()
-            if stale is None:
-                return StepPlan(Action.REPLAY, signature)
-            self._drop_graph(stale)
-            if self.phase is Phase.DISABLED:
-                return StepPlan(Action.EAGER, signature, "graphs disabled")
-            if structural:
-                self._warmups_left = max(self._warmups_left, 1)  # new parameters need optimizer state first
+            if stale is not None:
+                self._drop_graphs(stale)
+                if self.phase is Phase.DISABLED:
+                    return StepPlan(Action.EAGER, signature, "graphs disabled")
+                if structural:
+                    self._warmups_left = max(self._warmups_left, 1)  # new parameters need optimizer state first
+            else:
+                for captured in self._graphs:
+                    if captured.signature == signature:
+                        return StepPlan(Action.REPLAY, signature, graph=captured)
         if self._warmups_left > 0:
             return StepPlan(Action.WARMUP, signature)
+        warmed = self.warmup_steps == 0 or any(seen == signature for seen in self._warmed)
+        if not self._graphs:
+            # a signature not seen in warm-up (a ragged batch at capture time) runs one more warm-up step
+            return StepPlan(Action.CAPTURE if warmed else Action.WARMUP, signature)
+        # another signature while graphs are held
+        newest = self._graphs[-1].signature
+        if self.max_graphs == 1:
+            return StepPlan(Action.EAGER, signature, describe_mismatch(newest, signature, self.input_name))
+        if self._short_evictions >= _MAX_SHORT_LIVED:
+            return StepPlan(
+                Action.EAGER, signature,
+                f"{describe_mismatch(newest, signature, self.input_name)}; more {self.input_name} signatures recur "
+                f"than max_graphs={self.max_graphs} holds",
+            )
+        if not warmed:
+            return StepPlan(Action.WARMUP, signature)  # one eager step of this signature before capturing it
+        if self._structure != self._structure_key():  # graphs held share the structure they were captured with
+            self._drop_graphs("a parameter, a train/eval mode or a requires_grad flag changed")
+            self._warmups_left = max(self._warmups_left, 1)
+            return StepPlan(Action.WARMUP, signature)
         return StepPlan(Action.CAPTURE, signature)
+
+    @property
+    def graphs(self) -> tuple[CapturedGraph, ...]:
+        """The graphs held now, least recently replayed first."""
+        return tuple(self._graphs)
 
     def request_structure_check(self) -> None:
         """Check parameters, modes and ``requires_grad`` flags before the next replay
@@ -301,8 +355,11 @@ class GraphedStep:
 
     # -- the four actions -----------------------------------------------------
 
-    def warmup(self, fn: Callable[[], Any]) -> Any:
-        """Run one real step eagerly on the side stream, watching for side effects."""
+    def warmup(self, fn: Callable[[], Any], plan: StepPlan | None = None) -> Any:
+        """Run one real step eagerly on the side stream, watching for side effects.
+
+        ``plan`` (from :meth:`plan`) names the signature warmed up: it is captured
+        the next time it comes."""
         check = self.stats.warmup_steps > 0  # the first step may initialise lazily; judge the later ones
         before = self._snapshot() if check else None
         stream = self._side_stream()
@@ -311,8 +368,10 @@ class GraphedStep:
         with torch.cuda.stream(stream):
             outputs = fn()
         current.wait_stream(stream)
-        self._warmups_left -= 1
+        self._warmups_left = max(self._warmups_left - 1, 0)
         self.stats.warmup_steps += 1
+        if plan is not None and plan.signature is not None:
+            self._warmed = [seen for seen in self._warmed if seen != plan.signature][-31:] + [plan.signature]
         problem = self._side_effects(before) if check else None
         problem = problem or self._host_state()
         if problem is not None:
@@ -322,7 +381,7 @@ class GraphedStep:
     def capture(self, plan: StepPlan, fn: Callable[[Any], Any]) -> Any:
         """Record ``fn(static_inputs)`` into a graph and replay it once, which runs
         this step. Returns the step's outputs in graph memory (clone what must
-        outlive the next replay).
+        outlive the next replay); ``plan.graph`` is the new graph.
 
         Raises:
             CaptureFailed: capture was impossible; nothing ran and the optimizer
@@ -330,10 +389,9 @@ class GraphedStep:
         """
         signature = plan.signature
         self._params = self._optimized_params()  # param groups may have been added since the last capture
-        if self._static is None or self._static.signature != signature:
-            self._static = StaticBatch(signature)
-        else:
-            self._static.copy_from(signature)
+        if len(self._graphs) >= self.max_graphs:
+            self._evict(self._graphs[0])
+        static = StaticBatch(signature)
         saved_grads = [p.grad for p in self._params]
         stream = self._side_stream()
         before = self._snapshot()
@@ -350,7 +408,7 @@ class GraphedStep:
             with torch.cuda.device(self._device), torch.cuda.stream(stream):
                 graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
                 try:
-                    outputs = fn(self._static.value)
+                    outputs = fn(static.value)
                 except BaseException:
                     _end_capture(graph)
                     raise
@@ -369,14 +427,18 @@ class GraphedStep:
         problems = [optimizer.exit_capture() for optimizer in self._optimizers]
         problems.append(self._side_effects(before, hyperparameters=False))
         self.stats.capture_seconds += time.perf_counter() - started
-        self.stats.graph_memory_bytes = max(torch.cuda.memory_reserved(self._device) - reserved, 0)
+        captured = CapturedGraph(
+            signature, graph, static, outputs, [p.grad for p in self._params],
+            memory_bytes=max(torch.cuda.memory_reserved(self._device) - reserved, 0),
+        )
+        self._graphs.append(captured)
+        plan.graph = captured
+        self._retired = []
         self.stats.captures += 1
-        self._graph, self._signature, self._static_outputs = graph, signature, outputs
-        self._retired_graph = None
-        self._static_grads = [p.grad for p in self._params]
-        self._structure = self._structure_key()
-        self._structure_check_due = False
-        self._replays_of_graph = 0
+        self._count_graphs()
+        if len(self._graphs) == 1:
+            self._structure = self._structure_key()
+            self._structure_check_due = False
         self.phase = Phase.CAPTURED
         graph.replay()
         problem = next((p for p in problems if p), None)
@@ -386,17 +448,21 @@ class GraphedStep:
         return outputs
 
     def replay(self, plan: StepPlan) -> Any:
-        """Copy the inputs in and replay the graph. Returns the outputs in graph memory."""
-        self._static.copy_from(plan.signature)
+        """Copy the inputs in and replay the plan's graph. Returns its outputs in graph memory."""
+        captured = plan.graph
+        captured.static.copy_from(plan.signature)
         for optimizer in self._optimizers:
             optimizer.sync_live()
-        for p, grad in zip(self._params, self._static_grads):
+        for p, grad in zip(self._params, captured.grads):
             if p.grad is not grad:
-                p.grad = grad  # an eager step or zero_grad rebound it; the graph writes these
-        self._graph.replay()
-        self._replays_of_graph += 1
+                p.grad = grad  # an eager step, zero_grad or another graph rebound it; this graph writes these
+        captured.graph.replay()
+        captured.replays += 1
         self.stats.replays += 1
-        return self._static_outputs
+        if self._graphs[-1] is not captured:
+            self._graphs.remove(captured)
+            self._graphs.append(captured)
+        return captured.outputs
 
     def eager(self, fn: Callable[[], Any], reason: str | None = None) -> Any:
         """Run one step as written (on the current stream)."""
@@ -418,7 +484,7 @@ class GraphedStep:
         if plan.action is Action.REPLAY:
             return clone_tensors(self.replay(plan))
         if plan.action is Action.WARMUP:
-            return self.warmup(lambda: self.fn(*inputs))
+            return self.warmup(lambda: self.fn(*inputs), plan)
         if plan.action is Action.CAPTURE:
             try:
                 return clone_tensors(self.capture(plan, lambda static: self.fn(*static)))
@@ -443,7 +509,7 @@ class GraphedStep:
             return
         self.phase = Phase.DISABLED
         self.stats.disabled_reason = reason
-        self._drop_graph(None)
+        self._drop_graphs(None)
         for optimizer in self._optimizers:
             optimizer.restore()  # the eager steps from here on are exactly the user's own
         if self.strict:
@@ -457,9 +523,9 @@ class GraphedStep:
 
     def close(self) -> None:
         """Free the graph and static buffers; give the optimizers back as the user made them."""
-        self._drop_graph(None)
-        self._retired_graph = None
-        self._static = None
+        self._drop_graphs(None)
+        self._retired = []
+        self._warmed = []
         for optimizer in self._optimizers:
             optimizer.restore()
         self._stream = None
@@ -472,16 +538,18 @@ class GraphedStep:
                 return prepared.user_state_dict(state_dict)
         return state_dict
 
-    def _drop_graph(self, stale_reason: str | None) -> None:
-        if self._graph is None:
+    def _drop_graphs(self, stale_reason: str | None) -> None:
+        """Stop replaying every graph (they went stale together: they share the
+        optimizers and modules)."""
+        if not self._graphs:
             return
         if stale_reason is not None:
-            self._short_lived = self._short_lived + 1 if self._replays_of_graph < _SHORT_LIVED_REPLAYS else 0
+            most = max(captured.replays for captured in self._graphs)
+            self._short_lived = self._short_lived + 1 if most < _SHORT_LIVED_REPLAYS else 0
         torch.cuda.synchronize(self._device)  # the last replay may still be running
-        self._retired_graph = self._graph
-        self._graph = None
-        self._static_outputs = None
-        self._static_grads = []
+        self._retired.extend(self._graphs)
+        self._graphs = []
+        self._count_graphs()
         if self.phase is Phase.CAPTURED:
             self.phase = Phase.WARMING_UP
         if stale_reason is not None and self._short_lived >= _MAX_SHORT_LIVED:
@@ -489,6 +557,22 @@ class GraphedStep:
                 f"the captured graph went stale {self._short_lived} times within a few steps each "
                 f"(last: {stale_reason}); capturing anew every few steps costs more than it saves"
             )
+
+    def _evict(self, captured: CapturedGraph) -> None:
+        """Make room for another signature's graph."""
+        self._short_evictions = self._short_evictions + 1 if captured.replays < _SHORT_LIVED_REPLAYS else 0
+        torch.cuda.synchronize(self._device)
+        self._graphs.remove(captured)
+        self._retired.append(captured)
+        self.stats.evictions += 1
+        self._count_graphs()
+
+    def _count_graphs(self) -> None:
+        stats = self.stats
+        stats.graphs_held = len(self._graphs)
+        stats.most_graphs_held = max(stats.most_graphs_held, stats.graphs_held)
+        held_bytes = sum(captured.memory_bytes for captured in self._graphs)
+        stats.graph_memory_bytes = max(stats.graph_memory_bytes, held_bytes)
 
     # -- helpers ----------------------------------------------------------------
 

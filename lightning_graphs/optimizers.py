@@ -184,8 +184,13 @@ class GraphSafeOptimizer:
         if self.plan.scalar_state_on_device:
             self._move_scalar_state_to_device()
         if self.plan.own_adam_step:
-            self._host_scalars = [AdamHostScalars(g["params"][0].device).write(g) if g["params"] else None
-                                  for g in groups]
+            # kept across captures, like the live tensors: every graph held reads the same ones
+            held = self._host_scalars
+            self._host_scalars = [
+                (held[i] if i < len(held) and held[i] is not None else AdamHostScalars(g["params"][0].device)).write(g)
+                if g["params"] else None
+                for i, g in enumerate(groups)
+            ]
         self._while_capturing = [{k: g.get(k) for k in self.plan.while_capturing} for g in groups]
         for group in groups:
             group.update(self.plan.while_capturing)

@@ -40,12 +40,49 @@ def graphs_used(run, eager_steps=None):
 
 
 @pytest.mark.parametrize("ragged", [3, 1])
-def test_adamw_with_per_step_lambda_lr_and_a_ragged_last_batch(ragged):
+def test_the_ragged_last_batch_gets_its_own_graph(ragged):
+    # epoch 1: an eager warm-up step of the ragged shape; epoch 2: captured; epoch 3: replayed
     data = lambda: loader(regression_data(n=64 + ragged))  # noqa: E731
-    eager, graphed = both(lambda: models.Regressor("adamw", "lambda"), train_loader=data)
+    eager, graphed = both(lambda: models.Regressor("adamw", "lambda"), train_loader=data, max_epochs=3)
+    assert_same(eager, graphed)
+    graphs_used(graphed, eager_steps=0)
+    stats = graphed.callback.stats
+    assert stats.captures == 2 and stats.most_graphs_held == 2, stats.summary()
+    assert stats.replays == 27 - stats.warmup_steps - stats.captures, stats.summary()
+    assert not any("shape" in w for w in graphed.warnings), graphed.warnings
+
+
+@pytest.mark.parametrize("ragged", [3, 1])
+def test_with_one_graph_the_ragged_last_batch_runs_eagerly(ragged):
+    data = lambda: loader(regression_data(n=64 + ragged))  # noqa: E731
+    eager, graphed = both(lambda: models.Regressor("adamw", "lambda"), train_loader=data,
+                          callback_kwargs={"max_graphs": 1})
     assert_same(eager, graphed)
     graphs_used(graphed, eager_steps=2)  # the ragged batch of each of the 2 epochs
     assert any(f"shape ({ragged}, 8)" in w for w in graphed.warnings), graphed.warnings
+
+
+def test_onecycle_betas_reach_every_graph_held():
+    data = lambda: loader(regression_data(n=64 + 5))  # noqa: E731
+    eager, graphed = both(lambda: models.Regressor("adamw", "onecycle", epochs=3), train_loader=data, max_epochs=3)
+    assert_same(eager, graphed)
+    assert graphed.callback.stats.captures == 2, graphed.callback.stats.summary()
+
+
+def test_more_recurring_shapes_than_max_graphs_end_eager_with_a_warning():
+    def data():
+        sizes = [8, 6, 4] * 8
+        dataset = regression_data(n=sum(sizes))
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        batches = [[dataset[j] for j in range(start, start + size)] for start, size in zip(starts, sizes)]
+        collate = torch.utils.data.default_collate
+        return torch.utils.data.DataLoader(batches, batch_size=None, collate_fn=collate)
+
+    eager, graphed = both(lambda: models.Regressor("adamw", "lambda"), train_loader=data, max_epochs=1)
+    assert_same(eager, graphed)
+    stats = graphed.callback.stats
+    assert stats.evictions >= 3 and stats.eager_steps > 0, stats.summary()
+    assert any("max_graphs=2" in w for w in graphed.warnings), graphed.warnings
 
 
 def test_adamw_with_onecycle_cycling_lr_and_betas():
@@ -119,10 +156,18 @@ def test_dict_batch_with_a_constant_list_of_strings_is_replayed():
     graphs_used(graphed, eager_steps=0)
 
 
-def test_a_changing_string_leaf_runs_those_batches_eagerly():
+def test_a_changing_string_leaf_gets_a_graph_per_value():
     # every third batch says "double": the training step branches on it
     names = lambda i: ["double" if i % 3 == 0 else "single", "a"]  # noqa: E731
     eager, graphed = both(models.DictBatchStep, train_loader=_dict_loader(names))
+    assert_same(eager, graphed)
+    graphs_used(graphed, eager_steps=0)
+    assert graphed.callback.stats.most_graphs_held == 2, graphed.callback.stats.summary()
+
+
+def test_with_one_graph_a_changing_string_leaf_runs_those_batches_eagerly():
+    names = lambda i: ["double" if i % 3 == 0 else "single", "a"]  # noqa: E731
+    eager, graphed = both(models.DictBatchStep, train_loader=_dict_loader(names), callback_kwargs={"max_graphs": 1})
     assert_same(eager, graphed)
     stats = graphed.callback.stats
     assert stats.replays > 0 and stats.eager_steps > 0, stats.summary()
@@ -273,7 +318,8 @@ class FreezeFirstLayerAtEpoch1(Callback):
 def test_freezing_a_layer_between_epochs_recaptures():
     eager, graphed = both(lambda: models.Regressor("sgd", None), extra_callbacks=lambda: [FreezeFirstLayerAtEpoch1()])
     assert_same(eager, graphed)
-    assert graphed.callback.stats.captures == 2, graphed.callback.stats.summary()
+    # epoch 1: the full batches' graph; epoch 2: captured again after the freeze, and the ragged batch's
+    assert graphed.callback.stats.captures == 3, graphed.callback.stats.summary()
 
 
 def test_backbone_finetuning_adding_a_param_group_recaptures():
@@ -284,7 +330,8 @@ def test_backbone_finetuning_adding_a_param_group_recaptures():
         extra_callbacks=lambda: [BackboneFinetuning(unfreeze_backbone_at_epoch=1, verbose=False)],
     )
     assert_same(eager, graphed)
-    assert graphed.callback.stats.captures == 2, graphed.callback.stats.summary()
+    # epoch 1: the full batches' graph; epoch 2: captured again for the new group, and the ragged batch's
+    assert graphed.callback.stats.captures == 3, graphed.callback.stats.summary()
     assert len(graphed.trainer.optimizers[0].param_groups) == 2
 
 
@@ -412,3 +459,39 @@ def test_pinn_with_input_gradients_and_double_backward():
                           max_epochs=3)
     assert_same(eager, graphed, rtol=1e-5, atol=1e-6)
     graphs_used(graphed)
+
+
+def test_graphed_step_holds_a_graph_per_shape_and_evicts_the_least_recent():
+    from lightning_graphs import GraphedStep
+
+    def train(graphed, max_graphs=2):
+        torch.manual_seed(0)
+        model = models.mlp().cuda()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        generator = torch.Generator().manual_seed(1)
+        sizes = [8, 8, 8, 5, 8, 8, 5, 8, 3, 8, 5, 3, 8, 5] * 3
+        batches = [(torch.randn(n, 8, generator=generator).cuda(), torch.randn(n, 1, generator=generator).cuda())
+                   for n in sizes]
+
+        def step(x, y):
+            opt.zero_grad(set_to_none=True)
+            loss = F.mse_loss(model(x), y)
+            loss.backward()
+            opt.step()
+            return loss.detach()
+
+        runner = GraphedStep(step, optimizers=[opt], modules=[model], max_graphs=max_graphs) if graphed else step
+        losses = torch.stack([runner(x, y) for x, y in batches]).cpu()
+        stats = runner.stats if graphed else None
+        if graphed:
+            runner.close()
+        return losses, {k: v.cpu() for k, v in model.state_dict().items()}, stats
+
+    eager_losses, eager_state, _ = train(False)
+    for max_graphs in (1, 2, 3):
+        losses, state, stats = train(True, max_graphs)
+        torch.testing.assert_close(losses, eager_losses, rtol=1e-6, atol=1e-6)
+        for name in eager_state:
+            torch.testing.assert_close(state[name], eager_state[name], rtol=1e-6, atol=1e-6)
+        assert stats.most_graphs_held == max_graphs, stats.summary()
+        assert (stats.evictions > 0) == (max_graphs == 2), stats.summary()
