@@ -79,6 +79,21 @@ def count_replayed_step(trainer: pl.Trainer, batch_idx: int) -> None:
         progress.step.increment_completed()
 
 
+def step_variant(trainer: pl.Trainer, batch_idx: int) -> tuple[int, bool, bool, bool] | None:
+    """What tells apart the programs ``run`` executes for batches of one signature.
+
+    With gradient accumulation a micro-step zeroes the gradients (the first of a
+    cycle) or not, steps the optimizer (the last of a cycle, or the epoch's last
+    batch) or not, and divides the loss by the cycle length (which a
+    ``GradientAccumulationScheduler`` changes): ``(every, skip_backward, zeroes,
+    steps)``. ``None`` when every step does both."""
+    loop = automatic_optimization_loop(trainer)
+    every = trainer.accumulate_grad_batches
+    if every == 1 and not loop._skip_backward:
+        return None
+    return every, loop._skip_backward, batch_idx % every == 0, not trainer.fit_loop._should_accumulate()
+
+
 def with_batch(kwargs: OrderedDict, batch: Any, batch_idx: Any) -> OrderedDict:
     """``kwargs`` for ``training_step`` with another batch and batch index, in the same order."""
     replaced = OrderedDict(kwargs)

@@ -71,9 +71,10 @@ class CUDAGraphCallback(pl.Callback):
     * learning rates and other hyper-parameters are set by schedulers (or any code
       outside the step), not inside ``training_step`` or ``optimizer_step``.
 
-    Supported today: one CUDA device, automatic optimization, ``precision`` of
-    ``"32-true"`` or ``"bf16-mixed"``, no gradient accumulation. Other setups train
-    eagerly, with one warning saying so.
+    Supported today: one CUDA device, automatic optimization (with gradient
+    accumulation: each micro-step kind gets its own graph), ``precision`` of
+    ``"32-true"`` or ``"bf16-mixed"``. Other setups train eagerly, with one warning
+    saying so.
 
     Debugging a failed capture: the warning names the operation and your line of
     code. For host synchronisations in general, run one eager step under
@@ -122,9 +123,13 @@ class CUDAGraphCallback(pl.Callback):
             )
             return
         self._trainer = trainer
+        # with accumulation, warm-up covers a whole cycle: the optimizer state exists
+        # before the micro-step that steps it is captured
+        every = trainer.accumulate_grad_batches
+        warmup = max(self.warmup_steps, every) if every > 1 else self.warmup_steps
         self._engine = GraphedStep(
             None,
-            warmup_steps=self.warmup_steps,
+            warmup_steps=warmup,
             max_graphs=self.max_graphs,
             optimizers=trainer.optimizers,
             modules=[pl_module],
@@ -162,15 +167,7 @@ class CUDAGraphCallback(pl.Callback):
     def _run_step(self, optimizer: torch.optim.Optimizer, batch_idx: int, kwargs: OrderedDict) -> dict:
         """Stands in for Lightning's automatic-optimization ``run``: one training step."""
         engine, trainer, run = self._engine, self._trainer, self._original_run
-        if trainer.accumulate_grad_batches != 1:
-            reason = "gradient accumulation is not graphed yet"
-            self._warn_once(
-                "accumulation",
-                f"CUDAGraphCallback: accumulate_grad_batches={trainer.accumulate_grad_batches}: {reason}. "
-                "These steps run eagerly, unchanged (no CUDA graph speed-up).",
-            )
-            return engine.eager(lambda: run(optimizer, batch_idx, kwargs), reason)
-        plan = engine.plan(kwargs["batch"])
+        plan = engine.plan(kwargs["batch"], internals.step_variant(trainer, batch_idx))
         if plan.action is Action.REPLAY:
             outputs = engine.replay(plan)
             internals.count_replayed_step(trainer, batch_idx)

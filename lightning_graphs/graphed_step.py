@@ -101,6 +101,7 @@ class CapturedGraph:
     outputs: Any
     grads: list[torch.Tensor | None]  # p.grad as this graph writes them
     memory_bytes: int  # device memory the pool grew by when it was captured
+    variant: Any = None  # see GraphedStep.plan
     replays: int = 0
     notes: dict[str, Any] = field(default_factory=dict)  # an adapter's per-graph data (the callback's log calls)
 
@@ -114,6 +115,7 @@ class StepPlan:
     signature: BatchSignature | None
     reason: str | None = None
     graph: CapturedGraph | None = None
+    variant: Any = None
 
 
 @dataclass
@@ -127,7 +129,7 @@ class GraphStats:
     eager_reasons: dict[str, int] = field(default_factory=dict)  # reason -> eager calls
     capture_seconds: float = 0.0  # total time spent capturing
     graph_memory_bytes: int = 0  # the most device memory the pool grew by for the graphs held at once
-    graphs_held: int = 0  # graphs ready to replay now (one per input signature, up to max_graphs)
+    graphs_held: int = 0  # graphs ready to replay now (per input signature and variant)
     most_graphs_held: int = 0
     evictions: int = 0  # graphs dropped to make room for another signature
     disabled_reason: str | None = None
@@ -263,9 +265,15 @@ class GraphedStep:
 
     # -- decisions ------------------------------------------------------------
 
-    def plan(self, inputs: Any) -> StepPlan:
+    def plan(self, inputs: Any, variant: Any = None) -> StepPlan:
         """Decide what a call with ``inputs`` does; cheap, and changes nothing but
-        drops a graph that has gone stale."""
+        drops a graph that has gone stale.
+
+        ``variant`` tells apart calls whose inputs look alike but whose step takes
+        another path (with gradient accumulation: the micro-step that zeroes the
+        gradients, the ones that accumulate, the one that steps the optimizer).
+        Each (signature, variant) pair gets its own graph; ``max_graphs`` counts
+        signatures."""
         if self.phase is Phase.DISABLED:
             return StepPlan(Action.EAGER, None, "graphs disabled")
         signature = signature_of(inputs)
@@ -275,6 +283,7 @@ class GraphedStep:
         unsupported = signature.unsupported_reason()
         if unsupported is not None:
             return StepPlan(Action.EAGER, signature, unsupported)
+        known_signature = False
         if self._graphs:
             # checked before every call, not only replays: a capture for another
             # signature would otherwise take the changed settings as its baseline
@@ -288,30 +297,32 @@ class GraphedStep:
             else:
                 for captured in self._graphs:
                     if captured.signature == signature:
-                        return StepPlan(Action.REPLAY, signature, graph=captured)
+                        if captured.variant == variant:
+                            return StepPlan(Action.REPLAY, signature, graph=captured, variant=variant)
+                        known_signature = True
         if self._warmups_left > 0:
-            return StepPlan(Action.WARMUP, signature)
+            return StepPlan(Action.WARMUP, signature, variant=variant)
         warmed = self.warmup_steps == 0 or any(seen == signature for seen in self._warmed)
         if not self._graphs:
             # a signature not seen in warm-up (a ragged batch at capture time) runs one more warm-up step
-            return StepPlan(Action.CAPTURE if warmed else Action.WARMUP, signature)
-        # another signature while graphs are held
-        newest = self._graphs[-1].signature
-        if self.max_graphs == 1:
-            return StepPlan(Action.EAGER, signature, describe_mismatch(newest, signature, self.input_name))
-        if self._short_evictions >= _MAX_SHORT_LIVED:
-            return StepPlan(
-                Action.EAGER, signature,
-                f"{describe_mismatch(newest, signature, self.input_name)}; more {self.input_name} signatures recur "
-                f"than max_graphs={self.max_graphs} holds",
-            )
-        if not warmed:
-            return StepPlan(Action.WARMUP, signature)  # one eager step of this signature before capturing it
+            return StepPlan(Action.CAPTURE if warmed else Action.WARMUP, signature, variant=variant)
+        if not known_signature:  # another signature while graphs are held
+            newest = self._graphs[-1].signature
+            if self.max_graphs == 1:
+                return StepPlan(Action.EAGER, signature, describe_mismatch(newest, signature, self.input_name))
+            if self._short_evictions >= _MAX_SHORT_LIVED:
+                return StepPlan(
+                    Action.EAGER, signature,
+                    f"{describe_mismatch(newest, signature, self.input_name)}; more {self.input_name} signatures "
+                    f"recur than max_graphs={self.max_graphs} holds",
+                )
+            if not warmed:
+                return StepPlan(Action.WARMUP, signature, variant=variant)  # one eager step of it before capturing
         if self._structure != self._structure_key():  # graphs held share the structure they were captured with
             self._drop_graphs("a parameter, a train/eval mode or a requires_grad flag changed")
             self._warmups_left = max(self._warmups_left, 1)
-            return StepPlan(Action.WARMUP, signature)
-        return StepPlan(Action.CAPTURE, signature)
+            return StepPlan(Action.WARMUP, signature, variant=variant)
+        return StepPlan(Action.CAPTURE, signature, variant=variant)
 
     @property
     def graphs(self) -> tuple[CapturedGraph, ...]:
@@ -389,8 +400,9 @@ class GraphedStep:
         """
         signature = plan.signature
         self._params = self._optimized_params()  # param groups may have been added since the last capture
-        if len(self._graphs) >= self.max_graphs:
-            self._evict(self._graphs[0])
+        held = self._signatures_held()
+        if not any(seen == signature for seen in held) and len(held) >= self.max_graphs:
+            self._evict(held[0])
         static = StaticBatch(signature)
         saved_grads = [p.grad for p in self._params]
         stream = self._side_stream()
@@ -429,7 +441,7 @@ class GraphedStep:
         self.stats.capture_seconds += time.perf_counter() - started
         captured = CapturedGraph(
             signature, graph, static, outputs, [p.grad for p in self._params],
-            memory_bytes=max(torch.cuda.memory_reserved(self._device) - reserved, 0),
+            memory_bytes=max(torch.cuda.memory_reserved(self._device) - reserved, 0), variant=plan.variant,
         )
         self._graphs.append(captured)
         plan.graph = captured
@@ -455,7 +467,14 @@ class GraphedStep:
             optimizer.sync_live()
         for p, grad in zip(self._params, captured.grads):
             if p.grad is not grad:
-                p.grad = grad  # an eager step, zero_grad or another graph rebound it; this graph writes these
+                # an eager step, zero_grad or another graph rebound it: this graph reads and writes
+                # `grad`, which takes over the current values (a graph that accumulates needs them)
+                if grad is not None:
+                    if p.grad is None:
+                        grad.zero_()
+                    else:
+                        grad.copy_(p.grad)
+                p.grad = grad
         captured.graph.replay()
         captured.replays += 1
         self.stats.replays += 1
@@ -558,12 +577,22 @@ class GraphedStep:
                 f"(last: {stale_reason}); capturing anew every few steps costs more than it saves"
             )
 
-    def _evict(self, captured: CapturedGraph) -> None:
-        """Make room for another signature's graph."""
-        self._short_evictions = self._short_evictions + 1 if captured.replays < _SHORT_LIVED_REPLAYS else 0
+    def _signatures_held(self) -> list[BatchSignature]:
+        """Distinct signatures of the graphs held, least recently replayed first."""
+        held: list[BatchSignature] = []
+        for captured in reversed(self._graphs):
+            if not any(seen == captured.signature for seen in held):
+                held.append(captured.signature)
+        return held[::-1]
+
+    def _evict(self, signature: BatchSignature) -> None:
+        """Make room for another signature: drop every graph of ``signature``."""
+        evicted = [captured for captured in self._graphs if captured.signature == signature]
+        most = max(captured.replays for captured in evicted)
+        self._short_evictions = self._short_evictions + 1 if most < _SHORT_LIVED_REPLAYS else 0
         torch.cuda.synchronize(self._device)
-        self._graphs.remove(captured)
-        self._retired.append(captured)
+        self._graphs = [captured for captured in self._graphs if captured.signature != signature]
+        self._retired.extend(evicted)
         self.stats.evictions += 1
         self._count_graphs()
 

@@ -294,15 +294,42 @@ def test_torchmetrics_updated_in_the_step_is_detected():
     assert any("train_mse" in w for w in graphed.warnings), graphed.warnings
 
 
-@pytest.mark.parametrize("setting, needle", [
-    ({"accumulate_grad_batches": 2}, "accumulate_grad_batches=2"),
-    ({"precision": "16-mixed"}, "16-mixed"),
-])
-def test_setups_not_graphed_yet_train_unchanged_with_one_warning(setting, needle):
-    eager, graphed = both(lambda: models.Regressor("adamw", "lambda"), **setting)
+def test_16_mixed_trains_unchanged_with_one_warning():
+    eager, graphed = both(lambda: models.Regressor("adamw", "lambda"), precision="16-mixed")
     assert_same(eager, graphed, rtol=0, atol=0)  # untouched: bitwise equal
     assert graphed.callback.stats is None or graphed.callback.stats.replays == 0
-    assert len([w for w in graphed.warnings if needle in w]) == 1, graphed.warnings
+    assert len([w for w in graphed.warnings if "16-mixed" in w]) == 1, graphed.warnings
+
+
+# -- gradient accumulation: one graph per kind of micro-step -----------------------------------
+
+
+@pytest.mark.parametrize("every, ragged", [(2, 3), (3, 3), (4, 0), (3, 1)])
+def test_gradient_accumulation(every, ragged):
+    # 8 full batches (+ a ragged one) an epoch: cycles end mid-epoch and at the epoch's last batch
+    data = lambda: loader(regression_data(n=64 + ragged))  # noqa: E731
+    eager, graphed = both(lambda: models.Regressor("adamw", "lambda"), train_loader=data, max_epochs=3,
+                          accumulate_grad_batches=every)
+    assert_same(eager, graphed)
+    graphs_used(graphed, eager_steps=0)
+    assert graphed.trainer.global_step == eager.trainer.global_step
+    assert graphed.callback.stats.most_graphs_held >= 2, graphed.callback.stats.summary()
+
+
+def test_gradient_accumulation_with_clipping_and_sgd_steplr():
+    eager, graphed = both(lambda: models.Regressor("sgd", "step_epoch", epochs=3), max_epochs=3,
+                          accumulate_grad_batches=3, gradient_clip_val=0.5)
+    assert_same(eager, graphed)
+    graphs_used(graphed)
+
+
+def test_a_changing_accumulation_schedule_gets_new_graphs():
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    eager, graphed = both(lambda: models.Regressor("adamw", "lambda"), max_epochs=3,
+                          extra_callbacks=lambda: [GradientAccumulationScheduler({0: 1, 1: 2, 2: 4})])
+    assert_same(eager, graphed)
+    graphs_used(graphed)
 
 
 # -- invalidation, clean exit, second fit ----------------------------------------------------
