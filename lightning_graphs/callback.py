@@ -47,6 +47,12 @@ class CUDAGraphCallback(pl.Callback):
             cannot be graphed, instead of warning and training eagerly.
         verbose: print a one-line summary (captures, replays, eager steps and why)
             at the end of training.
+        log_stats: at the end of training, log :meth:`GraphStats.as_metrics`
+            (``cuda_graphs/captures``, ``/replays``, ...) through the Trainer's
+            loggers. Off by default, so that the metrics logged are exactly those
+            of eager training.
+        nvtx: mark warm-up, capture, replay and eager steps as NVTX ranges for
+            Nsight Systems.
 
     Raises:
         ValueError: for a negative ``warmup_steps``.
@@ -81,7 +87,15 @@ class CUDAGraphCallback(pl.Callback):
     ``torch.cuda.set_sync_debug_mode("error")``, which raises at the first one.
     """
 
-    def __init__(self, warmup_steps: int = 3, max_graphs: int = 2, strict: bool = False, verbose: bool = True) -> None:
+    def __init__(
+        self,
+        warmup_steps: int = 3,
+        max_graphs: int = 2,
+        strict: bool = False,
+        verbose: bool = True,
+        log_stats: bool = False,
+        nvtx: bool = False,
+    ) -> None:
         if warmup_steps < 0:
             raise ValueError(f"`warmup_steps` must be >= 0, got {warmup_steps}")
         if max_graphs < 1:
@@ -90,6 +104,8 @@ class CUDAGraphCallback(pl.Callback):
         self.max_graphs = max_graphs
         self.strict = strict
         self.verbose = verbose
+        self.log_stats = log_stats
+        self.nvtx = nvtx
         self._warn_once = WarnOnce(self._emit)
         self._engine: GraphedStep | None = None  # the graphed step of the running fit
         self._trainer: pl.Trainer | None = None
@@ -140,6 +156,7 @@ class CUDAGraphCallback(pl.Callback):
             ignore_attribute=internals.ignore_framework_attribute,
             what="the training step",
             input_name="batch",
+            nvtx=self.nvtx,
         )
         self._original_run = internals.patch_step_runner(trainer, self._run_step)
 
@@ -235,8 +252,13 @@ class CUDAGraphCallback(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         stats = self.stats
         self._teardown(trainer)
-        if self.verbose and stats is not None:
+        if stats is None:
+            return
+        if self.verbose:
             rank_zero_info(f"CUDAGraphCallback: {stats.summary()}")
+        if self.log_stats and trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(stats.as_metrics(), step=trainer.global_step)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

@@ -50,6 +50,7 @@ find host synchronisations in general, run one eager step under
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from enum import Enum
@@ -134,6 +135,18 @@ class GraphStats:
     evictions: int = 0  # graphs dropped to make room for another signature
     disabled_reason: str | None = None
 
+    def as_metrics(self, prefix: str = "cuda_graphs/") -> dict[str, float]:
+        """The counts as numbers, for a logger."""
+        return {
+            f"{prefix}{name}": float(value)
+            for name, value in (
+                ("captures", self.captures), ("replays", self.replays), ("warmup_steps", self.warmup_steps),
+                ("eager_steps", self.eager_steps), ("capture_seconds", self.capture_seconds),
+                ("graph_memory_mib", self.graph_memory_bytes / 2**20), ("most_graphs_held", self.most_graphs_held),
+                ("evictions", self.evictions), ("disabled", self.disabled_reason is not None),
+            )
+        }
+
     def summary(self) -> str:
         held = f", {self.most_graphs_held} graphs held at once" if self.most_graphs_held > 1 else ""
         evicted = f", {self.evictions} evicted" if self.evictions else ""
@@ -201,6 +214,8 @@ class GraphedStep:
         input_name: how messages name the inputs, e.g. ``"batch"``.
         device: the CUDA device the step runs on, for a step whose inputs, modules
             and optimizers do not say (a simulation updating tensors it closes over).
+        nvtx: mark warm-up, capture, replay and eager calls as NVTX ranges, which
+            Nsight Systems shows on its timeline.
 
     Optimizers wrapped by Lightning or Fabric (``fabric.setup(model, optimizer)``)
     are prepared through the optimizer they wrap.
@@ -221,6 +236,7 @@ class GraphedStep:
         what: str = "the step",
         input_name: str = "inputs",
         device: torch.device | str | int | None = None,
+        nvtx: bool = False,
     ) -> None:
         if warmup_steps < 0:
             raise ValueError(f"`warmup_steps` must be >= 0, got {warmup_steps}")
@@ -228,6 +244,7 @@ class GraphedStep:
             raise ValueError(f"`max_graphs` must be >= 1, got {max_graphs}")
         self.fn = fn
         self.max_graphs = max_graphs
+        self.nvtx = nvtx
         self.warmup_steps = max(warmup_steps, 1) if optimizers else warmup_steps
         self.strict = strict
         self.what = what
@@ -371,6 +388,10 @@ class GraphedStep:
 
         ``plan`` (from :meth:`plan`) names the signature warmed up: it is captured
         the next time it comes."""
+        with self._range("warm-up"):
+            return self._warmup(fn, plan)
+
+    def _warmup(self, fn: Callable[[], Any], plan: StepPlan | None) -> Any:
         check = self.stats.warmup_steps > 0  # the first step may initialise lazily; judge the later ones
         before = self._snapshot() if check else None
         stream = self._side_stream()
@@ -398,6 +419,10 @@ class GraphedStep:
             CaptureFailed: capture was impossible; nothing ran and the optimizer
                 and gradients are as before.
         """
+        with self._range("capture"):
+            return self._capture(plan, fn)
+
+    def _capture(self, plan: StepPlan, fn: Callable[[Any], Any]) -> Any:
         signature = plan.signature
         self._params = self._optimized_params()  # param groups may have been added since the last capture
         held = self._signatures_held()
@@ -461,8 +486,11 @@ class GraphedStep:
 
     def replay(self, plan: StepPlan) -> Any:
         """Copy the inputs in and replay the plan's graph. Returns its outputs in graph memory."""
-        captured = plan.graph
-        captured.static.copy_from(plan.signature)
+        with self._range("replay"):
+            return self._replay(plan.graph, plan.signature)
+
+    def _replay(self, captured: CapturedGraph, signature: BatchSignature) -> Any:
+        captured.static.copy_from(signature)
         for optimizer in self._optimizers:
             optimizer.sync_live()
         for p, grad in zip(self._params, captured.grads):
@@ -485,7 +513,8 @@ class GraphedStep:
 
     def eager(self, fn: Callable[[], Any], reason: str | None = None) -> Any:
         """Run one step as written (on the current stream)."""
-        outputs = fn()
+        with self._range("eager"):
+            outputs = fn()
         self.stats.eager_steps += 1
         if reason is not None:
             key = reason if len(self.stats.eager_reasons) < 16 else "other reasons"
@@ -607,6 +636,9 @@ class GraphedStep:
 
     def _optimized_params(self) -> list[torch.Tensor]:
         return [p for o in self._optimizers for g in o.optimizer.param_groups for p in g["params"]]
+
+    def _range(self, name: str) -> Any:
+        return torch.cuda.nvtx.range(f"{self.what}: {name}") if self.nvtx else contextlib.nullcontext()
 
     def _side_stream(self) -> torch.cuda.Stream:
         if self._stream is None:

@@ -55,6 +55,24 @@ def test_negative_warmup_is_rejected():
         CUDAGraphCallback(warmup_steps=-1)
 
 
+def test_max_graphs_below_one_is_rejected():
+    with pytest.raises(ValueError, match="max_graphs"):
+        CUDAGraphCallback(max_graphs=0)
+    with pytest.raises(ValueError, match="max_graphs"):
+        GraphedStep(lambda: None, max_graphs=0)
+
+
+def test_stats_as_metrics_are_numbers_under_one_prefix():
+    from lightning_graphs import GraphStats
+
+    stats = GraphStats(captures=2, replays=90, graph_memory_bytes=3 * 2**20, evictions=1)
+    metrics = stats.as_metrics()
+    assert metrics["cuda_graphs/replays"] == 90.0 and metrics["cuda_graphs/graph_memory_mib"] == 3.0
+    assert metrics["cuda_graphs/disabled"] == 0.0
+    assert all(key.startswith("cuda_graphs/") and isinstance(v, float) for key, v in metrics.items())
+    assert "1 evicted" in stats.summary()
+
+
 def test_graphed_step_without_cuda_runs_eagerly_with_one_warning():
     model = torch.nn.Linear(3, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

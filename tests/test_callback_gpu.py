@@ -243,6 +243,47 @@ def test_dropout_draws_the_same_fresh_masks_as_eager():
     graphs_used(graphed)
 
 
+def test_two_graphed_runs_with_one_seed_are_identical():
+    first = fit(lambda: models.Regressor("adamw", "lambda", dropout=0.3), graphed=True)
+    second = fit(lambda: models.Regressor("adamw", "lambda", dropout=0.3), graphed=True)
+    assert_same(first, second, rtol=0, atol=0)
+    graphs_used(second)
+
+
+class ClipsInItsOwnWay(models.Regressor):
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        self.clip_gradients(optimizer, gradient_clip_val=0.05, gradient_clip_algorithm="norm")
+        self.clip_gradients(optimizer, gradient_clip_val=0.01, gradient_clip_algorithm="value")
+
+
+def test_a_configure_gradient_clipping_override_is_replayed():
+    eager, graphed = both(lambda: ClipsInItsOwnWay("adamw", "lambda"))
+    assert_same(eager, graphed)
+    graphs_used(graphed)
+
+
+class ReloadsStateAtEpoch1(Callback):
+    """Mid-training loads of model and optimizer state, as a user restoring a snapshot would."""
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == 0:
+            self.model = {k: v.clone() for k, v in pl_module.state_dict().items()}
+            self.optimizer = __import__("copy").deepcopy(trainer.optimizers[0].state_dict())
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 2:
+            pl_module.load_state_dict(self.model)
+            trainer.optimizers[0].load_state_dict(self.optimizer)
+
+
+def test_loading_model_and_optimizer_state_mid_training_recaptures():
+    eager, graphed = both(lambda: models.Regressor("adamw", None), max_epochs=3,
+                          extra_callbacks=lambda: [ReloadsStateAtEpoch1()])
+    assert_same(eager, graphed)
+    graphs_used(graphed)
+    assert graphed.callback.stats.captures >= 3, graphed.callback.stats.summary()  # again after the load
+
+
 def test_batchnorm_running_statistics_match():
     eager, graphed = both(lambda: models.Regressor("sgd", None, batchnorm=True))
     assert_same(eager, graphed)
@@ -522,3 +563,20 @@ def test_graphed_step_holds_a_graph_per_shape_and_evicts_the_least_recent():
             torch.testing.assert_close(state[name], eager_state[name], rtol=1e-6, atol=1e-6)
         assert stats.most_graphs_held == max_graphs, stats.summary()
         assert (stats.evictions > 0) == (max_graphs == 2), stats.summary()
+
+
+# -- introspection --------------------------------------------------------------------------------
+
+
+def test_stats_reach_the_logger_when_asked_and_nvtx_ranges_do_not_change_training():
+    eager = fit(lambda: models.Regressor("adamw", "lambda"), graphed=False)
+    graphed = fit(lambda: models.Regressor("adamw", "lambda"), graphed=True,
+                  callback_kwargs={"log_stats": True, "nvtx": True})
+    stats = graphed.callback.stats
+    final = graphed.logger.records[-1][1]
+    assert final["cuda_graphs/replays"] == stats.replays > 0
+    assert final["cuda_graphs/captures"] == stats.captures
+    assert final["cuda_graphs/graph_memory_mib"] > 0
+    # everything before the stats record is what eager training logged
+    graphed.logger.records.pop()
+    assert_same(eager, graphed)
