@@ -41,17 +41,17 @@ def adam_step_applies(optimizer: torch.optim.Optimizer) -> bool:
 
 
 def uniform_step_groups(optimizer: torch.optim.Optimizer) -> list[list[list[torch.Tensor]]]:
-    """Per param group, the parameters (with gradients) split by their step count.
+    """Per param group, the parameters split by their step count.
 
     Bias corrections depend on the step count; parameters counted alike share one
-    set of scalars. Reads the counts on the host: call it before capturing. A
-    parameter without state yet is kept (its step then fails loudly, not silently)."""
+    set of scalars. Reads the counts on the host: call it before capturing. Which
+    of them are updated is decided when the step runs (those with gradients then).
+    A parameter without state yet is kept apart (its step then fails loudly, not
+    silently)."""
     groups = []
     for group in optimizer.param_groups:
         by_count: dict[float | None, list[torch.Tensor]] = {}
         for p in group["params"]:
-            if p.grad is None:
-                continue
             state = optimizer.state.get(p, {})
             by_count.setdefault(float(state["step"]) if "step" in state else None, []).append(p)
         groups.append(list(by_count.values()))
@@ -100,6 +100,9 @@ class AdamHostScalars:
 def _step_params(
     optimizer: torch.optim.Optimizer, group: dict, params: list[torch.Tensor], host: AdamHostScalars
 ) -> None:
+    params = [p for p in params if p.grad is not None]  # as the eager step: only those with gradients
+    if not params:
+        return
     state = [optimizer.state[p] for p in params]
     steps = [s["step"] for s in state]
     lr, (beta1, beta2) = group["lr"], group["betas"]  # float64 device tensors
@@ -178,11 +181,13 @@ def _tensor_update(
 
 
 def adam_step_on_device(optimizer: torch.optim.Optimizer, splits: list[list[list[torch.Tensor]]],
-                        host_scalars: list[AdamHostScalars], closure: Any = None) -> Any:
+                        host_scalars: list[AdamHostScalars], updated: list[torch.Tensor] | None = None,
+                        closure: Any = None) -> Any:
     """Adam/AdamW's step with ``lr`` and ``betas`` read from float64 device tensors.
 
     ``splits`` comes from :func:`uniform_step_groups`, taken before capture;
-    ``host_scalars`` holds one :class:`AdamHostScalars` per param group.
+    ``host_scalars`` holds one :class:`AdamHostScalars` per param group. The
+    parameters updated (those with gradients) are appended to ``updated``.
     """
     loss = None
     if closure is not None:
@@ -190,5 +195,7 @@ def adam_step_on_device(optimizer: torch.optim.Optimizer, splits: list[list[list
             loss = closure()
     for group, parts, host in zip(optimizer.param_groups, splits, host_scalars):
         for params in parts:
+            if updated is not None:
+                updated.extend(p for p in params if p.grad is not None)
             _step_params(optimizer, group, params, host)
     return loss

@@ -70,6 +70,8 @@ __all__ = ["GraphedStep", "Phase", "Action", "StepPlan", "GraphStats", "Captured
 _SHORT_LIVED_REPLAYS = 4
 # this many short-lived graphs in a row and re-capturing costs more than it saves
 _MAX_SHORT_LIVED = 3
+# graphs held per signature at most (the kinds of accumulation micro-step), times max_graphs
+_VARIANTS_PER_SIGNATURE = 4
 
 _MODULE_ATTRIBUTES = frozenset(torch.nn.Module().__dict__)
 
@@ -103,6 +105,10 @@ class CapturedGraph:
     grads: list[torch.Tensor | None]  # p.grad as this graph writes them
     memory_bytes: int  # device memory the pool grew by when it was captured
     variant: Any = None  # see GraphedStep.plan
+    grads_before: tuple[bool, ...] = ()  # which parameters had gradients when it was captured
+    # whether the step replaces the gradients (zero_grad(set_to_none=True), as Lightning's
+    # steps do) rather than adding to them (a micro-step of gradient accumulation)
+    replaces_grads: bool = True
     replays: int = 0
     notes: dict[str, Any] = field(default_factory=dict)  # an adapter's per-graph data (the callback's log calls)
 
@@ -129,10 +135,12 @@ class GraphStats:
     eager_steps: int = 0
     eager_reasons: dict[str, int] = field(default_factory=dict)  # reason -> eager calls
     capture_seconds: float = 0.0  # total time spent capturing
-    graph_memory_bytes: int = 0  # the most device memory the pool grew by for the graphs held at once
+    # the most the memory pool grew by for the graphs held at once (a capture reusing
+    # memory an evicted graph left in the pool adds little)
+    graph_memory_bytes: int = 0
     graphs_held: int = 0  # graphs ready to replay now (per input signature and variant)
     most_graphs_held: int = 0
-    evictions: int = 0  # graphs dropped to make room for another signature
+    evictions: int = 0  # signatures whose graphs were dropped to make room for another
     disabled_reason: str | None = None
 
     def as_metrics(self, prefix: str = "cuda_graphs/") -> dict[str, float]:
@@ -274,6 +282,7 @@ class GraphedStep:
         self._warmed: list[BatchSignature] = []  # signatures that ran a warm-up step, newest last
         self._structure: tuple | None = None  # modules' parameters, modes and flags at capture
         self._structure_check_due = False
+        self._stepped: set[int] = set()  # optimizers that took an eager step since the last structural change
         self._short_lived = 0  # graphs dropped as stale after a few replays, in a row
         self._short_evictions = 0  # graphs evicted after a few replays, in a row
         for optimizer in self._optimizers:
@@ -311,13 +320,19 @@ class GraphedStep:
                     return StepPlan(Action.EAGER, signature, "graphs disabled")
                 if structural:
                     self._warmups_left = max(self._warmups_left, 1)  # new parameters need optimizer state first
+                    self._stepped.clear()
             else:
                 for captured in self._graphs:
                     if captured.signature == signature:
                         if captured.variant == variant:
+                            reason = self._cannot_continue(captured)
+                            if reason is not None:
+                                return StepPlan(Action.EAGER, signature, reason)
                             return StepPlan(Action.REPLAY, signature, graph=captured, variant=variant)
                         known_signature = True
-        if self._warmups_left > 0:
+        if self._warmups_left > 0 or len(self._stepped) < len(self._optimizers):
+            # capture only once every optimizer has taken an eager step since the last structural change:
+            # its state (moments, momentum buffers) must exist, or the graph would create it at every replay
             return StepPlan(Action.WARMUP, signature, variant=variant)
         warmed = self.warmup_steps == 0 or any(seen == signature for seen in self._warmed)
         if not self._graphs:
@@ -337,9 +352,23 @@ class GraphedStep:
                 return StepPlan(Action.WARMUP, signature, variant=variant)  # one eager step of it before capturing
         if self._structure != self._structure_key():  # graphs held share the structure they were captured with
             self._drop_graphs("a parameter, a train/eval mode or a requires_grad flag changed")
+            if self.phase is Phase.DISABLED:
+                return StepPlan(Action.EAGER, signature, "graphs disabled")
             self._warmups_left = max(self._warmups_left, 1)
+            self._stepped.clear()
             return StepPlan(Action.WARMUP, signature, variant=variant)
         return StepPlan(Action.CAPTURE, signature, variant=variant)
+
+    def _cannot_continue(self, captured: CapturedGraph) -> str | None:
+        """Why a graph that adds to the gradients cannot take over the ones held now, if so."""
+        if captured.replaces_grads:
+            return None
+        if tuple(p.grad is not None for p in self._params) != captured.grads_before:
+            return (
+                "the parameters holding gradients differ from those when this accumulating step was captured "
+                "(a parameter some batches do not use)"
+            )
+        return None
 
     @property
     def graphs(self) -> tuple[CapturedGraph, ...]:
@@ -398,7 +427,7 @@ class GraphedStep:
         current = torch.cuda.current_stream(self._device)
         stream.wait_stream(current)
         with torch.cuda.stream(stream):
-            outputs = fn()
+            outputs = self._watching_steps(fn)
         current.wait_stream(stream)
         self._warmups_left = max(self._warmups_left - 1, 0)
         self.stats.warmup_steps += 1
@@ -428,6 +457,8 @@ class GraphedStep:
         held = self._signatures_held()
         if not any(seen == signature for seen in held) and len(held) >= self.max_graphs:
             self._evict(held[0])
+        while len(self._graphs) >= _VARIANTS_PER_SIGNATURE * self.max_graphs:
+            self._retire(self._graphs[0])  # variants no longer in use (an accumulation factor changed)
         static = StaticBatch(signature)
         saved_grads = [p.grad for p in self._params]
         stream = self._side_stream()
@@ -464,9 +495,13 @@ class GraphedStep:
         problems = [optimizer.exit_capture() for optimizer in self._optimizers]
         problems.append(self._side_effects(before, hyperparameters=False))
         self.stats.capture_seconds += time.perf_counter() - started
+        grads = [p.grad for p in self._params]
         captured = CapturedGraph(
-            signature, graph, static, outputs, [p.grad for p in self._params],
+            signature, graph, static, outputs, grads,
             memory_bytes=max(torch.cuda.memory_reserved(self._device) - reserved, 0), variant=plan.variant,
+            grads_before=tuple(g is not None for g in saved_grads),
+            replaces_grads=any(old is not None and new is not old for old, new in zip(saved_grads, grads))
+            or not any(g is not None for g in saved_grads),
         )
         self._graphs.append(captured)
         plan.graph = captured
@@ -514,7 +549,7 @@ class GraphedStep:
     def eager(self, fn: Callable[[], Any], reason: str | None = None) -> Any:
         """Run one step as written (on the current stream)."""
         with self._range("eager"):
-            outputs = fn()
+            outputs = self._watching_steps(fn) if self.phase is not Phase.DISABLED else fn()
         self.stats.eager_steps += 1
         if reason is not None:
             key = reason if len(self.stats.eager_reasons) < 16 else "other reasons"
@@ -558,6 +593,8 @@ class GraphedStep:
         self.phase = Phase.DISABLED
         self.stats.disabled_reason = reason
         self._drop_graphs(None)
+        self._retired = []  # no capture follows: nothing needs the pool kept alive
+        self._pool = None
         for optimizer in self._optimizers:
             optimizer.restore()  # the eager steps from here on are exactly the user's own
         if self.strict:
@@ -597,7 +634,10 @@ class GraphedStep:
         torch.cuda.synchronize(self._device)  # the last replay may still be running
         self._retired.extend(self._graphs)
         self._graphs = []
+        self._short_evictions = 0
         self._count_graphs()
+        for optimizer in self._optimizers:
+            optimizer.forget_graphs()
         if self.phase is Phase.CAPTURED:
             self.phase = Phase.WARMING_UP
         if stale_reason is not None and self._short_lived >= _MAX_SHORT_LIVED:
@@ -619,10 +659,14 @@ class GraphedStep:
         evicted = [captured for captured in self._graphs if captured.signature == signature]
         most = max(captured.replays for captured in evicted)
         self._short_evictions = self._short_evictions + 1 if most < _SHORT_LIVED_REPLAYS else 0
-        torch.cuda.synchronize(self._device)
-        self._graphs = [captured for captured in self._graphs if captured.signature != signature]
-        self._retired.extend(evicted)
+        for captured in evicted:
+            self._retire(captured)
         self.stats.evictions += 1
+
+    def _retire(self, captured: CapturedGraph) -> None:
+        torch.cuda.synchronize(self._device)  # its last replay may still be running
+        self._graphs.remove(captured)
+        self._retired.append(captured)
         self._count_graphs()
 
     def _count_graphs(self) -> None:
@@ -636,6 +680,20 @@ class GraphedStep:
 
     def _optimized_params(self) -> list[torch.Tensor]:
         return [p for o in self._optimizers for g in o.optimizer.param_groups for p in g["params"]]
+
+    def _watching_steps(self, fn: Callable[[], Any]) -> Any:
+        """Run an eager step, noting which optimizers stepped and whether that breaks
+        what the graphs held assume."""
+        with contextlib.ExitStack() as stack:
+            taken = [stack.enter_context(optimizer.watching_steps()) for optimizer in self._optimizers]
+            outputs = fn()
+        for index, (optimizer, steps) in enumerate(zip(self._optimizers, taken)):
+            if steps:
+                self._stepped.add(index)
+            reason = optimizer.diverging_update(steps) if self._graphs else None
+            if reason is not None:
+                self._drop_graphs(reason)
+        return outputs
 
     def _range(self, name: str) -> Any:
         return torch.cuda.nvtx.range(f"{self.what}: {name}") if self.nvtx else contextlib.nullcontext()

@@ -26,9 +26,10 @@ always run the user's settings. Optimizers that cannot be captured at all
 from __future__ import annotations
 
 import numbers
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -134,6 +135,10 @@ class GraphSafeOptimizer:
         self._while_capturing: list[dict[str, Any]] = []  # per group: settings to restore after capturing
         self._saved_step: Any = _MISSING  # the optimizer's own `step` attribute, while ours stands in
         self._host_scalars: list[AdamHostScalars | None] = []  # per group, for our Adam step
+        self._updated: list[torch.Tensor] = []  # parameters our Adam step updated in the capture under way
+        # parameters the graphs held update: our Adam step shares bias corrections among
+        # parameters counted alike, so every step must keep updating the same ones
+        self._graph_updates: frozenset[int] | None = None
         self._baked: list[dict[str, Any]] | None = None  # per group: baked values when captured
         self._baked_raw: list[tuple[int, dict[str, Any]]] = []  # per group: (item count, the values themselves)
         self._structure: tuple | None = None  # identities that a captured graph depends on
@@ -210,8 +215,10 @@ class GraphSafeOptimizer:
                 group[key] = self._live[slot]
         if self.plan.own_adam_step:
             self._saved_step = self.optimizer.__dict__.get("step", _MISSING)
+            self._updated = []
             self.optimizer.step = partial(
-                adam_step_on_device, self.optimizer, uniform_step_groups(self.optimizer), self._host_scalars
+                adam_step_on_device, self.optimizer, uniform_step_groups(self.optimizer), self._host_scalars,
+                self._updated,
             )
         self._baked = self._baked_snapshot()
 
@@ -243,6 +250,17 @@ class GraphSafeOptimizer:
         elif self.plan.own_adam_step:
             self.optimizer.__dict__.pop("step", None)
         self._saved_step = _MISSING
+        if problem is None and self._updated:
+            updated = frozenset(id(p) for p in self._updated)
+            if self._graph_updates is None:
+                self._graph_updates = updated
+            elif updated != self._graph_updates:
+                problem = (
+                    f"the steps captured update different sets of parameters ({len(updated)} against "
+                    f"{len(self._graph_updates)}); the graph-safe {type(self.optimizer).__name__} step needs every "
+                    "step to update the same ones"
+                )
+        self._updated = []
         self._baked = self._baked_snapshot()
         self._baked_raw = [
             (len(group), {k: v for k, v in group.items() if k != "params" and (i, k) not in self._live})
@@ -283,6 +301,37 @@ class GraphSafeOptimizer:
         else:
             live.fill_(float(value))
         self._synced[slot] = value
+
+    # -- eager steps while graphs are held -----------------------------------------
+
+    @contextmanager
+    def watching_steps(self) -> Iterator[list[frozenset[int]]]:
+        """Within the block, record each step the optimizer takes (eagerly) as the set
+        of parameters it updated: those with gradients."""
+        taken: list[frozenset[int]] = []
+
+        def record(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            taken.append(
+                frozenset(id(p) for group in optimizer.param_groups for p in group["params"] if p.grad is not None)
+            )
+
+        handle = self.optimizer.register_step_post_hook(record)
+        try:
+            yield taken
+        finally:
+            handle.remove()
+
+    def diverging_update(self, taken: list[frozenset[int]]) -> str | None:
+        """Why eager steps ``taken`` leave step counts the graphs held do not expect, if so."""
+        if self._graph_updates is None or not self.plan.own_adam_step:
+            return None
+        if any(updated != self._graph_updates for updated in taken):
+            return f"an eager {type(self.optimizer).__name__} step updated other parameters than the captured steps"
+        return None
+
+    def forget_graphs(self) -> None:
+        """No graph is held any more: the next capture sets the parameters updated."""
+        self._graph_updates = None
 
     # -- replay ---------------------------------------------------------------
 
@@ -344,6 +393,7 @@ class GraphSafeOptimizer:
         self._live.clear()
         self._synced.clear()
         self._host_scalars = []
+        self._graph_updates = None
         self._baked = self._structure = None
         self._baked_raw = []
 

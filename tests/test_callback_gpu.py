@@ -364,6 +364,29 @@ def test_gradient_accumulation_with_clipping_and_sgd_steplr():
     graphs_used(graphed)
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "rmsprop", "adamw"])
+def test_accumulation_set_by_a_scheduler_from_the_start(optimizer):
+    # the factor is 1 when training starts and 4 from the first epoch on: the stepping micro-step
+    # must not be captured before the optimizer has stepped once (its state would be created in the graph)
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    eager, graphed = both(lambda: models.Regressor(optimizer, None), max_epochs=3,
+                          extra_callbacks=lambda: [GradientAccumulationScheduler({0: 4})])
+    assert_same(eager, graphed)
+    graphs_used(graphed)
+
+
+def test_backbone_finetuning_with_accumulation():
+    from lightning.pytorch.callbacks import BackboneFinetuning
+
+    eager, graphed = both(
+        lambda: models.WithBackbone("adamw", None), max_epochs=3, accumulate_grad_batches=2,
+        extra_callbacks=lambda: [BackboneFinetuning(unfreeze_backbone_at_epoch=1, verbose=False)],
+    )
+    assert_same(eager, graphed)
+    graphs_used(graphed)
+
+
 def test_a_changing_accumulation_schedule_gets_new_graphs():
     from lightning.pytorch.callbacks import GradientAccumulationScheduler
 

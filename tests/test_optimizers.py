@@ -251,7 +251,7 @@ def test_device_scalar_adam_step_follows_pytorchs_adam(monkeypatch, cls, kwargs,
         lr, betas = group["lr"], group["betas"]
         group["lr"] = torch.tensor(lr, dtype=torch.float64)
         group["betas"] = tuple(torch.tensor(b, dtype=torch.float64) for b in betas)
-        adam_step.adam_step_on_device(opt_ours, adam_step.uniform_step_groups(opt_ours), [host])
+        adam_step.adam_step_on_device(opt_ours, adam_step.uniform_step_groups(opt_ours), [host], [])
         group["lr"], group["betas"] = lr, betas
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

@@ -50,7 +50,7 @@ def test_device_hyperparameter_adam_step_matches_the_users_optimizer(cls, kwargs
         lr, betas = group["lr"], group["betas"]
         group["lr"] = torch.tensor(lr, dtype=torch.float64, device="cuda")
         group["betas"] = tuple(torch.tensor(b, dtype=torch.float64, device="cuda") for b in betas)
-        adam_step_on_device(opt_ours, uniform_step_groups(opt_ours), [host])
+        adam_step_on_device(opt_ours, uniform_step_groups(opt_ours), [host], [])
         group["lr"], group["betas"] = lr, betas
     # float32 rounding of two fused operations is all that may differ
     for a, b in zip(ours, theirs):
