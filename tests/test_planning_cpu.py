@@ -1,0 +1,147 @@
+"""What GraphedStep decides, call by call, with CUDA's graph API stood in for on CPU.
+
+Only the decisions are under test here (warm-up, capture, replay, eager; which graph;
+evictions): a stand-in graph replays nothing, so the numbers are checked by the GPU
+parity tests instead.
+"""
+
+import contextlib
+
+import pytest
+import torch
+
+from lightning_graphs import GraphedStep
+from lightning_graphs.graphed_step import Action, Phase
+
+
+class _Graph:
+    def capture_begin(self, pool=None, capture_error_mode=None):
+        pass
+
+    def capture_end(self):
+        pass
+
+    def replay(self):
+        pass
+
+
+class _Stream:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, other):
+        pass
+
+
+@pytest.fixture
+def graph_api_on_cpu(monkeypatch):
+    cuda = torch.cuda
+    monkeypatch.setattr(cuda, "CUDAGraph", _Graph)
+    monkeypatch.setattr(cuda, "Stream", _Stream)
+    monkeypatch.setattr(cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(cuda, "current_stream", lambda device=None: _Stream())
+    monkeypatch.setattr(cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(cuda, "graph_pool_handle", lambda: (0, 1))
+
+
+def _drive(step, fn, calls):
+    """Run ``calls`` (each ``(inputs, variant)``) as the Lightning callback does; the actions taken."""
+    actions = []
+    for inputs, variant in calls:
+        plan = step.plan(inputs, variant)
+        actions.append(plan.action.name[0])  # W, C, R or E
+        if plan.action is Action.WARMUP:
+            step.warmup(lambda: fn(*inputs), plan)
+        elif plan.action is Action.CAPTURE:
+            step.capture(plan, lambda static: fn(*static))
+        elif plan.action is Action.REPLAY:
+            step.replay(plan)
+        else:
+            step.eager(lambda: fn(*inputs), plan.reason)
+    return "".join(actions)
+
+
+def _batches(sizes):
+    return [((torch.ones(n, 3),), None) for n in sizes]
+
+
+def _simulation():
+    return lambda x: x * 2
+
+
+def test_a_recurring_second_shape_is_warmed_up_then_captured(graph_api_on_cpu):
+    step = GraphedStep(None, warmup_steps=3, device="cuda")
+    actions = _drive(step, _simulation(), _batches([8, 8, 8, 8, 5, 5, 8, 5, 8]))
+    assert actions == "WWWCWCRRR"
+    assert step.stats.most_graphs_held == 2 and step.stats.captures == 2
+
+
+def test_with_one_graph_other_shapes_run_eagerly(graph_api_on_cpu):
+    step = GraphedStep(None, warmup_steps=3, max_graphs=1, device="cuda")
+    actions = _drive(step, _simulation(), _batches([8, 8, 8, 8, 5, 5, 8]))
+    assert actions == "WWWCEER"
+    assert step.stats.eager_steps == 2
+
+
+def test_a_ragged_batch_at_capture_time_is_not_the_one_captured(graph_api_on_cpu):
+    step = GraphedStep(None, warmup_steps=2, max_graphs=1, device="cuda")
+    actions = _drive(step, _simulation(), _batches([8, 8, 3, 8, 8]))
+    assert actions == "WWWCR"  # the shape-3 batch was never warmed up: one more warm-up step
+    assert step.graphs[0].signature.specs[0][0] == (8, 3)
+
+
+def test_the_least_recently_replayed_shape_is_evicted_and_thrashing_ends_in_eager(graph_api_on_cpu):
+    step = GraphedStep(None, warmup_steps=3, max_graphs=2, device="cuda")
+    actions = _drive(step, _simulation(), _batches([8, 6, 4] * 4))
+    # warm-ups see all three shapes; then each capture evicts a graph that was never replayed,
+    # and after three such evictions new shapes run eagerly
+    assert actions == "WWW" + "CCCCC" + "E" + "RRE"
+    assert step.stats.evictions == 3 and step.stats.most_graphs_held == 2
+
+
+def test_each_variant_gets_its_own_graph_and_max_graphs_counts_shapes(graph_api_on_cpu):
+    step = GraphedStep(None, warmup_steps=3, max_graphs=1, device="cuda")
+    cycle = [((torch.ones(8, 3),), variant) for variant in ("first", "middle", "last")]
+    actions = _drive(step, _simulation(), cycle * 3)
+    assert actions == "WWW" + "CCC" + "RRR"
+    assert step.stats.most_graphs_held == 3 and step.stats.evictions == 0
+
+
+def test_capture_waits_until_the_optimizer_has_stepped(graph_api_on_cpu):
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    calls = {"n": 0}
+
+    def micro_step(x):  # steps the optimizer every fourth call, as accumulation over 4 does
+        calls["n"] += 1
+        model(x).sum().backward()
+        if calls["n"] % 4 == 0:
+            optimizer.step()
+            optimizer.zero_grad()
+
+    step = GraphedStep(None, warmup_steps=2, optimizers=[optimizer], modules=[model], device="cuda")
+    actions = _drive(step, micro_step, _batches([8] * 6))
+    assert actions.startswith("WWWW")  # two warm-ups asked for, more until the optimizer has state
+    assert optimizer.state[model.weight].get("momentum_buffer") is not None
+
+
+def test_an_accumulating_graph_does_not_take_over_a_missing_gradient(graph_api_on_cpu):
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    warm = {"up": True}
+
+    def accumulate(x):  # adds to the gradients held; never zeroes them (steps once, in warm-up)
+        model(x).sum().backward()
+        if warm.pop("up", False):
+            optimizer.step()
+
+    step = GraphedStep(None, warmup_steps=1, optimizers=[optimizer], modules=[model], device="cuda")
+    assert _drive(step, accumulate, _batches([8, 8, 8])) == "WCR"
+    assert not step.graphs[0].replaces_grads
+    model.bias.grad = None  # some batch left this parameter without a gradient
+    assert step.plan((torch.ones(8, 3),)).action is Action.EAGER
+    assert step.phase is Phase.CAPTURED
