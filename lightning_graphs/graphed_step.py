@@ -72,6 +72,8 @@ _SHORT_LIVED_REPLAYS = 4
 _MAX_SHORT_LIVED = 3
 # graphs held per signature at most (the kinds of accumulation micro-step), times max_graphs
 _VARIANTS_PER_SIGNATURE = 4
+# warm-up calls waiting for an optimizer step before concluding the step takes none
+_MAX_UNREADY_WARMUPS = 64
 
 _MODULE_ATTRIBUTES = frozenset(torch.nn.Module().__dict__)
 
@@ -106,9 +108,12 @@ class CapturedGraph:
     memory_bytes: int  # device memory the pool grew by when it was captured
     variant: Any = None  # see GraphedStep.plan
     grads_before: tuple[bool, ...] = ()  # which parameters had gradients when it was captured
-    # whether the step replaces the gradients (zero_grad(set_to_none=True), as Lightning's
-    # steps do) rather than adding to them (a micro-step of gradient accumulation)
+    # whether the step replaces the gradients (it calls the optimizer's zero_grad, as
+    # Lightning's steps do) rather than adding to them (a micro-step of gradient accumulation)
     replaces_grads: bool = True
+    # for a step that adds to them: the gradient tensors it reads (p.grad when captured;
+    # out-of-place accumulation writes others)
+    grads_in: list[torch.Tensor | None] = field(default_factory=list)
     replays: int = 0
     notes: dict[str, Any] = field(default_factory=dict)  # an adapter's per-graph data (the callback's log calls)
 
@@ -283,6 +288,8 @@ class GraphedStep:
         self._structure: tuple | None = None  # modules' parameters, modes and flags at capture
         self._structure_check_due = False
         self._stepped: set[int] = set()  # optimizers that took an eager step since the last structural change
+        self._stepped_structure: tuple | None = None  # modules' and optimizers' structure at that step
+        self._unready_warmups = 0
         self._short_lived = 0  # graphs dropped as stale after a few replays, in a row
         self._short_evictions = 0  # graphs evicted after a few replays, in a row
         for optimizer in self._optimizers:
@@ -330,9 +337,7 @@ class GraphedStep:
                                 return StepPlan(Action.EAGER, signature, reason)
                             return StepPlan(Action.REPLAY, signature, graph=captured, variant=variant)
                         known_signature = True
-        if self._warmups_left > 0 or len(self._stepped) < len(self._optimizers):
-            # capture only once every optimizer has taken an eager step since the last structural change:
-            # its state (moments, momentum buffers) must exist, or the graph would create it at every replay
+        if self._warmups_left > 0 or not self._optimizers_ready():
             return StepPlan(Action.WARMUP, signature, variant=variant)
         warmed = self.warmup_steps == 0 or any(seen == signature for seen in self._warmed)
         if not self._graphs:
@@ -358,6 +363,27 @@ class GraphedStep:
             self._stepped.clear()
             return StepPlan(Action.WARMUP, signature, variant=variant)
         return StepPlan(Action.CAPTURE, signature, variant=variant)
+
+    def _optimizers_ready(self) -> bool:
+        """Whether every optimizer took an eager step since the modules and optimizers
+        last changed: its state (moments, momentum buffers) must exist before capture,
+        or the graph would create it afresh at every replay."""
+        if len(self._stepped) == len(self._optimizers):
+            if not self._optimizers or self._stepped_structure == self._full_structure():
+                self._unready_warmups = 0
+                return True
+            self._stepped.clear()  # parameters came or went since; they need a step first
+        self._unready_warmups += 1
+        if self._unready_warmups > _MAX_UNREADY_WARMUPS:
+            # no optimizer step seen in all these calls: the step does not take one (it
+            # is taken outside), so there is no state to wait for
+            self._stepped = set(range(len(self._optimizers)))
+            self._stepped_structure = self._full_structure()
+            return True
+        return False
+
+    def _full_structure(self) -> tuple:
+        return self._structure_key(), tuple(o.structure_key() for o in self._optimizers)
 
     def _cannot_continue(self, captured: CapturedGraph) -> str | None:
         """Why a graph that adds to the gradients cannot take over the ones held now, if so."""
@@ -495,13 +521,14 @@ class GraphedStep:
         problems = [optimizer.exit_capture() for optimizer in self._optimizers]
         problems.append(self._side_effects(before, hyperparameters=False))
         self.stats.capture_seconds += time.perf_counter() - started
-        grads = [p.grad for p in self._params]
+        zeroed = any(optimizer.zeroed_in_capture for optimizer in self._optimizers)
+        replaces = zeroed or not any(g is not None for g in saved_grads)
         captured = CapturedGraph(
-            signature, graph, static, outputs, grads,
+            signature, graph, static, outputs, [p.grad for p in self._params],
             memory_bytes=max(torch.cuda.memory_reserved(self._device) - reserved, 0), variant=plan.variant,
             grads_before=tuple(g is not None for g in saved_grads),
-            replaces_grads=any(old is not None and new is not old for old, new in zip(saved_grads, grads))
-            or not any(g is not None for g in saved_grads),
+            replaces_grads=replaces,
+            grads_in=[] if replaces else saved_grads,
         )
         self._graphs.append(captured)
         plan.graph = captured
@@ -528,16 +555,14 @@ class GraphedStep:
         captured.static.copy_from(signature)
         for optimizer in self._optimizers:
             optimizer.sync_live()
+        for p, read in zip(self._params, captured.grads_in):
+            # a step that adds to the gradients continues from the current ones (left by an
+            # eager step or another graph); `_cannot_continue` checked that they exist
+            if read is not None and p.grad is not read:
+                read.copy_(p.grad)
         for p, grad in zip(self._params, captured.grads):
             if p.grad is not grad:
-                # an eager step, zero_grad or another graph rebound it: this graph reads and writes
-                # `grad`, which takes over the current values (a graph that accumulates needs them)
-                if grad is not None:
-                    if p.grad is None:
-                        grad.zero_()
-                    else:
-                        grad.copy_(p.grad)
-                p.grad = grad
+                p.grad = grad  # what this graph writes
         captured.graph.replay()
         captured.replays += 1
         self.stats.replays += 1
@@ -688,8 +713,10 @@ class GraphedStep:
             taken = [stack.enter_context(optimizer.watching_steps()) for optimizer in self._optimizers]
             outputs = fn()
         for index, (optimizer, steps) in enumerate(zip(self._optimizers, taken)):
-            if steps:
+            if steps or steps is None:  # None: no hooks to tell; rely on the warm-up count
                 self._stepped.add(index)
+                self._stepped_structure = self._full_structure()
+                self._unready_warmups = 0
             reason = optimizer.diverging_update(steps) if self._graphs else None
             if reason is not None:
                 self._drop_graphs(reason)

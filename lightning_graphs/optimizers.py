@@ -134,6 +134,8 @@ class GraphSafeOptimizer:
         self._swapped: dict[tuple[int, str], Any] = {}  # live slots swapped for tensors in this capture
         self._while_capturing: list[dict[str, Any]] = []  # per group: settings to restore after capturing
         self._saved_step: Any = _MISSING  # the optimizer's own `step` attribute, while ours stands in
+        self._saved_zero_grad: Any = _MISSING  # its own `zero_grad` attribute, while a watcher stands in
+        self.zeroed_in_capture = False  # whether the captured step called zero_grad
         self._host_scalars: list[AdamHostScalars | None] = []  # per group, for our Adam step
         self._updated: list[torch.Tensor] = []  # parameters our Adam step updated in the capture under way
         # parameters the graphs held update: our Adam step shares bias corrections among
@@ -213,6 +215,15 @@ class GraphSafeOptimizer:
                 self._write_live(slot, value)
                 self._swapped[slot] = value
                 group[key] = self._live[slot]
+        self.zeroed_in_capture = False
+        self._saved_zero_grad = self.optimizer.__dict__.get("zero_grad", _MISSING)
+        zero_grad = self.optimizer.zero_grad
+
+        def watched_zero_grad(*args: Any, **kwargs: Any) -> Any:
+            self.zeroed_in_capture = True
+            return zero_grad(*args, **kwargs)
+
+        self.optimizer.zero_grad = watched_zero_grad
         if self.plan.own_adam_step:
             self._saved_step = self.optimizer.__dict__.get("step", _MISSING)
             self._updated = []
@@ -245,6 +256,11 @@ class GraphSafeOptimizer:
         for group, saved in zip(groups, self._while_capturing):
             group.update(saved)
         self._while_capturing = []
+        if self._saved_zero_grad is not _MISSING:
+            self.optimizer.zero_grad = self._saved_zero_grad
+        else:
+            self.optimizer.__dict__.pop("zero_grad", None)
+        self._saved_zero_grad = _MISSING
         if self._saved_step is not _MISSING:
             self.optimizer.step = self._saved_step
         elif self.plan.own_adam_step:
@@ -266,7 +282,7 @@ class GraphSafeOptimizer:
             (len(group), {k: v for k, v in group.items() if k != "params" and (i, k) not in self._live})
             for i, group in enumerate(groups)
         ]
-        self._structure = self._structure_key()
+        self._structure = self.structure_key()
         return problem
 
     def _baked_snapshot(self) -> list[dict[str, Any]]:
@@ -276,7 +292,8 @@ class GraphSafeOptimizer:
             for i, group in enumerate(self.optimizer.param_groups)
         ]
 
-    def _structure_key(self) -> tuple:
+    def structure_key(self) -> tuple:
+        """Identities of the state, the param groups and their parameter lists."""
         opt = self.optimizer
         return (id(opt.state), id(opt.param_groups), tuple(id(g["params"]) for g in opt.param_groups))
 
@@ -305,9 +322,10 @@ class GraphSafeOptimizer:
     # -- eager steps while graphs are held -----------------------------------------
 
     @contextmanager
-    def watching_steps(self) -> Iterator[list[frozenset[int]]]:
+    def watching_steps(self) -> Iterator[list[frozenset[int]] | None]:
         """Within the block, record each step the optimizer takes (eagerly) as the set
-        of parameters it updated: those with gradients."""
+        of parameters it updated: those with gradients. ``None`` where the optimizer
+        offers no step hooks (an object that only looks like a torch optimizer)."""
         taken: list[frozenset[int]] = []
 
         def record(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -315,15 +333,19 @@ class GraphSafeOptimizer:
                 frozenset(id(p) for group in optimizer.param_groups for p in group["params"] if p.grad is not None)
             )
 
-        handle = self.optimizer.register_step_post_hook(record)
+        try:
+            handle = self.optimizer.register_step_post_hook(record)
+        except (AttributeError, TypeError):  # an optimizer-like object without torch's hooks
+            yield None
+            return
         try:
             yield taken
         finally:
             handle.remove()
 
-    def diverging_update(self, taken: list[frozenset[int]]) -> str | None:
+    def diverging_update(self, taken: list[frozenset[int]] | None) -> str | None:
         """Why eager steps ``taken`` leave step counts the graphs held do not expect, if so."""
-        if self._graph_updates is None or not self.plan.own_adam_step:
+        if not taken or self._graph_updates is None or not self.plan.own_adam_step:
             return None
         if any(updated != self._graph_updates for updated in taken):
             return f"an eager {type(self.optimizer).__name__} step updated other parameters than the captured steps"
@@ -342,7 +364,7 @@ class GraphSafeOptimizer:
         Runs before every replay, so the common case (nothing changed) is a few
         identity checks per hyper-parameter."""
         name = type(self.optimizer).__name__
-        if self._structure != self._structure_key():
+        if self._structure != self.structure_key():
             return f"{name}'s state or param_groups were replaced or extended", True
         if self._baked_values_changed():
             change = self.describe_change(self._baked, self._baked_snapshot())

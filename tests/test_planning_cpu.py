@@ -145,3 +145,62 @@ def test_an_accumulating_graph_does_not_take_over_a_missing_gradient(graph_api_o
     model.bias.grad = None  # some batch left this parameter without a gradient
     assert step.plan((torch.ones(8, 3),)).action is Action.EAGER
     assert step.phase is Phase.CAPTURED
+
+
+def test_parameters_added_before_the_first_capture_get_a_step_first(graph_api_on_cpu):
+    backbone, head = torch.nn.Linear(3, 3), torch.nn.Linear(3, 1)
+    backbone.requires_grad_(False)
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9)
+
+    def step_fn(x):
+        optimizer.zero_grad()
+        head(backbone(x)).sum().backward()
+        optimizer.step()
+
+    model = torch.nn.Sequential(backbone, head)
+    step = GraphedStep(None, warmup_steps=2, optimizers=[optimizer], modules=[model], device="cuda")
+    assert _drive(step, step_fn, _batches([8, 8])) == "WW"
+    backbone.requires_grad_(True)  # unfrozen after warm-up, before any capture
+    optimizer.add_param_group({"params": list(backbone.parameters())})
+    assert _drive(step, step_fn, _batches([8, 8, 8])) == "WCR"
+    assert optimizer.state[backbone.weight].get("momentum_buffer") is not None  # created eagerly
+
+
+def test_an_optimizer_without_step_hooks_is_taken_on_trust(graph_api_on_cpu):
+    class Plain:  # only looks like an optimizer: no torch hooks
+        def __init__(self, params):
+            self.param_groups = [{"params": list(params), "lr": 0.1}]
+            self.state = {}
+            self.defaults = {}
+
+        def step(self, closure=None):
+            for p in self.param_groups[0]["params"]:
+                p.data -= 0.1 * p.grad
+
+        def zero_grad(self, set_to_none=True):
+            for p in self.param_groups[0]["params"]:
+                p.grad = None
+
+    model = torch.nn.Linear(3, 1)
+    optimizer = Plain(model.parameters())
+
+    def step_fn(x):
+        optimizer.zero_grad()
+        model(x).sum().backward()
+        optimizer.step()
+
+    step = GraphedStep(None, warmup_steps=2, optimizers=[optimizer], modules=[model], device="cuda")
+    assert _drive(step, step_fn, _batches([8, 8, 8, 8])) == "WWCR"
+
+
+def test_a_step_that_never_steps_its_optimizer_is_captured_in_the_end(graph_api_on_cpu):
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def forward_only(x):
+        with torch.no_grad():
+            return model(x)
+
+    step = GraphedStep(None, warmup_steps=1, optimizers=[optimizer], modules=[model], device="cuda")
+    actions = _drive(step, forward_only, _batches([8] * 70))
+    assert "C" in actions and actions.endswith("R")
