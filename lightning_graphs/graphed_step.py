@@ -210,6 +210,7 @@ class GraphedStep:
         self._watch += [(type(o.optimizer).__name__, o.optimizer) for o in self._optimizers]
         self._params = self._optimized_params()
         self._warmups_left = self.warmup_steps
+        self._warmup_structure: tuple | None = None  # modules' and optimizers' structure at the last warm-up
         self._device: torch.device | None = torch.device("cuda", device) if isinstance(device, int) else (
             torch.device(device) if device is not None else None
         )
@@ -260,9 +261,20 @@ class GraphedStep:
                 return StepPlan(Action.EAGER, signature, "graphs disabled")
             if structural:
                 self._warmups_left = max(self._warmups_left, 1)  # new parameters need optimizer state first
-        if self._warmups_left > 0:
+        if self._warmups_left > 0 or self._changed_since_warmup():
             return StepPlan(Action.WARMUP, signature)
         return StepPlan(Action.CAPTURE, signature)
+
+    def _changed_since_warmup(self) -> bool:
+        """Whether parameters, modes or param groups changed since the last warm-up step
+        (a layer unfrozen before the first capture): new parameters need an eager step,
+        which creates their optimizer state, before a graph can step them."""
+        if not self._optimizers or self._warmup_structure is None:
+            return False
+        return self._warmup_structure != self._full_structure()
+
+    def _full_structure(self) -> tuple:
+        return self._structure_key(), tuple(o.structure_key() for o in self._optimizers)
 
     def request_structure_check(self) -> None:
         """Check parameters, modes and ``requires_grad`` flags before the next replay
@@ -311,8 +323,10 @@ class GraphedStep:
         with torch.cuda.stream(stream):
             outputs = fn()
         current.wait_stream(stream)
-        self._warmups_left -= 1
+        self._warmups_left = max(self._warmups_left - 1, 0)
         self.stats.warmup_steps += 1
+        if self._optimizers:
+            self._warmup_structure = self._full_structure()
         problem = self._side_effects(before) if check else None
         problem = problem or self._host_state()
         if problem is not None:

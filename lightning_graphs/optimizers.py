@@ -243,7 +243,7 @@ class GraphSafeOptimizer:
             (len(group), {k: v for k, v in group.items() if k != "params" and (i, k) not in self._live})
             for i, group in enumerate(groups)
         ]
-        self._structure = self._structure_key()
+        self._structure = self.structure_key()
         return problem
 
     def _baked_snapshot(self) -> list[dict[str, Any]]:
@@ -253,7 +253,8 @@ class GraphSafeOptimizer:
             for i, group in enumerate(self.optimizer.param_groups)
         ]
 
-    def _structure_key(self) -> tuple:
+    def structure_key(self) -> tuple:
+        """Identities of the state, the param groups and their parameter lists."""
         opt = self.optimizer
         return (id(opt.state), id(opt.param_groups), tuple(id(g["params"]) for g in opt.param_groups))
 
@@ -288,7 +289,7 @@ class GraphSafeOptimizer:
         Runs before every replay, so the common case (nothing changed) is a few
         identity checks per hyper-parameter."""
         name = type(self.optimizer).__name__
-        if self._structure != self._structure_key():
+        if self._structure != self.structure_key():
             return f"{name}'s state or param_groups were replaced or extended", True
         if self._baked_values_changed():
             change = self.describe_change(self._baked, self._baked_snapshot())
