@@ -339,7 +339,8 @@ class GraphedStep:
                         known_signature = True
         if self._warmups_left > 0 or not self._optimizers_ready():
             return StepPlan(Action.WARMUP, signature, variant=variant)
-        warmed = self.warmup_steps == 0 or any(seen == signature for seen in self._warmed)
+        # (warm-ups run without a plan name no signature: then any is taken as warmed)
+        warmed = self.warmup_steps == 0 or not self._warmed or any(seen == signature for seen in self._warmed)
         if not self._graphs:
             # a signature not seen in warm-up (a ragged batch at capture time) runs one more warm-up step
             return StepPlan(Action.CAPTURE if warmed else Action.WARMUP, signature, variant=variant)

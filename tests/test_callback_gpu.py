@@ -413,6 +413,19 @@ def test_freezing_a_layer_between_epochs_recaptures():
     assert graphed.callback.stats.captures == 3, graphed.callback.stats.summary()
 
 
+def test_backbone_unfrozen_before_the_first_capture_is_stepped_eagerly_first():
+    # 3 batches an epoch: warm-up fills epoch 0, the unfreeze comes before any capture
+    from lightning.pytorch.callbacks import BackboneFinetuning
+
+    eager, graphed = both(
+        lambda: models.WithBackbone("adamw", None), max_epochs=3,
+        train_loader=lambda: loader(regression_data(n=24)),
+        extra_callbacks=lambda: [BackboneFinetuning(unfreeze_backbone_at_epoch=1, verbose=False)],
+    )
+    assert_same(eager, graphed)
+    graphs_used(graphed)
+
+
 def test_backbone_finetuning_adding_a_param_group_recaptures():
     from lightning.pytorch.callbacks import BackboneFinetuning
 

@@ -1,0 +1,95 @@
+"""When GraphedStep captures for the first time, with CUDA's graph API stood in for on CPU.
+
+Only the decisions are under test (warm-up, capture, replay): a stand-in graph
+replays nothing, so the numbers are the GPU parity tests' business.
+"""
+
+import contextlib
+
+import pytest
+import torch
+
+from lightning_graphs import GraphedStep
+from lightning_graphs.graphed_step import Action
+
+
+class _Graph:
+    def capture_begin(self, pool=None, capture_error_mode=None):
+        pass
+
+    def capture_end(self):
+        pass
+
+    def replay(self):
+        pass
+
+
+class _Stream:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, other):
+        pass
+
+
+@pytest.fixture
+def graph_api_on_cpu(monkeypatch):
+    cuda = torch.cuda
+    monkeypatch.setattr(cuda, "CUDAGraph", _Graph)
+    monkeypatch.setattr(cuda, "Stream", _Stream)
+    monkeypatch.setattr(cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(cuda, "current_stream", lambda device=None: _Stream())
+    monkeypatch.setattr(cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(cuda, "graph_pool_handle", lambda: (0, 1))
+
+
+def _drive(step, fn, count):
+    """``count`` calls as the Lightning callback makes them; the actions taken (W, C, R, E)."""
+    actions = []
+    for _ in range(count):
+        inputs = (torch.ones(8, 3),)
+        plan = step.plan(inputs)
+        actions.append(plan.action.name[0])
+        if plan.action is Action.WARMUP:
+            step.warmup(lambda: fn(*inputs))
+        elif plan.action is Action.CAPTURE:
+            step.capture(plan, lambda static: fn(*static))
+        elif plan.action is Action.REPLAY:
+            step.replay(plan)
+        else:
+            step.eager(lambda: fn(*inputs), plan.reason)
+    return "".join(actions)
+
+
+def _finetuning():
+    backbone, head = torch.nn.Linear(3, 3), torch.nn.Linear(3, 1)
+    backbone.requires_grad_(False)
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9)
+    model = torch.nn.Sequential(backbone, head)
+
+    def step_fn(x):
+        optimizer.zero_grad()
+        model(x).sum().backward()
+        optimizer.step()
+
+    return model, backbone, optimizer, step_fn
+
+
+def test_warm_up_then_capture_then_replay(graph_api_on_cpu):
+    model, _, optimizer, step_fn = _finetuning()
+    step = GraphedStep(None, warmup_steps=2, optimizers=[optimizer], modules=[model], device="cuda")
+    assert _drive(step, step_fn, 4) == "WWCR"
+
+
+def test_a_layer_unfrozen_before_the_first_capture_gets_an_eager_step_first(graph_api_on_cpu):
+    model, backbone, optimizer, step_fn = _finetuning()
+    step = GraphedStep(None, warmup_steps=2, optimizers=[optimizer], modules=[model], device="cuda")
+    assert _drive(step, step_fn, 2) == "WW"
+    backbone.requires_grad_(True)  # as BackboneFinetuning does at an epoch start
+    optimizer.add_param_group({"params": list(backbone.parameters())})
+    assert _drive(step, step_fn, 3) == "WCR"
+    # the eager step created the new parameters' state: the graph steps them from it
+    assert optimizer.state[backbone.weight].get("momentum_buffer") is not None
