@@ -57,3 +57,13 @@ def test_harness_end_to_end_tiny(tmp_path, capsys):
     assert bench.main(["--replot", str(tmp_path / "results.json"), "--out", str(tmp_path / "again"),
                        "--modes", "raw-eager", "lightning-graphs"]) in (0, 1)  # 1: no matplotlib here
     assert "lightning-graphs" in capsys.readouterr().out
+
+
+def test_kernel_comparison_orders_by_time_difference():
+    from benchmarks.compare_graphs import compare
+
+    ours = {"gemm": (10.0, 100.0), "adam_scalar": (8.0, 20.0), "copy": (1.0, 2.0)}
+    theirs = {"gemm": (10.0, 99.0), "lerp": (1.0, 5.0)}
+    rows = compare(ours, theirs)
+    assert [row[0] for row in rows] == ["adam_scalar", "lerp", "copy", "gemm"]
+    assert rows[1] == ("lerp", 0.0, 1.0, 0.0, 5.0)
