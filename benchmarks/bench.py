@@ -143,6 +143,16 @@ def measure_lightning(workload, mode: str, steps: int, warmup: int, repeats: int
     return result
 
 
+def captured_graph(callback):
+    """The CUDA graph a running CUDAGraphCallback replays (raises if it holds none)."""
+    held = callback._engine.graphs if callback._engine is not None else ()
+    graph = held[-1].graph if held else None  # the most recently replayed
+    if graph is None:
+        stats = callback.stats
+        raise RuntimeError(f"nothing was captured: {stats.summary() if stats else 'graphs never started'}")
+    return graph
+
+
 def find_syncs(workload_name: str, steps: int = 200) -> None:
     """Train with CUDAGraphCallback and report every host synchronisation after capture, with its stack."""
     import traceback
@@ -165,10 +175,14 @@ def find_syncs(workload_name: str, steps: int = 200) -> None:
                 torch.cuda.set_sync_debug_mode("warn")
             if batch_idx == 20:
                 torch.cuda.set_sync_debug_mode("default")
+<<<<<<< HEAD
                 held = callback._engine.graphs if callback._engine is not None else ()
                 graph = held[-1].graph if held else None
                 if graph is None:
                     raise RuntimeError(f"nothing was captured: {callback.stats.summary()}")
+=======
+                graph = captured_graph(callback)
+>>>>>>> main
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 torch.cuda.synchronize()
                 start.record()

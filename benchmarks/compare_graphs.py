@@ -73,6 +73,7 @@ def callback_profile(workload, replays: int, at_step: int = 10) -> Profile:
     """The graph CUDAGraphCallback captured for the workload's LightningModule."""
     import lightning.pytorch as pl
 
+    from benchmarks.bench import captured_graph
     from benchmarks.workloads import WorkloadModule, loader
     from lightning_graphs import CUDAGraphCallback
 
@@ -81,12 +82,7 @@ def callback_profile(workload, replays: int, at_step: int = 10) -> Profile:
     class ProfileCapturedGraph(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if batch_idx == at_step:
-                engine = graphs._engine
-                held = getattr(engine, "graphs", ()) if engine is not None else ()
-                graph = held[-1].graph if held else getattr(engine, "_graph", None)
-                if graph is None:
-                    raise RuntimeError(f"nothing was captured: {graphs.stats.summary() if graphs.stats else ''}")
-                found["kernels"] = profile_replays(graph, replays)
+                found["kernels"] = profile_replays(captured_graph(graphs), replays)
 
     pl.seed_everything(0, verbose=False)
     graphs = CUDAGraphCallback(verbose=False)

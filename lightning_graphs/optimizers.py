@@ -266,6 +266,7 @@ class GraphSafeOptimizer:
         elif self.plan.own_adam_step:
             self.optimizer.__dict__.pop("step", None)
         self._saved_step = _MISSING
+<<<<<<< HEAD
         if problem is None and self._updated:
             updated = frozenset(id(p) for p in self._updated)
             if self._graph_updates is None:
@@ -282,15 +283,23 @@ class GraphSafeOptimizer:
             (len(group), {k: v for k, v in group.items() if k != "params" and (i, k) not in self._live})
             for i, group in enumerate(groups)
         ]
+=======
+        self._baked_raw = [(len(group), baked) for group, baked in zip(groups, self._baked_values())]
+        self._baked = [{k: _frozen(v) for k, v in baked.items()} for _, baked in self._baked_raw]
+>>>>>>> main
         self._structure = self.structure_key()
         return problem
 
-    def _baked_snapshot(self) -> list[dict[str, Any]]:
-        """Hyper-parameters a graph bakes in: all but the params and the live slots."""
+    def _baked_values(self) -> list[dict[str, Any]]:
+        """Per group, the hyper-parameters a graph bakes in: all but the params and the live slots."""
         return [
-            {k: _frozen(v) for k, v in group.items() if k != "params" and (i, k) not in self._live}
+            {k: v for k, v in group.items() if k != "params" and (i, k) not in self._live}
             for i, group in enumerate(self.optimizer.param_groups)
         ]
+
+    def _baked_snapshot(self) -> list[dict[str, Any]]:
+        """:meth:`_baked_values`, comparable (see ``_frozen``)."""
+        return [{k: _frozen(v) for k, v in baked.items()} for baked in self._baked_values()]
 
     def structure_key(self) -> tuple:
         """Identities of the state, the param groups and their parameter lists."""
