@@ -175,14 +175,7 @@ def find_syncs(workload_name: str, steps: int = 200) -> None:
                 torch.cuda.set_sync_debug_mode("warn")
             if batch_idx == 20:
                 torch.cuda.set_sync_debug_mode("default")
-<<<<<<< HEAD
-                held = callback._engine.graphs if callback._engine is not None else ()
-                graph = held[-1].graph if held else None
-                if graph is None:
-                    raise RuntimeError(f"nothing was captured: {callback.stats.summary()}")
-=======
                 graph = captured_graph(callback)
->>>>>>> main
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 torch.cuda.synchronize()
                 start.record()

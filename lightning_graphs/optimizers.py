@@ -266,7 +266,6 @@ class GraphSafeOptimizer:
         elif self.plan.own_adam_step:
             self.optimizer.__dict__.pop("step", None)
         self._saved_step = _MISSING
-<<<<<<< HEAD
         if problem is None and self._updated:
             updated = frozenset(id(p) for p in self._updated)
             if self._graph_updates is None:
@@ -278,15 +277,8 @@ class GraphSafeOptimizer:
                     "step to update the same ones"
                 )
         self._updated = []
-        self._baked = self._baked_snapshot()
-        self._baked_raw = [
-            (len(group), {k: v for k, v in group.items() if k != "params" and (i, k) not in self._live})
-            for i, group in enumerate(groups)
-        ]
-=======
         self._baked_raw = [(len(group), baked) for group, baked in zip(groups, self._baked_values())]
         self._baked = [{k: _frozen(v) for k, v in baked.items()} for _, baked in self._baked_raw]
->>>>>>> main
         self._structure = self.structure_key()
         return problem
 
