@@ -13,6 +13,13 @@ sequence. Only the rounding of a few fused operations can differ from the eager
 step (a few units in the last place of an update). Temporaries are freed as soon
 as they are used, so a captured step holds no more memory than an eager one.
 
+Given ``found_inf`` (a GradScaler's device flag), the step skips itself on the
+device when it is nonzero: gradients are read as zeros and the weights of the
+moment updates, the decay factor and the step size become those of a step that
+changes nothing, so a skipped step leaves counts, moments and parameters exactly
+as they were; a step that is not skipped computes exactly what it would without
+the flag.
+
 It stands in for ``optimizer.step`` only while a step is captured.
 """
 
@@ -96,9 +103,25 @@ class AdamHostScalars:
         return self
 
 
+class _SkippableScalars:
+    """:class:`AdamHostScalars` made neutral on the device where ``found_inf`` is set:
+    no moment update (weight 0, ``beta2`` 1) and no decay (factor 1). Where it is
+    not set the values are the host ones exactly (``x * 1 + 0``)."""
+
+    def __init__(self, host: AdamHostScalars, found_inf: torch.Tensor) -> None:
+        self.skipped = found_inf != 0
+        self.keep = (~self.skipped).float()
+        skipped = self.skipped.float()
+        self.one_minus_beta1 = host.one_minus_beta1 * self.keep
+        self.beta2 = host.beta2 * self.keep + skipped
+        self.one_minus_beta2 = host.one_minus_beta2
+        self.decay = host.decay * self.keep + skipped
+
+
 @torch.no_grad()
 def _step_params(
-    optimizer: torch.optim.Optimizer, group: dict, params: list[torch.Tensor], host: AdamHostScalars
+    optimizer: torch.optim.Optimizer, group: dict, params: list[torch.Tensor], host: AdamHostScalars,
+    found_inf: torch.Tensor | None = None,
 ) -> None:
     params = [p for p in params if p.grad is not None]  # as the eager step: only those with gradients
     if not params:
@@ -107,8 +130,12 @@ def _step_params(
     steps = [s["step"] for s in state]
     lr, (beta1, beta2) = group["lr"], group["betas"]  # float64 device tensors
     decoupled = group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW))
+    skip = _SkippableScalars(host, found_inf) if found_inf is not None else None
 
-    torch._foreach_add_(steps, 1)
+    if skip is not None:
+        torch._foreach_add_(steps, [skip.keep] * len(steps))  # a list: the tensor-scalar overload syncs on CUDA
+    else:
+        torch._foreach_add_(steps, 1)
     step = steps[0].double()  # every parameter here has this count
     # The step-dependent scalars, in float64 and rounded once, as the eager step
     # computes them on the host. The update is the eager one,
@@ -117,6 +144,10 @@ def _step_params(
     # addcdiv_ without a host number.
     bias_correction2_sqrt = (1 - beta2**step).sqrt().float()
     neg_step_size = (lr / (beta1**step - 1)).float()
+    if skip is not None:
+        # a zero step size divides the denominator into +-inf: the update adds +-0
+        neg_step_size = neg_step_size * skip.keep
+        host = skip
     if group["weight_decay"] != 0 and decoupled:
         torch._foreach_mul_(params, host.decay)
     coupled_decay = group["weight_decay"] if not decoupled else 0
@@ -131,7 +162,7 @@ def _step_params(
 
 def _foreach_update(
     params: list[torch.Tensor], state: list[dict], group: dict, decay: float,
-    c: AdamHostScalars, bias_correction2_sqrt: torch.Tensor, neg_step_size: torch.Tensor,
+    c: AdamHostScalars | _SkippableScalars, bias_correction2_sqrt: torch.Tensor, neg_step_size: torch.Tensor,
 ) -> None:
     grads = [p.grad for p in params]
     exp_avgs = [s["exp_avg"] for s in state]
@@ -140,6 +171,8 @@ def _foreach_update(
         grads = torch._foreach_neg(grads)
     if decay != 0:
         grads = torch._foreach_add(grads, params, alpha=decay)
+    if isinstance(c, _SkippableScalars):
+        grads = [torch.where(c.skipped, 0.0, g) for g in grads]  # a skipped step reads zeros, not infs
     # temporaries are dropped as soon as they are used: a graph's pool keeps its peak
     # exp_avg.lerp_(grad, 1 - beta1), with the weight read from the device
     difference = torch._foreach_sub(grads, exp_avgs)
@@ -164,13 +197,15 @@ def _foreach_update(
 
 def _tensor_update(
     p: torch.Tensor, state: dict, group: dict, decay: float,
-    c: AdamHostScalars, bias_correction2_sqrt: torch.Tensor, neg_step_size: torch.Tensor,
+    c: AdamHostScalars | _SkippableScalars, bias_correction2_sqrt: torch.Tensor, neg_step_size: torch.Tensor,
 ) -> None:
     grad = p.grad
     if group["maximize"]:
         grad = -grad
     if decay != 0:
         grad = grad.add(p, alpha=decay)
+    if isinstance(c, _SkippableScalars):
+        grad = torch.where(c.skipped, 0.0, grad)
     exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
     exp_avg.lerp_(grad, c.one_minus_beta1)
     exp_avg_sq.mul_(c.beta2).addcmul_(grad * c.one_minus_beta2, grad)
@@ -182,12 +217,13 @@ def _tensor_update(
 
 def adam_step_on_device(optimizer: torch.optim.Optimizer, splits: list[list[list[torch.Tensor]]],
                         host_scalars: list[AdamHostScalars], updated: list[torch.Tensor] | None = None,
-                        closure: Any = None) -> Any:
+                        closure: Any = None, found_inf: torch.Tensor | None = None) -> Any:
     """Adam/AdamW's step with ``lr`` and ``betas`` read from float64 device tensors.
 
     ``splits`` comes from :func:`uniform_step_groups`, taken before capture;
     ``host_scalars`` holds one :class:`AdamHostScalars` per param group. The
-    parameters updated (those with gradients) are appended to ``updated``.
+    parameters updated (those with gradients) are appended to ``updated``. With
+    ``found_inf``, the step changes nothing where it is nonzero (on the device).
     """
     loss = None
     if closure is not None:
@@ -197,5 +233,5 @@ def adam_step_on_device(optimizer: torch.optim.Optimizer, splits: list[list[list
         for params in parts:
             if updated is not None:
                 updated.extend(p for p in params if p.grad is not None)
-            _step_params(optimizer, group, params, host)
+            _step_params(optimizer, group, params, host, found_inf)
     return loss

@@ -18,7 +18,7 @@ from lightning_graphs.messages import GraphCaptureError, GraphWarning, WarnOnce
 
 __all__ = ["CUDAGraphCallback"]
 
-_SUPPORTED_PRECISION = ("32-true", "32", "bf16-mixed")
+_SUPPORTED_PRECISION = ("32-true", "32", "bf16-mixed", "16-mixed")
 _RAGGED_ADVICE = " A DataLoader with drop_last=True avoids a ragged last batch."
 
 
@@ -79,8 +79,9 @@ class CUDAGraphCallback(pl.Callback):
 
     Supported today: one CUDA device, automatic optimization (with gradient
     accumulation: each micro-step kind gets its own graph), ``precision`` of
-    ``"32-true"`` or ``"bf16-mixed"``. Other setups train eagerly, with one warning
-    saying so.
+    ``"32-true"``, ``"bf16-mixed"`` or ``"16-mixed"`` (the GradScaler skips
+    overflowing steps on the device; see :mod:`lightning_graphs.amp`). Other setups
+    train eagerly, with one warning saying so.
 
     Debugging a failed capture: the warning names the operation and your line of
     code. For host synchronisations in general, run one eager step under
@@ -157,6 +158,7 @@ class CUDAGraphCallback(pl.Callback):
             what="the training step",
             input_name="batch",
             nvtx=self.nvtx,
+            grad_scaler=getattr(trainer.precision_plugin, "scaler", None),
         )
         self._original_run = internals.patch_step_runner(trainer, self._run_step)
 
@@ -171,7 +173,7 @@ class CUDAGraphCallback(pl.Callback):
         if trainer.world_size > 1 or not isinstance(trainer.strategy, SingleDeviceStrategy):
             return f"the {type(trainer.strategy).__name__} strategy is not graphed yet; graphs need one CUDA device"
         if str(trainer.precision) not in _SUPPORTED_PRECISION:
-            return f'precision="{trainer.precision}" is not graphed yet (supported: "32-true", "bf16-mixed")'
+            return f'precision="{trainer.precision}" is not graphed yet (supported: "32-true", "bf16-mixed", "16-mixed")'
         if internals.takes_dataloader_iter(pl_module):
             return "`training_step(self, dataloader_iter)` fetches its own batches, which a graph cannot replay"
         return None

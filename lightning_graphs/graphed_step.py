@@ -58,6 +58,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from lightning_graphs.amp import graph_safe_grad_scalers, scaler_of
 from lightning_graphs.batches import BatchSignature, StaticBatch, clone_tensors, describe_mismatch, signature_of
 from lightning_graphs.capture_errors import explain_capture_error
 from lightning_graphs.messages import GraphCaptureError, WarnOnce
@@ -229,9 +230,17 @@ class GraphedStep:
             and optimizers do not say (a simulation updating tensors it closes over).
         nvtx: mark warm-up, capture, replay and eager calls as NVTX ranges, which
             Nsight Systems shows on its timeline.
+        grad_scaler: the ``torch.amp.GradScaler`` that ``fn`` steps its optimizers
+            through (fp16 mixed precision). Its skip of steps with inf/NaN gradients
+            is then decided on the device at every replay (see
+            :mod:`lightning_graphs.amp`); without it, ``scaler.step`` reads
+            ``found_inf`` on the host and the capture fails. Adam, AdamW, SGD and
+            fused optimizers can skip on the device; with others the step runs
+            eagerly, with a warning.
 
     Optimizers wrapped by Lightning or Fabric (``fabric.setup(model, optimizer)``)
-    are prepared through the optimizer they wrap.
+    are prepared through the optimizer they wrap, and the GradScaler of Fabric's
+    ``precision="16-mixed"`` is found through them.
     """
 
     def __init__(
@@ -250,6 +259,7 @@ class GraphedStep:
         input_name: str = "inputs",
         device: torch.device | str | int | None = None,
         nvtx: bool = False,
+        grad_scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         if warmup_steps < 0:
             raise ValueError(f"`warmup_steps` must be >= 0, got {warmup_steps}")
@@ -267,6 +277,11 @@ class GraphedStep:
         self._warn = warn or WarnOnce()
         self._ignore = ignore_attribute or ignore_torch_attribute
         self._optimizers = [GraphSafeOptimizer(_unwrap_optimizer(o)) for o in optimizers]
+        scalers = [grad_scaler] if grad_scaler is not None and grad_scaler.is_enabled() else []
+        for found in map(scaler_of, optimizers):
+            if found is not None and all(found is not s for s in scalers):
+                scalers.append(found)
+        self._grad_scalers = scalers
         self._modules = list(modules)
         watched = {id(obj) for _, obj in watch}
         self._watch = list(watch) + [(type(m).__name__, m) for m in self._modules if id(m) not in watched]
@@ -295,6 +310,11 @@ class GraphedStep:
         for optimizer in self._optimizers:
             if optimizer.unsupported:
                 self.disable(f"{type(optimizer.optimizer).__name__} cannot be captured: {optimizer.unsupported}")
+        for optimizer in self._optimizers if scalers else ():
+            reason = optimizer.skip_on_device_unsupported()
+            if reason is not None:
+                self.disable(f"with a GradScaler (fp16 mixed precision), {reason}")
+                break
 
     # -- decisions ------------------------------------------------------------
 
@@ -503,7 +523,8 @@ class GraphedStep:
             with torch.cuda.device(self._device), torch.cuda.stream(stream):
                 graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
                 try:
-                    outputs = fn(static.value)
+                    with graph_safe_grad_scalers(self._grad_scalers, self._step_unless_found_inf):
+                        outputs = fn(static.value)
                 except BaseException:
                     _end_capture(graph)
                     raise
@@ -546,6 +567,16 @@ class GraphedStep:
             # the graph ran this step faithfully; later steps would repeat its Python decisions
             self.disable(problem)
         return outputs
+
+    def _step_unless_found_inf(self, optimizer: torch.optim.Optimizer, found_inf: torch.Tensor, args: tuple,
+                               kwargs: dict) -> Any:
+        for prepared in self._optimizers:
+            if prepared.optimizer is optimizer:
+                return prepared.step_unless_found_inf(found_inf, args, kwargs)
+        raise RuntimeError(
+            f"a GradScaler stepped {type(optimizer).__name__}, which was not among the optimizers given; its skip "
+            "of overflowing steps cannot be captured"
+        )
 
     def replay(self, plan: StepPlan) -> Any:
         """Copy the inputs in and replay the plan's graph. Returns its outputs in graph memory."""

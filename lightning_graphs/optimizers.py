@@ -169,6 +169,30 @@ class GraphSafeOptimizer:
                     return f"{where} is a Python number that changes on the host at every step"
         return None
 
+    def skip_on_device_unsupported(self) -> str | None:
+        """Why a captured step of this optimizer cannot skip itself on the device
+        when a GradScaler finds an inf or NaN (fp16 mixed precision), if so."""
+        if self.plan.own_adam_step or self.plan.while_capturing.get("fused"):
+            return None
+        if all(group.get("fused") for group in self.optimizer.param_groups):
+            return None  # fused kernels take found_inf
+        return (
+            f"{type(self.optimizer).__name__} cannot skip an overflowing fp16 step on the device (Adam, AdamW, SGD "
+            "and fused optimizers can)"
+        )
+
+    def step_unless_found_inf(self, found_inf: torch.Tensor, args: tuple, kwargs: dict) -> Any:
+        """While capturing: the optimizer step, changing nothing at replays where
+        ``found_inf`` is nonzero (see :mod:`lightning_graphs.amp`)."""
+        if self.plan.own_adam_step:
+            return self.optimizer.step(*args, found_inf=found_inf, **kwargs)
+        # fused kernels read the flag from the optimizer, where GradScaler puts it for them
+        self.optimizer.found_inf = found_inf
+        try:
+            return self.optimizer.step(*args, **kwargs)
+        finally:
+            del self.optimizer.found_inf
+
     def hyperparameters(self) -> list[dict[str, Any]]:
         """A comparable snapshot of every group's hyper-parameters (not its params)."""
         return [{k: _frozen(v) for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]

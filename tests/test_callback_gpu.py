@@ -335,11 +335,120 @@ def test_torchmetrics_updated_in_the_step_is_detected():
     assert any("train_mse" in w for w in graphed.warnings), graphed.warnings
 
 
-def test_16_mixed_trains_unchanged_with_one_warning():
-    eager, graphed = both(lambda: models.Regressor("adamw", "lambda"), precision="16-mixed")
+class ScaleTrace(Callback):
+    """Per step: the GradScaler's scale and the first parameter's optimizer step count
+    (read on the host after the step; a skipped step leaves the count unchanged)."""
+
+    def __init__(self):
+        self.scales, self.counts = [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.scales.append(trainer.precision_plugin.scaler.get_scale())
+        optimizer = trainer.optimizers[0]
+        state = optimizer.state.get(optimizer.param_groups[0]["params"][0], {})
+        count = state.get("step", state.get("momentum_buffer"))
+        self.counts.append(float(count) if isinstance(count, torch.Tensor) and count.dim() == 0 else None)
+
+
+def overflowing_data():
+    """8 batches an epoch; at positions 4 and 6 the targets are so large that fp16
+    gradients overflow at the scales the scaler tries, epoch after epoch."""
+    x, y = regression_data(n=64).tensors
+    y = y.clone()
+    y[32:40] *= 1e2
+    y[48:56] *= 1e4
+    return loader(torch.utils.data.TensorDataset(x, y))
+
+
+def scale_traces(make_module, max_epochs=4, **kwargs):
+    runs, traces = [], []
+    for graphed in (False, True):
+        trace = ScaleTrace()
+        runs.append(fit(make_module, graphed=graphed, train_loader=overflowing_data, extra_callbacks=lambda: [trace],
+                        precision="16-mixed", max_epochs=max_epochs, **kwargs))
+        traces.append(trace)
+    return runs, traces
+
+
+@pytest.mark.parametrize("optimizer, clip", [("adamw", None), ("sgd", 1.0), ("adam_two_groups", None)])
+def test_16_mixed_skips_the_same_overflowing_steps_as_eager(optimizer, clip):
+    (eager, graphed), (eager_trace, graphed_trace) = scale_traces(
+        lambda: models.Regressor(optimizer, "lambda"), gradient_clip_val=clip
+    )
+    # the scaler backed off during replays: skipped steps were decided on the device
+    backoffs = [i for i in range(1, len(eager_trace.scales)) if eager_trace.scales[i] < eager_trace.scales[i - 1]]
+    assert any(i > 8 for i in backoffs), eager_trace.scales
+    assert graphed_trace.scales == eager_trace.scales
+    assert graphed_trace.counts == eager_trace.counts
+    assert_same(eager, graphed, rtol=1e-3, atol=1e-3)  # fp16 activations round an ulp-level optimizer difference
+    graphs_used(graphed, eager_steps=0)
+    assert not graphed.warnings, graphed.warnings
+
+
+def test_16_mixed_with_an_optimizer_that_cannot_skip_on_the_device_trains_eagerly():
+    eager, graphed = both(lambda: models.Regressor("rmsprop", None), precision="16-mixed")
     assert_same(eager, graphed, rtol=0, atol=0)  # untouched: bitwise equal
-    assert graphed.callback.stats is None or graphed.callback.stats.replays == 0
-    assert len([w for w in graphed.warnings if "16-mixed" in w]) == 1, graphed.warnings
+    assert graphed.callback.stats.replays == 0
+    assert len([w for w in graphed.warnings if "RMSprop" in w and "fp16" in w]) == 1, graphed.warnings
+
+
+def test_16_mixed_with_a_scaler_that_grows_and_backs_off():
+    from lightning.pytorch.plugins import MixedPrecision
+
+    def plugins():
+        return [MixedPrecision("16-mixed", "cuda", scaler=torch.amp.GradScaler("cuda", growth_interval=2))]
+
+    runs, traces = [], []
+    for graphed in (False, True):
+        trace = ScaleTrace()
+        runs.append(fit(lambda: models.Regressor("adamw", "lambda"), graphed=graphed, train_loader=overflowing_data,
+                        extra_callbacks=lambda: [trace], plugins=plugins(), max_epochs=4))
+        traces.append(trace)
+    (eager, graphed), (eager_trace, graphed_trace) = runs, traces
+    scales = eager_trace.scales
+    assert any(b > a for a, b in zip(scales, scales[1:])) and any(b < a for a, b in zip(scales, scales[1:])), scales
+    assert graphed_trace.scales == scales
+    assert graphed_trace.counts == eager_trace.counts
+    assert_same(eager, graphed, rtol=1e-3, atol=1e-3)
+    graphs_used(graphed, eager_steps=0)
+
+
+def test_graphed_step_with_a_grad_scaler_in_a_plain_loop():
+    from lightning_graphs import GraphedStep
+
+    def train(graphed):
+        torch.manual_seed(0)
+        model = models.mlp().cuda()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        scaler = torch.amp.GradScaler("cuda", growth_interval=3)
+        batches = [(x.cuda(), y.cuda()) for x, y in overflowing_data()] * 4
+
+        def step(x, y):
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.float16):
+                loss = F.mse_loss(model(x), y)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            return loss.detach()
+
+        runner = GraphedStep(step, optimizers=[opt], modules=[model], grad_scaler=scaler) if graphed else step
+        losses, scales = [], []
+        for x, y in batches:
+            losses.append(runner(x, y))
+            scales.append(scaler.get_scale())
+        if graphed:
+            assert runner.stats.replays == len(batches) - 4, runner.stats.summary()
+            runner.close()
+        return torch.stack(losses).cpu(), scales, {k: v.cpu() for k, v in model.state_dict().items()}
+
+    eager_losses, eager_scales, eager_state = train(False)
+    graphed_losses, graphed_scales, graphed_state = train(True)
+    assert graphed_scales == eager_scales
+    assert any(b < a for a, b in zip(eager_scales[4:], eager_scales[5:])), eager_scales
+    torch.testing.assert_close(graphed_losses, eager_losses, rtol=1e-3, atol=1e-3)
+    for name in eager_state:
+        torch.testing.assert_close(graphed_state[name], eager_state[name], rtol=1e-3, atol=1e-3)
 
 
 # -- gradient accumulation: one graph per kind of micro-step -----------------------------------

@@ -214,15 +214,18 @@ def test_python_numbers_in_a_custom_optimizers_state_are_named():
     assert problem is not None and "'n'" in problem
 
 
+@pytest.mark.parametrize("with_found_inf", [False, True], ids=["", "with-found_inf"])
 @pytest.mark.parametrize("per_tensor", [False, True], ids=["foreach", "per-tensor"])
 @pytest.mark.parametrize("cls, kwargs", [
     (torch.optim.AdamW, {"weight_decay": 0.01}),
     (torch.optim.Adam, {"weight_decay": 1e-3, "amsgrad": True}),
     (torch.optim.Adam, {"maximize": True}),
 ])
-def test_device_scalar_adam_step_follows_pytorchs_adam(monkeypatch, cls, kwargs, per_tensor):
+def test_device_scalar_adam_step_follows_pytorchs_adam(monkeypatch, cls, kwargs, per_tensor, with_found_inf):
     """The arithmetic of the graph-safe Adam step, on CPU tensors: lr and betas read from
-    float64 tensors, betas cycled as OneCycleLR does, both update paths."""
+    float64 tensors, betas cycled as OneCycleLR does, both update paths. With a
+    GradScaler's ``found_inf``, steps whose gradients overflow change nothing (where
+    PyTorch's scaler does not call the step) and the others are those of PyTorch."""
     from lightning_graphs import adam_step
 
     if per_tensor:
@@ -236,23 +239,35 @@ def test_device_scalar_adam_step_follows_pytorchs_adam(monkeypatch, cls, kwargs,
     opt_theirs = cls(theirs, lr=1e-2, betas=(0.9, 0.999), foreach=True, **kwargs)
     for step in range(30):
         grads = [torch.randn(s, generator=generator) for s in shapes]
+        overflow = with_found_inf and step % 5 == 3
+        if overflow:
+            grads[step % 3].view(-1)[0] = float("inf") if step % 2 else float("nan")
         for opt in (opt_ours, opt_theirs):
             opt.param_groups[0]["betas"] = (0.85 + 0.1 * step / 30, 0.999)
             opt.param_groups[0]["lr"] = 1e-2 * (1 - step / 40)
         for params in (ours, theirs):
             for p, g in zip(params, grads):
                 p.grad = g.clone()
-        opt_theirs.step()
+        if not overflow:
+            opt_theirs.step()
         if step == 0:
             opt_ours.step()  # creates the state, as a warm-up step does
             continue
+        before = [(p.clone(), {k: v.clone() for k, v in opt_ours.state[p].items()}) for p in ours]
         group = opt_ours.param_groups[0]
         host = adam_step.AdamHostScalars(torch.device("cpu")).write(group)
         lr, betas = group["lr"], group["betas"]
         group["lr"] = torch.tensor(lr, dtype=torch.float64)
         group["betas"] = tuple(torch.tensor(b, dtype=torch.float64) for b in betas)
-        adam_step.adam_step_on_device(opt_ours, adam_step.uniform_step_groups(opt_ours), [host], [])
+        found_inf = torch.tensor(float(overflow)) if with_found_inf else None
+        adam_step.adam_step_on_device(opt_ours, adam_step.uniform_step_groups(opt_ours), [host], [],
+                                      found_inf=found_inf)
         group["lr"], group["betas"] = lr, betas
+        if overflow:
+            for p, (value, state) in zip(ours, before):
+                assert torch.equal(p, value)
+                for key, tensor in state.items():
+                    assert torch.equal(opt_ours.state[p][key], tensor), key
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     for a, b in zip(ours, theirs):
