@@ -9,6 +9,11 @@ Modes:
   lightning-eager    Lightning, as users run it
   lightning-compile  Lightning with the model under torch.compile(mode="reduce-overhead")
   lightning-graphs   Lightning with CUDAGraphCallback()
+  raw-graph-compiled         the hand-written whole-step graph around torch.compile(model) (default mode)
+  lightning-graphs-compiled  Lightning with CUDAGraphCallback() and torch.compile(model) (default mode)
+
+The two compiled modes run Inductor's fused kernels inside one whole-step graph;
+their compile time (the first step) is reported apart from steps/s.
 
 Each (workload, mode) runs in a fresh process: ``--warmup`` steps, then ``--repeats``
 timed windows of ``--steps`` steps each (device synchronised at window edges only).
@@ -31,7 +36,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-MODES = ["raw-eager", "raw-graph", "lightning-eager", "lightning-compile", "lightning-graphs"]
+MODES = ["raw-eager", "raw-graph", "lightning-eager", "lightning-compile", "lightning-graphs", "raw-graph-compiled",
+         "lightning-graphs-compiled"]
+COMPILING_MODES = ("lightning-compile", "raw-graph-compiled", "lightning-graphs-compiled")
 WORKLOAD_NAMES = ["mlp", "rollout", "pinn", "big"]
 
 
@@ -42,32 +49,38 @@ def _windows(boundaries: list[float], steps: int) -> list[float]:
     return [steps / (b - a) for a, b in zip(boundaries, boundaries[1:])]
 
 
-def measure_raw(workload, graph: bool, steps: int, warmup: int, repeats: int, device: str) -> dict:
+def measure_raw(workload, graph: bool, steps: int, warmup: int, repeats: int, device: str,
+                compiled: bool = False) -> dict:
     import torch
 
     torch.manual_seed(0)
     model = workload.make_model().to(device)
+    forward_model = torch.compile(model) if compiled else model
     cuda = device.startswith("cuda")
     opt = torch.optim.AdamW(model.parameters(), lr=workload.lr, capturable=graph)
     batches = workload.batches(pin=cuda)
 
     def step(batch):
         opt.zero_grad(set_to_none=True)
-        loss = workload.loss(model, batch)
+        loss = workload.loss(forward_model, batch)
         loss.backward()
         opt.step()
         return loss
 
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     total = warmup + steps * repeats
-    capture_seconds = None
+    capture_seconds = first_step_seconds = None
     if graph:
         static = tuple(t.to(device) for t in batches[0])
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(3):
+            for index in range(3):
+                started = time.perf_counter()
                 step(static)
+                if index == 0:
+                    sync()
+                    first_step_seconds = time.perf_counter() - started
         torch.cuda.current_stream().wait_stream(side)
         started = time.perf_counter()
         g = torch.cuda.CUDAGraph()
@@ -94,7 +107,8 @@ def measure_raw(workload, graph: bool, steps: int, warmup: int, repeats: int, de
         run(i)
     sync()
     boundaries.append(time.perf_counter())
-    return {"steps_per_s": _windows(boundaries, steps), "capture_seconds": capture_seconds}
+    return {"steps_per_s": _windows(boundaries, steps), "capture_seconds": capture_seconds,
+            "first_step_seconds": first_step_seconds if compiled else None}
 
 
 def measure_lightning(workload, mode: str, steps: int, warmup: int, repeats: int, device: str,
@@ -112,22 +126,30 @@ def measure_lightning(workload, mode: str, steps: int, warmup: int, repeats: int
     class WindowTimer(pl.Callback):
         def __init__(self):
             self.boundaries = []
+            self.first_step_seconds = None
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 0:
+                self.first_started = time.perf_counter()
             if batch_idx >= warmup and (batch_idx - warmup) % steps == 0:
                 sync()
                 self.boundaries.append(time.perf_counter())
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == 0:
+                sync()
+                self.first_step_seconds = time.perf_counter() - self.first_started
 
         def on_train_end(self, trainer, pl_module):
             sync()
             self.boundaries.append(time.perf_counter())
 
     pl.seed_everything(0, verbose=False)
-    compile_mode = "reduce-overhead" if mode == "lightning-compile" else None
+    compile_mode = {"lightning-compile": "reduce-overhead", "lightning-graphs-compiled": "default"}.get(mode)
     module = WorkloadModule(workload, compile_mode=compile_mode, prog_bar=prog_bar)
     timer = WindowTimer()
     callbacks = [timer]
-    graphs = CUDAGraphCallback(verbose=False) if mode == "lightning-graphs" else None
+    graphs = CUDAGraphCallback(verbose=False) if mode.startswith("lightning-graphs") else None
     if graphs:
         callbacks.append(graphs)
     trainer = pl.Trainer(
@@ -135,7 +157,8 @@ def measure_lightning(workload, mode: str, steps: int, warmup: int, repeats: int
         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False, callbacks=callbacks,
     )
     trainer.fit(module, train_dataloaders=loader(workload, total, pin=cuda))
-    result = {"steps_per_s": _windows(timer.boundaries, steps), "capture_seconds": None}
+    result = {"steps_per_s": _windows(timer.boundaries, steps), "capture_seconds": None,
+              "first_step_seconds": timer.first_step_seconds if compile_mode else None}
     if graphs is not None and graphs.stats is not None:
         stats = graphs.stats
         result.update(capture_seconds=stats.capture_seconds, replays=stats.replays, eager_steps=stats.eager_steps,
@@ -225,7 +248,8 @@ def worker(args: argparse.Namespace) -> None:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     if args.mode.startswith("raw"):
-        result = measure_raw(workload, args.mode == "raw-graph", args.steps, args.warmup, args.repeats, device)
+        result = measure_raw(workload, args.mode.startswith("raw-graph"), args.steps, args.warmup, args.repeats, device,
+                             compiled=args.mode.endswith("-compiled"))
     else:
         result = measure_lightning(workload, args.mode, args.steps, args.warmup, args.repeats, device, args.prog_bar)
     result.update(
@@ -260,16 +284,18 @@ def run_one(workload: str, mode: str, args: argparse.Namespace) -> dict:
 
 
 def ratios(results: list[dict]) -> dict[str, dict[str, float]]:
-    """Per workload: the callback's median steps/s over each other mode's."""
+    """Per workload: the callback's median steps/s (``lightning-graphs``, and
+    ``lightning-graphs-compiled`` as its own row) over each other mode's."""
     table: dict[str, dict[str, float]] = {}
     by_key = {(r["workload"], r["mode"]): r for r in results if "median_steps_per_s" in r}
     for (workload, mode), result in by_key.items():
-        if mode != "lightning-graphs":
+        if not mode.startswith("lightning-graphs"):
             continue
+        row = workload if mode == "lightning-graphs" else f"{workload} (compiled)"
         for other in MODES:
             base = by_key.get((workload, other))
             if base and other != mode:
-                table.setdefault(workload, {})[f"vs {other}"] = result["median_steps_per_s"] / base["median_steps_per_s"]
+                table.setdefault(row, {})[f"vs {other}"] = result["median_steps_per_s"] / base["median_steps_per_s"]
     return table
 
 
@@ -295,10 +321,13 @@ def print_table(results: list[dict], modes: list[str]) -> None:
         print(row)
     for workload, row in ratios(results).items():
         cells = ", ".join(f"{name} {value:.2f}x" for name, value in row.items())
-        print(f"lightning-graphs on {workload}: {cells}")
+        name = "lightning-graphs-compiled" if workload.endswith("(compiled)") else "lightning-graphs"
+        print(f"{name} on {workload.removesuffix(' (compiled)')}: {cells}")
     for r in results:
         if r.get("capture_seconds") is not None:
             print(f"capture time {r['workload']}/{r['mode']}: {r['capture_seconds'] * 1e3:.0f} ms")
+        if r.get("first_step_seconds") is not None:
+            print(f"compile time (first step) {r['workload']}/{r['mode']}: {r['first_step_seconds']:.1f} s")
         if "error" in r:
             print(f"ERROR {r['workload']}/{r['mode']}:\n{r['error']}")
 
@@ -329,7 +358,8 @@ def plot(results: list[dict], modes: list[str], path: Path) -> bool:
     for ax, workload in zip(axes[0], workloads):
         values = [by_key.get((workload, m), {}).get("median_steps_per_s") for m in modes]
         bars = ax.bar(range(len(modes)), [v or 0.0 for v in values],
-                      color=["#9aa5b1" if m != "lightning-graphs" else "#d9534f" for m in modes])
+                      color=["#d9534f" if m == "lightning-graphs" else "#8e3b46" if m == "lightning-graphs-compiled"
+                             else "#9aa5b1" for m in modes])
         ax.set_xticks(range(len(modes)))
         ax.set_xticklabels(modes, rotation=35, ha="right", fontsize=8)
         ax.set_title(workload)
@@ -362,8 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--find-syncs", action="store_true",
                         help="instead of timing, list the host synchronisations left in the graphed step (first workload)")
-    parser.add_argument("--replot", type=Path, metavar="JSON",
-                        help="redraw the table and chart of an earlier results.json into --out, without running")
+    parser.add_argument("--replot", type=Path, nargs="+", metavar="JSON",
+                        help="redraw the table and chart of earlier results.json files into --out, without running; "
+                             "several files (runs of different workloads) are merged into --out/results.json")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workload", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
@@ -375,19 +406,27 @@ def main(argv: list[str] | None = None) -> int:
         find_syncs(args.workloads[0])
         return 0
     if args.replot:
-        results = json.loads(args.replot.read_text())["results"]
+        records = [json.loads(path.read_text()) for path in args.replot]
+        results = [r for record in records for r in record["results"]]
         print_table(results, args.modes)
         args.out.mkdir(parents=True, exist_ok=True)
+        if len(records) > 1:
+            merged = {
+                "runs": [{k: record.get(k) for k in ("command", "environment", "settings")} for record in records],
+                "results": results,
+                "ratios": ratios(results),
+            }
+            (args.out / "results.json").write_text(json.dumps(merged, indent=2))
         return 0 if plot(results, args.modes, args.out / "results.png") else 1
     if not _has_cuda():
-        dropped = [m for m in args.modes if m in ("raw-graph", "lightning-compile")]
+        dropped = [m for m in args.modes if m.startswith("raw-graph") or m in COMPILING_MODES]
         args.modes = [m for m in args.modes if m not in dropped]
         print(f"No CUDA device: skipping {', '.join(dropped) or 'nothing'}; lightning-graphs trains eagerly here, "
               "so its numbers say nothing about graphs.")
     from benchmarks.workloads import WORKLOADS
 
     runs = [(w, m) for w in args.workloads for m in args.modes
-            if m != "lightning-compile" or WORKLOADS[w](tiny=True).compilable]
+            if m not in COMPILING_MODES or WORKLOADS[w](tiny=True).compilable]
     results = []
     for workload, mode in runs:
         print(f"[{len(results) + 1}/{len(runs)}] {workload} / {mode} ...", flush=True)

@@ -13,7 +13,8 @@ from typing_extensions import override
 
 from lightning_graphs import _lightning as internals
 from lightning_graphs.batches import clone_tensors
-from lightning_graphs.graphed_step import Action, CaptureFailed, GraphedStep, GraphStats
+from lightning_graphs.compiled import compile_children, compiled_parts, own_graphs
+from lightning_graphs.graphed_step import Action, CaptureDeferred, CaptureFailed, GraphedStep, GraphStats
 from lightning_graphs.messages import GraphCaptureError, GraphWarning, WarnOnce
 
 __all__ = ["CUDAGraphCallback"]
@@ -53,6 +54,11 @@ class CUDAGraphCallback(pl.Callback):
             of eager training.
         nvtx: mark warm-up, capture, replay and eager steps as NVTX ranges for
             Nsight Systems.
+        compile: compile the forward of each child module holding parameters with
+            ``torch.compile`` (default mode) for the fit, so that the whole-step graph
+            runs fused kernels; a dict is passed to ``torch.compile`` as keyword
+            arguments. Undone at the end of the fit. Modules the user compiled
+            (default mode) are graphed as they are, either way.
 
     Raises:
         ValueError: for a negative ``warmup_steps``.
@@ -96,6 +102,7 @@ class CUDAGraphCallback(pl.Callback):
         verbose: bool = True,
         log_stats: bool = False,
         nvtx: bool = False,
+        compile: bool | dict[str, Any] = False,
     ) -> None:
         if warmup_steps < 0:
             raise ValueError(f"`warmup_steps` must be >= 0, got {warmup_steps}")
@@ -107,6 +114,8 @@ class CUDAGraphCallback(pl.Callback):
         self.verbose = verbose
         self.log_stats = log_stats
         self.nvtx = nvtx
+        self.compile = compile
+        self._uncompile: Any = None  # undoes `compile`, while it is in effect
         self._warn_once = WarnOnce(self._emit)
         self._engine: GraphedStep | None = None  # the graphed step of the running fit
         self._trainer: pl.Trainer | None = None
@@ -131,15 +140,17 @@ class CUDAGraphCallback(pl.Callback):
                 "Training runs eagerly, unchanged.",
             )
             return
-        reason = self._unsupported(trainer, pl_module)
+        reason = self._unsupported(trainer, pl_module) or self._graphed_by_the_compiler(pl_module)
         if reason is not None:
             if self.strict:
                 raise GraphCaptureError(f"CUDAGraphCallback: {reason}.")
             self._warn_once(
-                "unsupported", f"CUDAGraphCallback: {reason}. Training runs eagerly, unchanged (no CUDA graph speed-up)."
+                "unsupported", f"CUDAGraphCallback: {reason}. Training runs eagerly, unchanged (without the whole-step graph speed-up)."
             )
             return
         self._trainer = trainer
+        if self.compile:
+            self._uncompile = compile_children(pl_module, self.compile if isinstance(self.compile, dict) else {})
         # with accumulation, warm-up covers a whole cycle: the optimizer state exists
         # before the micro-step that steps it is captured
         every = trainer.accumulate_grad_batches
@@ -176,6 +187,21 @@ class CUDAGraphCallback(pl.Callback):
             return f'precision="{trainer.precision}" is not graphed yet (supported: "32-true", "bf16-mixed", "16-mixed")'
         if internals.takes_dataloader_iter(pl_module):
             return "`training_step(self, dataloader_iter)` fetches its own batches, which a graph cannot replay"
+        return None
+
+    @staticmethod
+    def _graphed_by_the_compiler(pl_module: pl.LightningModule) -> str | None:
+        """Names a part compiled to capture CUDA graphs of its own, which cannot be
+        nested in the whole-step graph."""
+        for name, compiled in compiled_parts(pl_module):
+            if own_graphs(compiled):
+                return (
+                    f"`{name}` is compiled with CUDA graphs of its own (torch.compile mode \"reduce-overhead\" or "
+                    "\"max-autotune\"), which cannot run inside the whole-step graph. CUDAGraphCallback already "
+                    "graphs the whole step (forward, backward and optimizer): compile in the default mode "
+                    "(`torch.compile(module)`, or mode=\"max-autotune-no-cudagraphs\") to get fused kernels inside "
+                    "one whole-step graph"
+                )
         return None
 
     def _emit(self, message: str) -> None:
@@ -216,6 +242,9 @@ class CUDAGraphCallback(pl.Callback):
                 outputs = engine.capture(
                     plan, lambda static_batch: run(optimizer, batch_idx, internals.with_batch(kwargs, static_batch, index))
                 )
+        except CaptureDeferred:
+            internals.restore_progress(trainer, progress)
+            return self._run_step(optimizer, batch_idx, kwargs)  # planned again: an eager warm-up step
         except CaptureFailed as failure:
             internals.restore_progress(trainer, progress)
             engine.disable(failure.explanation, cause=failure)
@@ -279,4 +308,7 @@ class CUDAGraphCallback(pl.Callback):
             self._last_stats = self._engine.stats
             self._engine.close()
             self._engine = None
+        if self._uncompile is not None:
+            self._uncompile()
+            self._uncompile = None
         self._trainer = None

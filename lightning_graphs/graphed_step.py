@@ -41,7 +41,9 @@ runs eagerly with one warning saying why):
   ``torch.tensor(number, device="cuda")``; data-dependent output shapes neither;
 * no Python side effects that must happen every step: the replay repeats GPU work
   only (appending to a list, counting in an attribute, rebinding a tensor attribute);
-* the optimizer's hyper-parameters are written outside the step (schedulers are).
+* the optimizer's hyper-parameters are written outside the step (schedulers are);
+* Python values the step reads (an attribute holding a temperature or a flag) are
+  baked in at capture: after changing one, call :meth:`request_structure_check`.
 
 Debugging a failed capture: the warning names the user line that broke it. To
 find host synchronisations in general, run one eager step under
@@ -61,11 +63,14 @@ import torch
 from lightning_graphs.amp import graph_safe_grad_scalers, scaler_of
 from lightning_graphs.batches import BatchSignature, StaticBatch, clone_tensors, describe_mismatch, signature_of
 from lightning_graphs.capture_errors import explain_capture_error
+from lightning_graphs.compiled import is_recompile_refusal, no_compilation
 from lightning_graphs.messages import GraphCaptureError, WarnOnce
 from lightning_graphs.optimizers import GraphSafeOptimizer
 from lightning_graphs.python_state import StateFingerprint
 
-__all__ = ["GraphedStep", "Phase", "Action", "StepPlan", "GraphStats", "CapturedGraph", "CaptureFailed"]
+__all__ = [
+    "GraphedStep", "Phase", "Action", "StepPlan", "GraphStats", "CapturedGraph", "CaptureFailed", "CaptureDeferred",
+]
 
 # a graph dropped as stale after fewer replays than this counts as "thrashing"
 _SHORT_LIVED_REPLAYS = 4
@@ -75,6 +80,8 @@ _MAX_SHORT_LIVED = 3
 _VARIANTS_PER_SIGNATURE = 4
 # warm-up calls waiting for an optimizer step before concluding the step takes none
 _MAX_UNREADY_WARMUPS = 64
+# captures in a row put off because torch.compile still had to compile, before giving up
+_MAX_DEFERRED_CAPTURES = 3
 
 _MODULE_ATTRIBUTES = frozenset(torch.nn.Module().__dict__)
 
@@ -147,6 +154,8 @@ class GraphStats:
     graphs_held: int = 0  # graphs ready to replay now (per input signature and variant)
     most_graphs_held: int = 0
     evictions: int = 0  # signatures whose graphs were dropped to make room for another
+    deferred_captures: int = 0  # captures put off because torch.compile had to compile first
+    recaptures: dict[str, int] = field(default_factory=dict)  # why graphs were dropped and captured again
     disabled_reason: str | None = None
 
     def as_metrics(self, prefix: str = "cuda_graphs/") -> dict[str, float]:
@@ -164,6 +173,7 @@ class GraphStats:
     def summary(self) -> str:
         held = f", {self.most_graphs_held} graphs held at once" if self.most_graphs_held > 1 else ""
         evicted = f", {self.evictions} evicted" if self.evictions else ""
+        evicted += f", {self.deferred_captures} put off for torch.compile" if self.deferred_captures else ""
         parts = [
             f"{self.captures} capture{'s' if self.captures != 1 else ''} "
             f"({self.capture_seconds * 1e3:.0f} ms, {self.graph_memory_bytes / 2**20:.1f} MiB{held}{evicted})",
@@ -188,6 +198,11 @@ class CaptureFailed(Exception):
     def __init__(self, explanation: str) -> None:
         super().__init__(explanation)
         self.explanation = explanation
+
+
+class CaptureDeferred(Exception):
+    """Capture was put off: a compiled function still had to compile for these
+    inputs. Nothing ran; the step runs as an eager warm-up step instead (plan again)."""
 
 
 def ignore_torch_attribute(obj: Any, name: str) -> bool:
@@ -307,6 +322,8 @@ class GraphedStep:
         self._unready_warmups = 0
         self._short_lived = 0  # graphs dropped as stale after a few replays, in a row
         self._short_evictions = 0  # graphs evicted after a few replays, in a row
+        self._deferred_captures = 0  # captures put off for torch.compile to compile first, in a row
+        self._captured_state: StateFingerprint | None = None  # watched objects as the first graph held saw them
         for optimizer in self._optimizers:
             if optimizer.unsupported:
                 self.disable(f"{type(optimizer.optimizer).__name__} cannot be captured: {optimizer.unsupported}")
@@ -423,8 +440,11 @@ class GraphedStep:
         return tuple(self._graphs)
 
     def request_structure_check(self) -> None:
-        """Check parameters, modes and ``requires_grad`` flags before the next replay
-        (call it where they may have changed: epoch start, after validation)."""
+        """Before the next replay, check parameters, modes, ``requires_grad`` flags and
+        the plain values (numbers, flags, strings) of the watched objects against the
+        capture; graphs that baked in an older value are captured again. Call it
+        where code outside the step may have changed them (the Lightning callback
+        does at every epoch start and after validation)."""
         self._structure_check_due = True
 
     def _stale_reason(self) -> tuple[str | None, bool]:
@@ -438,6 +458,12 @@ class GraphedStep:
             self._structure_check_due = False
             if self._structure != self._structure_key():
                 return "a parameter, a train/eval mode or a requires_grad flag changed", True
+            if self._captured_state is not None:
+                changes = self._captured_state.changes(StateFingerprint(self._watch, self._ignore), True)
+                if changes:
+                    # a value the step may read (and torch.compile may have specialised on) is
+                    # baked into the graphs: warm up with the new value, then capture again
+                    return f"code outside {self.what} {changes[0]} since the capture", True
         return None, False
 
     def _structure_key(self) -> tuple:
@@ -494,6 +520,8 @@ class GraphedStep:
         Raises:
             CaptureFailed: capture was impossible; nothing ran and the optimizer
                 and gradients are as before.
+            CaptureDeferred: a compiled function would have compiled during the
+                capture; nothing ran, and the next :meth:`plan` is a warm-up.
         """
         with self._range("capture"):
             return self._capture(plan, fn)
@@ -523,7 +551,7 @@ class GraphedStep:
             with torch.cuda.device(self._device), torch.cuda.stream(stream):
                 graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
                 try:
-                    with graph_safe_grad_scalers(self._grad_scalers, self._step_unless_found_inf):
+                    with no_compilation(), graph_safe_grad_scalers(self._grad_scalers, self._step_unless_found_inf):
                         outputs = fn(static.value)
                 except BaseException:
                     _end_capture(graph)
@@ -539,7 +567,21 @@ class GraphedStep:
             self._pool = None
             if not isinstance(exc, Exception):
                 raise
-            raise CaptureFailed(explain_capture_error(exc, self.what)) from exc
+            if is_recompile_refusal(exc) and self._deferred_captures < _MAX_DEFERRED_CAPTURES:
+                # compiling belongs in an eager step: warm up once more, capture after it
+                self._deferred_captures += 1
+                self._warmups_left = max(self._warmups_left, 1)
+                self.stats.deferred_captures += 1
+                raise CaptureDeferred(str(exc)) from exc
+            explanation = explain_capture_error(exc, self.what)
+            if is_recompile_refusal(exc):
+                explanation = (
+                    f"torch.compile compiled again for {self._deferred_captures + 1} captures in a row, although "
+                    "each ran an eager step first (a guard that fails at every call, such as one on a value that "
+                    f"changes every step): {exc}"
+                )
+            raise CaptureFailed(explanation) from exc
+        self._deferred_captures = 0
         problems = [optimizer.exit_capture() for optimizer in self._optimizers]
         problems.append(self._side_effects(before, hyperparameters=False))
         self.stats.capture_seconds += time.perf_counter() - started
@@ -559,6 +601,7 @@ class GraphedStep:
         self._count_graphs()
         if len(self._graphs) == 1:
             self._structure = self._structure_key()
+            self._captured_state = StateFingerprint(self._watch, self._ignore)
             self._structure_check_due = False
         self.phase = Phase.CAPTURED
         graph.replay()
@@ -628,6 +671,8 @@ class GraphedStep:
         if plan.action is Action.CAPTURE:
             try:
                 return clone_tensors(self.capture(plan, lambda static: self.fn(*static)))
+            except CaptureDeferred:
+                return self(*inputs)  # planned again: an eager warm-up step
             except CaptureFailed as failure:
                 self.disable(failure.explanation, cause=failure)
                 return self.eager(lambda: self.fn(*inputs), "capture failed")
@@ -686,6 +731,7 @@ class GraphedStep:
         if not self._graphs:
             return
         if stale_reason is not None:
+            self.stats.recaptures[stale_reason] = self.stats.recaptures.get(stale_reason, 0) + 1
             most = max(captured.replays for captured in self._graphs)
             self._short_lived = self._short_lived + 1 if most < _SHORT_LIVED_REPLAYS else 0
         torch.cuda.synchronize(self._device)  # the last replay may still be running

@@ -80,22 +80,38 @@ class StateFingerprint:
             if isinstance(obj, torch.nn.Module):
                 for kind in ("_parameters", "_buffers"):
                     for name, value in obj.__dict__.get(kind, {}).items():
-                        self._entries[(label, name)] = ("object", id(value))
+                        self._entries[(label, name)] = ("slot", id(value))
 
-    def changes(self, after: StateFingerprint) -> list[str]:
-        """Readable descriptions of what changed between this fingerprint and ``after``."""
+    def changes(self, after: StateFingerprint, read_by_step_only: bool = False) -> list[str]:
+        """Readable descriptions of what changed between this fingerprint and ``after``.
+
+        ``read_by_step_only`` compares only what a captured step bakes in and code
+        outside the step may change between steps: public attributes holding plain
+        values (a temperature, a flag, a mode string) and which tensors are
+        registered as parameters and buffers. Containers, private attributes and
+        other objects are left out: outside the step they are bookkeeping (outputs
+        collected in a hook, metric states) that a step seldom reads."""
         found = []
         for key in list(self._entries) + [k for k in after._entries if k not in self._entries]:
             before_key, after_key = self._entries.get(key), after._entries.get(key)
             if before_key == after_key:
                 continue
             label, name = key
+            if read_by_step_only and not _read_by_step(name, before_key, after_key):
+                continue
             obj = after._objects.get(label, self._objects.get(label))
             value = getattr(obj, name, None) if obj is not None else None
             if value is None and isinstance(obj, torch.nn.Module):
                 value = obj._parameters.get(name, obj._buffers.get(name))
             found.append(_describe(f"{label}.{name}" if label else name, before_key, after_key, value))
         return found
+
+
+def _read_by_step(name: str, before: tuple | None, after: tuple | None) -> bool:
+    kinds = {entry[0] for entry in (before, after) if entry is not None}
+    if "slot" in kinds:
+        return True
+    return not name.startswith("_") and kinds == {"number"}
 
 
 _INT_OPERATIONS = (

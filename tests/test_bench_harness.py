@@ -59,6 +59,20 @@ def test_harness_end_to_end_tiny(tmp_path, capsys):
     assert "lightning-graphs" in capsys.readouterr().out
 
 
+def test_replot_merges_runs_of_different_workloads(tmp_path, capsys):
+    for workload in ("mlp", "rollout"):
+        code = bench.main(["--tiny", "--workloads", workload, "--modes", "raw-eager", "lightning-graphs",
+                           "--steps", "2", "--warmup", "1", "--repeats", "1", "--out", str(tmp_path / workload)])
+        assert code == 0
+    bench.main(["--replot", str(tmp_path / "mlp" / "results.json"), str(tmp_path / "rollout" / "results.json"),
+                "--out", str(tmp_path / "merged"), "--modes", "raw-eager", "lightning-graphs"])
+    merged = json.loads((tmp_path / "merged" / "results.json").read_text())
+    assert {r["workload"] for r in merged["results"]} == {"mlp", "rollout"}
+    assert len(merged["runs"]) == 2 and set(merged["ratios"]) == {"mlp", "rollout"}
+    out = capsys.readouterr().out
+    assert "lightning-graphs on mlp" in out and "lightning-graphs on rollout" in out
+
+
 def test_kernel_comparison_orders_by_time_difference():
     from benchmarks.compare_graphs import compare
 

@@ -93,3 +93,20 @@ def test_a_layer_unfrozen_before_the_first_capture_gets_an_eager_step_first(grap
     assert _drive(step, step_fn, 3) == "WCR"
     # the eager step created the new parameters' state: the graph steps them from it
     assert optimizer.state[backbone.weight].get("momentum_buffer") is not None
+
+
+def test_a_value_the_step_may_read_changed_outside_it_gets_a_new_capture(graph_api_on_cpu):
+    model, _, optimizer, step_fn = _finetuning()
+    model.temperature = 1.0
+    step = GraphedStep(None, warmup_steps=1, optimizers=[optimizer], modules=[model], device="cuda")
+    assert _drive(step, step_fn, 3) == "WCR"
+    # bookkeeping outside the step: a private counter, a list of outputs; not baked into the graph
+    model._seen = 3
+    model.outputs = [1, 2]
+    step.request_structure_check()
+    assert _drive(step, step_fn, 1) == "R"
+    model.temperature = 0.5  # as a callback annealing it at an epoch start would
+    assert _drive(step, step_fn, 2) == "RR", "checked only where asked"
+    step.request_structure_check()
+    assert _drive(step, step_fn, 3) == "WCR"
+    assert any("temperature" in reason for reason in step.stats.recaptures), step.stats.recaptures
