@@ -42,7 +42,22 @@ def profile_replays(graph, replays: int = 20) -> Profile:
     return kernels
 
 
-def hand_written_profile(workload, replays: int) -> Profile:
+def replay_wall_us(graph, replays: int = 50) -> float:
+    """Wall time of one replay (kernel time plus the gaps between kernels), back to back on the GPU."""
+    import torch
+
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / replays
+
+
+def hand_written_profile(workload, replays: int) -> tuple[Profile, float]:
     """A whole-step graph as users write it by hand (AdamW with capturable=True)."""
     import torch
 
@@ -66,10 +81,10 @@ def hand_written_profile(workload, replays: int) -> Profile:
     optimizer.zero_grad(set_to_none=True)
     with torch.cuda.graph(graph):
         step()
-    return profile_replays(graph, replays)
+    return profile_replays(graph, replays), replay_wall_us(graph)
 
 
-def callback_profile(workload, replays: int, at_step: int = 10) -> Profile:
+def callback_profile(workload, replays: int, at_step: int = 10) -> tuple[Profile, float]:
     """The graph CUDAGraphCallback captured for the workload's LightningModule."""
     import lightning.pytorch as pl
 
@@ -82,7 +97,8 @@ def callback_profile(workload, replays: int, at_step: int = 10) -> Profile:
     class ProfileCapturedGraph(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if batch_idx == at_step:
-                found["kernels"] = profile_replays(captured_graph(graphs), replays)
+                graph = captured_graph(graphs)
+                found["kernels"], found["wall"] = profile_replays(graph, replays), replay_wall_us(graph)
 
     pl.seed_everything(0, verbose=False)
     graphs = CUDAGraphCallback(verbose=False)
@@ -90,7 +106,7 @@ def callback_profile(workload, replays: int, at_step: int = 10) -> Profile:
                          enable_checkpointing=False, enable_model_summary=False,
                          callbacks=[ProfileCapturedGraph(), graphs])
     trainer.fit(WorkloadModule(workload), train_dataloaders=loader(workload, at_step + 1))
-    return found["kernels"]
+    return found["kernels"], found["wall"]
 
 
 def compare(ours: Profile, theirs: Profile) -> list[tuple[str, float, float, float, float]]:
@@ -114,8 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=25)
     args = parser.parse_args(argv)
     workload = WORKLOADS[args.workload]()
-    theirs = hand_written_profile(workload, args.replays)
-    ours = callback_profile(workload, args.replays)
+    theirs, theirs_wall = hand_written_profile(workload, args.replays)
+    ours, ours_wall = callback_profile(workload, args.replays)
+    print(f"wall time per replay, back to back: CUDAGraphCallback {ours_wall:.0f} us, hand-written {theirs_wall:.0f} us")
     print(f"GPU time per replay: CUDAGraphCallback {sum(v[1] for v in ours.values()):.0f} us, "
           f"hand-written {sum(v[1] for v in theirs.values()):.0f} us; kernels per replay "
           f"{sum(v[0] for v in ours.values()):.0f} against {sum(v[0] for v in theirs.values()):.0f}")

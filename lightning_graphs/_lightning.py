@@ -10,6 +10,12 @@ on (Lightning 2.4 to 2.6):
 * that loop's ``optim_progress`` counts zero_grad and optimizer-step calls; the
   trainer's ``global_step`` is derived from it.
 * ``LightningModule.log`` reads ``_current_fx_name`` to know which hook logs.
+* the evaluation and prediction loops run each step through
+  ``getattr(trainer.strategy, "validation_step")(*step_args)`` (likewise
+  ``test_step`` and ``predict_step``), with ``step_args`` of ``(batch[, batch_idx]
+  [, dataloader_idx])``: ``batch_idx`` when the step's signature takes it,
+  ``dataloader_idx`` with several dataloaders. An instance attribute on the
+  strategy therefore stands in for one stage's step.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from typing import Any, Callable, Iterator
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 
 from lightning_graphs.batches import clone_tensors, flatten
 from lightning_graphs.graphed_step import ignore_torch_attribute
@@ -103,9 +110,9 @@ def with_batch(kwargs: OrderedDict, batch: Any, batch_idx: Any) -> OrderedDict:
     return replaced
 
 
-def takes_dataloader_iter(module: pl.LightningModule) -> bool:
+def takes_dataloader_iter(module: pl.LightningModule, hook: str = "training_step") -> bool:
     try:
-        parameters = inspect.signature(module.training_step).parameters
+        parameters = inspect.signature(getattr(module, hook)).parameters
     except (TypeError, ValueError):
         return False
     return "dataloader_iter" in parameters
@@ -124,6 +131,74 @@ def in_step_callbacks(trainer: pl.Trainer, exclude: Any) -> list[pl.Callback]:
     return found
 
 
+_MISSING = object()
+
+
+class StrategyStepPatch:
+    """``trainer.strategy.<hook>`` (``"validation_step"``, ``"test_step"``,
+    ``"predict_step"``) routed through ``stand_in`` until :meth:`remove`.
+
+    ``original`` is the strategy's own step (precision context, forward redirection),
+    which the stand-in calls to run the user's step."""
+
+    def __init__(self, trainer: pl.Trainer, hook: str, stand_in: Callable[..., Any]) -> None:
+        self.strategy = trainer.strategy
+        self.hook = hook
+        self.original = getattr(self.strategy, hook)
+        self._shadowed = self.strategy.__dict__.get(hook, _MISSING)  # an instance attribute set before ours
+        setattr(self.strategy, hook, stand_in)
+
+    def remove(self) -> None:
+        """Give the strategy its step back. Safe to call twice."""
+        if self.strategy is None:
+            return
+        if self._shadowed is _MISSING:
+            self.strategy.__dict__.pop(self.hook, None)
+        else:
+            setattr(self.strategy, self.hook, self._shadowed)
+        self.strategy = None
+
+
+@dataclass
+class EvaluationCall:
+    """The arguments of one ``validation_step``/``test_step``/``predict_step`` call,
+    told apart: the batch, the batch index (if the step takes it) and the dataloader
+    index (with several dataloaders)."""
+
+    args: tuple
+    batch_idx_at: int | None  # position of ``batch_idx`` in ``args``
+    dataloader_idx: int | None
+
+    @property
+    def batch(self) -> Any:
+        return self.args[0]
+
+    @property
+    def batch_idx(self) -> int | None:
+        return None if self.batch_idx_at is None else self.args[self.batch_idx_at]
+
+    def with_batch(self, batch: Any, batch_idx: Any) -> tuple:
+        """The positional arguments with another batch and batch index."""
+        args = list(self.args)
+        args[0] = batch
+        if self.batch_idx_at is not None:
+            args[self.batch_idx_at] = batch_idx
+        return tuple(args)
+
+
+def evaluation_call(module: pl.LightningModule, hook: str, args: tuple, kwargs: dict) -> EvaluationCall | None:
+    """Which argument is which, as the loops built them; ``None`` for a call they do not make."""
+    if not args or kwargs or len(args) > 3:
+        return None
+    takes_batch_idx = is_param_in_hook_signature(getattr(module, hook), "batch_idx", min_args=2)
+    batch_idx_at = 1 if takes_batch_idx and len(args) >= 2 else None
+    extra = len(args) - 1 - (batch_idx_at is not None)
+    dataloader_idx = args[-1] if extra == 1 else None
+    if extra > 1 or (dataloader_idx is not None and not isinstance(dataloader_idx, int)):
+        return None
+    return EvaluationCall(args, batch_idx_at, dataloader_idx)
+
+
 @dataclass
 class LogCall:
     """One ``self.log`` call made while the step was captured."""
@@ -135,25 +210,35 @@ class LogCall:
 
 
 class StepProbe:
-    """Watches one eager or captured training step for what a replay cannot repeat.
+    """Watches one eager or captured step (training, validation, test or predict)
+    for what a replay cannot repeat.
 
     While active it stands in for ``LightningModule.log`` (recording calls during
     capture, forwarding them during warm-up), hands ``training_step`` a
     :class:`WatchedInt` as ``batch_idx``, and notes reads of ``self.global_step``,
     ``self.current_epoch`` and the trainer's counterparts from inside the step.
-    ``problem`` is the first finding, as a sentence.
+    ``problem`` is the first finding, as a sentence; ``what`` names the step in it
+    and ``batch_end_hook`` is the hook it suggests instead.
     """
 
     _WATCHED_PROPERTIES = ("global_step", "current_epoch")
     # hooks in which user code runs and Lightning itself reads no epoch or step counter
     _USER_HOOKS = frozenset(
         {"training_step", "on_before_backward", "on_after_backward", "on_before_optimizer_step", "on_before_zero_grad",
-         "backward", "configure_gradient_clipping"}
+         "backward", "configure_gradient_clipping", "validation_step", "test_step", "predict_step"}
     )
 
-    def __init__(self, module: pl.LightningModule, capturing: bool) -> None:
+    def __init__(
+        self,
+        module: pl.LightningModule,
+        capturing: bool,
+        what: str = "the training step",
+        batch_end_hook: str = "on_train_batch_end",
+    ) -> None:
         self.module = module
         self.capturing = capturing
+        self.what = what
+        self.batch_end_hook = batch_end_hook
         self.calls: list[LogCall] = []
         self.problem: str | None = None
         self._log = module.log
@@ -167,7 +252,7 @@ class StepProbe:
         return WatchedInt(
             batch_idx,
             lambda: self.note(
-                "the training step reads `batch_idx` (to branch, count or log). A CUDA graph would replay the path "
+                f"{self.what} reads `batch_idx` (to branch, count or log). A CUDA graph would replay the path "
                 "of the captured batch for every batch"
             ),
         )
@@ -193,12 +278,12 @@ class StepProbe:
                 self.note(
                     f"`self.log({name!r}, ...)` logs a torchmetrics object from inside the step; metrics updated "
                     "inside a graphed step are not supported yet. Log `metric(preds, target)` (a tensor) instead, or "
-                    "update the metric in `on_train_batch_end`"
+                    f"update the metric in `{self.batch_end_hook}`"
                 )
             elif isinstance(leaf, numbers.Number):
                 self.note(
                     f"`self.log({name!r}, {leaf!r})` logs a Python number from inside the step; a replay cannot "
-                    "recompute it. Log a tensor, or log the number from `on_train_batch_end`"
+                    f"recompute it. Log a tensor, or log the number from `{self.batch_end_hook}`"
                 )
 
     def _watch_property(self, owner: type, name: str, module_level: bool) -> tuple[type, str, Any] | None:
@@ -212,7 +297,7 @@ class StepProbe:
             if module_level or hook in StepProbe._USER_HOOKS:
                 where = "self" if module_level else "self.trainer"
                 probe.note(
-                    f"the training step reads `{where}.{name}`; a CUDA graph would replay the captured step's "
+                    f"{probe.what} reads `{where}.{name}`; a CUDA graph would replay the captured step's "
                     "Python decisions at every step"
                 )
             return original.fget(instance)
@@ -271,6 +356,8 @@ class LogReplayer:
         self._keys = [f"{call.fx}.{call.name}" for call in self.calls]
 
     def __call__(self) -> None:
+        if not self.calls:  # nothing logged (a predict step: its loop keeps no results)
+            return
         trainer = self.module.trainer
         results = trainer._results
         if (

@@ -253,7 +253,9 @@ class StaticBatch:
         self.signature = signature
         self._positions = signature.tensor_positions
         leaves = list(signature.leaves)
-        with torch.no_grad():
+        # ordinary tensors even when built under `torch.inference_mode()` (evaluation loops
+        # capture there): they can then be written in place inside and outside it alike
+        with torch.inference_mode(False), torch.no_grad():
             for i in self._positions:
                 source = leaves[i]
                 leaves[i] = source.detach().clone().requires_grad_(source.requires_grad)

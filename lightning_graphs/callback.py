@@ -14,6 +14,7 @@ from typing_extensions import override
 from lightning_graphs import _lightning as internals
 from lightning_graphs.batches import clone_tensors
 from lightning_graphs.compiled import compile_children, compiled_parts, own_graphs
+from lightning_graphs.evaluation import STAGE_HOOKS, EvaluationGraphs
 from lightning_graphs.graphed_step import Action, CaptureDeferred, CaptureFailed, GraphedStep, GraphStats
 from lightning_graphs.messages import GraphCaptureError, GraphWarning, WarnOnce
 
@@ -48,10 +49,10 @@ class CUDAGraphCallback(pl.Callback):
             cannot be graphed, instead of warning and training eagerly.
         verbose: print a one-line summary (captures, replays, eager steps and why)
             at the end of training.
-        log_stats: at the end of training, log :meth:`GraphStats.as_metrics`
-            (``cuda_graphs/captures``, ``/replays``, ...) through the Trainer's
-            loggers. Off by default, so that the metrics logged are exactly those
-            of eager training.
+        log_stats: at the end of training, log the training step's
+            :meth:`GraphStats.as_metrics` (``cuda_graphs/captures``, ``/replays``,
+            ...) through the Trainer's loggers. Off by default, so that the metrics
+            logged are exactly those of eager training.
         nvtx: mark warm-up, capture, replay and eager steps as NVTX ranges for
             Nsight Systems.
         compile: compile the forward of each child module holding parameters with
@@ -59,6 +60,20 @@ class CUDAGraphCallback(pl.Callback):
             runs fused kernels; a dict is passed to ``torch.compile`` as keyword
             arguments. Undone at the end of the fit. Modules the user compiled
             (default mode) are graphed as they are, either way.
+        graph_evaluation: also graph ``validation_step``, ``test_step`` and
+            ``predict_step`` (forward only), during ``fit`` and in
+            ``trainer.validate``/``test``/``predict``. Off by default: evaluation
+            then runs exactly as without the callback. Each stage and dataloader
+            gets up to ``max_graphs`` graphs, one per batch signature, captured
+            after two eager calls (one for each later signature; the sanity check
+            only warms up); they share the training graphs' memory pool. The
+            rules of training apply: ``self.log`` values are fed to Lightning
+            after every replay (epoch means, ``callback_metrics`` and
+            ``ModelCheckpoint`` monitors equal eager), outputs and predictions
+            are cloned, and a step a replay cannot repeat (``.item()``, reads of
+            ``batch_idx``, appending outputs to a list, a torchmetrics object
+            updated inside it) runs eagerly with one warning. See
+            :attr:`evaluation_stats`.
 
     Raises:
         ValueError: for a negative ``warmup_steps``.
@@ -68,6 +83,13 @@ class CUDAGraphCallback(pl.Callback):
         trainer = Trainer(max_epochs=10, callbacks=[CUDAGraphCallback()])
         trainer.fit(model, datamodule)
         print(trainer.callbacks[0].stats.summary())
+
+        # validation, test and prediction graphed too
+        callback = CUDAGraphCallback(graph_evaluation=True)
+        trainer = Trainer(max_epochs=10, callbacks=[callback])
+        trainer.fit(model, datamodule)
+        predictions = trainer.predict(model, datamodule)
+        print(callback.evaluation_stats["validation"].summary())
 
     Requirements of the training step (each is checked; one that is broken makes
     training run eagerly with a warning naming it):
@@ -87,7 +109,8 @@ class CUDAGraphCallback(pl.Callback):
     accumulation: each micro-step kind gets its own graph), ``precision`` of
     ``"32-true"``, ``"bf16-mixed"`` or ``"16-mixed"`` (the GradScaler skips
     overflowing steps on the device; see :mod:`lightning_graphs.amp`). Other setups
-    train eagerly, with one warning saying so.
+    train eagerly, with one warning saying so. ``validation_step``, ``test_step``
+    and ``predict_step`` run eagerly unless ``graph_evaluation=True``.
 
     Debugging a failed capture: the warning names the operation and your line of
     code. For host synchronisations in general, run one eager step under
@@ -103,6 +126,7 @@ class CUDAGraphCallback(pl.Callback):
         log_stats: bool = False,
         nvtx: bool = False,
         compile: bool | dict[str, Any] = False,
+        graph_evaluation: bool = False,
     ) -> None:
         if warmup_steps < 0:
             raise ValueError(f"`warmup_steps` must be >= 0, got {warmup_steps}")
@@ -116,23 +140,42 @@ class CUDAGraphCallback(pl.Callback):
         self.nvtx = nvtx
         self.compile = compile
         self._uncompile: Any = None  # undoes `compile`, while it is in effect
+        self.graph_evaluation = graph_evaluation
         self._warn_once = WarnOnce(self._emit)
         self._engine: GraphedStep | None = None  # the graphed step of the running fit
         self._trainer: pl.Trainer | None = None
         self._original_run: Any = None  # Lightning's own step runner, while patched
         self._last_stats: GraphStats | None = None
+        # with graph_evaluation: the graphed step of each evaluation stage, created at its first run
+        self._evaluation: dict[str, EvaluationGraphs] = {}
+        self._last_evaluation_stats: dict[str, GraphStats] = {}
+        # one memory pool for the training and evaluation graphs (see _retire_evaluation_graphs)
+        self._pool: Any = None
 
     @property
     def stats(self) -> GraphStats | None:
         """Captures, replays, eager steps and their reasons for the current (or last) fit."""
         return self._engine.stats if self._engine is not None else self._last_stats
 
+    @property
+    def evaluation_stats(self) -> dict[str, GraphStats]:
+        """With ``graph_evaluation=True``: the stats of each evaluation stage graphed in the
+        current (or last) ``fit``, ``validate``, ``test`` or ``predict`` run, by stage
+        (``"validation"``, ``"test"``, ``"predict"``), summed over its dataloaders."""
+        current = {stage: evaluation.stats for stage, evaluation in self._evaluation.items()}
+        return {**self._last_evaluation_stats, **current}
+
     # -- set-up -------------------------------------------------------------------
 
     @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._teardown(trainer)
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._teardown(trainer)  # whatever a run that ended without teardown left
         self._warn_once.reset()
+        self._last_evaluation_stats = {}
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._teardown_training(trainer)
         if not self._on_cuda(pl_module):
             self._warn_once(
                 "no-cuda",
@@ -145,7 +188,8 @@ class CUDAGraphCallback(pl.Callback):
             if self.strict:
                 raise GraphCaptureError(f"CUDAGraphCallback: {reason}.")
             self._warn_once(
-                "unsupported", f"CUDAGraphCallback: {reason}. Training runs eagerly, unchanged (without the whole-step graph speed-up)."
+                "unsupported",
+                f"CUDAGraphCallback: {reason}. Training runs eagerly, unchanged (without the whole-step graph speed-up).",
             )
             return
         self._trainer = trainer
@@ -170,6 +214,7 @@ class CUDAGraphCallback(pl.Callback):
             input_name="batch",
             nvtx=self.nvtx,
             grad_scaler=getattr(trainer.precision_plugin, "scaler", None),
+            pool=self._shared_pool() if self.graph_evaluation else None,
         )
         self._original_run = internals.patch_step_runner(trainer, self._run_step)
 
@@ -181,12 +226,15 @@ class CUDAGraphCallback(pl.Callback):
         """Why this fit cannot be graphed at all, if so."""
         if not pl_module.automatic_optimization:
             return "manual optimization (`automatic_optimization = False`) is not graphed yet"
+        return self._unsupported_setup(trainer) or self._takes_dataloader_iter(pl_module, "training_step")
+
+    @staticmethod
+    def _unsupported_setup(trainer: pl.Trainer) -> str | None:
+        """Why no step of this Trainer can be graphed, if so."""
         if trainer.world_size > 1 or not isinstance(trainer.strategy, SingleDeviceStrategy):
             return f"the {type(trainer.strategy).__name__} strategy is not graphed yet; graphs need one CUDA device"
         if str(trainer.precision) not in _SUPPORTED_PRECISION:
             return f'precision="{trainer.precision}" is not graphed yet (supported: "32-true", "bf16-mixed", "16-mixed")'
-        if internals.takes_dataloader_iter(pl_module):
-            return "`training_step(self, dataloader_iter)` fetches its own batches, which a graph cannot replay"
         return None
 
     @staticmethod
@@ -203,6 +251,17 @@ class CUDAGraphCallback(pl.Callback):
                     "one whole-step graph"
                 )
         return None
+
+    @staticmethod
+    def _takes_dataloader_iter(pl_module: pl.LightningModule, hook: str) -> str | None:
+        if internals.takes_dataloader_iter(pl_module, hook):
+            return f"`{hook}(self, dataloader_iter)` fetches its own batches, which a graph cannot replay"
+        return None
+
+    def _shared_pool(self) -> Any:
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        return self._pool
 
     def _emit(self, message: str) -> None:
         rank_zero_warn(message, category=GraphWarning)
@@ -249,12 +308,113 @@ class CUDAGraphCallback(pl.Callback):
             internals.restore_progress(trainer, progress)
             engine.disable(failure.explanation, cause=failure)
             return engine.eager(lambda: run(optimizer, batch_idx, kwargs), "capture failed")
+        self._retire_evaluation_graphs()
         replay_logs = internals.LogReplayer(module, probe.calls)
         plan.graph.notes["logs"] = replay_logs
         if probe.problem is not None:
             engine.disable(probe.problem)  # this step ran from the graph correctly; no replays after it
         replay_logs()
         return clone_tensors(outputs)
+
+    # -- evaluation (graph_evaluation=True) ------------------------------------------
+
+    def _retire_evaluation_graphs(self) -> None:
+        """After a training capture: evaluation graphs captured before it are captured anew.
+
+        Training and evaluation graphs share one memory pool, so an evaluation graph
+        costs little more than its static inputs. Sharing is safe when nothing one
+        graph leaves in the pool must outlive a replay of another. Evaluation graphs
+        leave nothing: their outputs are cloned and their logged values fed to
+        Lightning right after each replay, before any other graph runs, and their
+        static inputs are allocated outside the pool. Training graphs leave their
+        gradients (``p.grad`` between steps, which accumulating graphs read). A
+        capture only takes memory free at that time, so an evaluation graph captured
+        after a training graph never writes over that graph's gradients; but a
+        training graph captured after an evaluation graph may place its gradients in
+        memory that evaluation graph uses for temporaries. Hence this: every training
+        capture retires the evaluation graphs held, whose next call (its signature
+        already warmed up) captures again.
+        """
+        for evaluation in self._evaluation.values():
+            evaluation.retire_graphs()
+
+    def _start_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not self.graph_evaluation:
+            return
+        evaluation = self._evaluation.get(stage)
+        if evaluation is None:
+            what = stage.capitalize()
+            if not self._on_cuda(pl_module):
+                self._warn_once(
+                    "no-cuda",
+                    f"CUDAGraphCallback: the model is on {pl_module.device} and CUDA graphs need a CUDA device. "
+                    f"{what} runs eagerly, unchanged.",
+                )
+                return
+            reason = (
+                self._unsupported_setup(trainer)
+                or self._takes_dataloader_iter(pl_module, STAGE_HOOKS[stage])
+                or self._graphed_by_the_compiler(pl_module)
+            )
+            if reason is not None:
+                if self.strict:
+                    raise GraphCaptureError(f"CUDAGraphCallback: {reason}.")
+                self._warn_once(
+                    f"{stage}:unsupported",
+                    f"CUDAGraphCallback: {reason}. {what} runs eagerly, unchanged (no CUDA graph speed-up).",
+                )
+                return
+            evaluation = self._evaluation[stage] = EvaluationGraphs(
+                stage, lambda dataloader_idx: self._evaluation_engine(stage, pl_module)
+            )
+        evaluation.install(trainer)
+
+    def _evaluation_engine(self, stage: str, pl_module: pl.LightningModule) -> GraphedStep:
+        return GraphedStep(
+            None,
+            # two eager calls before the first capture (one for each later signature): the first
+            # initialises lazily (cuBLAS, cuDNN), the second is checked for Python side effects, so
+            # that a step collecting its outputs in a list is found before graph memory reaches it
+            warmup_steps=2,
+            max_graphs=self.max_graphs,
+            modules=[pl_module],
+            watch=[("self", pl_module)],
+            strict=self.strict,
+            # its own warning keys: a stage given up must not silence the training step's warning
+            warn=lambda key, message: self._warn_once(f"{stage}:{key}", message),
+            ignore_attribute=internals.ignore_framework_attribute,
+            what=f"the {stage} step",
+            input_name="batch",
+            nvtx=self.nvtx,
+            pool=self._shared_pool(),
+            batch_end_hook=f"on_{stage}_batch_end",
+            activity=stage.capitalize(),
+        )
+
+    def _end_evaluation(self, stage: str) -> None:
+        evaluation = self._evaluation.get(stage)
+        if evaluation is not None:
+            evaluation.remove()  # its graphs stay for the next run of the stage (the next epoch's validation)
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start_evaluation(trainer, pl_module, "validation")
+
+    @override
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start_evaluation(trainer, pl_module, "test")
+
+    @override
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._end_evaluation("test")
+
+    @override
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start_evaluation(trainer, pl_module, "predict")
+
+    @override
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._end_evaluation("predict")
 
     # -- keeping the graph honest ------------------------------------------------------
 
@@ -265,6 +425,7 @@ class CUDAGraphCallback(pl.Callback):
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._end_evaluation("validation")
         if self._engine is not None:
             self._engine.request_structure_check()
 
@@ -282,11 +443,12 @@ class CUDAGraphCallback(pl.Callback):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         stats = self.stats
+        if stats is not None and self.verbose:
+            rank_zero_info(f"CUDAGraphCallback: {stats.summary()}")
+        self._report_evaluation()
         self._teardown(trainer)
         if stats is None:
             return
-        if self.verbose:
-            rank_zero_info(f"CUDAGraphCallback: {stats.summary()}")
         if self.log_stats and trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(stats.as_metrics(), step=trainer.global_step)
@@ -297,10 +459,24 @@ class CUDAGraphCallback(pl.Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._report_evaluation()
         self._teardown(trainer)
 
+    def _report_evaluation(self) -> None:
+        if self.verbose:
+            for stage, evaluation in self._evaluation.items():
+                rank_zero_info(f"CUDAGraphCallback ({stage}): {evaluation.stats.summary()}")
+
     def _teardown(self, trainer: pl.Trainer) -> None:
-        """Remove the patch, free the graph, restore the optimizers. Safe to call twice."""
+        """Remove every patch, free the graphs, restore the optimizers. Safe to call twice."""
+        self._teardown_training(trainer)
+        for stage, evaluation in self._evaluation.items():
+            self._last_evaluation_stats[stage] = evaluation.stats
+            evaluation.close()
+        self._evaluation = {}
+        self._pool = None
+
+    def _teardown_training(self, trainer: pl.Trainer) -> None:
         if self._original_run is not None:
             internals.unpatch_step_runner(self._trainer or trainer)
             self._original_run = None

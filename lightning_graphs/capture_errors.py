@@ -98,8 +98,11 @@ def _operation(line: str, exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
-def explain_capture_error(exc: BaseException, what: str = "the training step") -> str:
-    """One paragraph: what failed, where in the user's code, and what to do."""
+def explain_capture_error(
+    exc: BaseException, what: str = "the training step", batch_end_hook: str = "on_train_batch_end"
+) -> str:
+    """One paragraph: what failed, where in the user's code, and what to do (``batch_end_hook``: the
+    Lightning hook suggested for host reads)."""
     origin = _innermost(exc)
     frame = user_frame(origin.__traceback__) or user_frame(exc.__traceback__)
     first_line = (str(origin).strip().splitlines() or [""])[0]
@@ -111,7 +114,7 @@ def explain_capture_error(exc: BaseException, what: str = "the training step") -
             f"Could not capture {what} as a CUDA graph: {operation}, at {where} "
             f"({type(origin).__name__}: {first_line}). A graph can only hold GPU work that needs no answer "
             "from the host; keep such reads out of the step (log the tensor itself with `self.log`, or read "
-            "values in `on_train_batch_end`)."
+            f"values in `{batch_end_hook}`)."
         )
     raised = _raised_in(origin.__traceback__)
     raised = f", raised in {raised}" if raised else ""

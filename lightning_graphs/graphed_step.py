@@ -252,6 +252,17 @@ class GraphedStep:
             ``found_inf`` on the host and the capture fails. Adam, AdamW, SGD and
             fused optimizers can skip on the device; with others the step runs
             eagerly, with a warning.
+        pool: a memory pool handle (``torch.cuda.graph_pool_handle()``) to capture
+            into, shared with the graphs of other steps; by default this step's
+            graphs share a pool of their own. A later capture may place its tensors
+            in memory an earlier capture of the pool used only for temporaries, which
+            that earlier graph's replays overwrite: share a pool only between steps
+            whose graphs leave nothing in it that must outlive another's replay, or
+            retire (:meth:`retire_graphs`) the graphs captured before such a step.
+        batch_end_hook: the Lightning hook that messages suggest for Python that
+            must run at every call (``"on_validation_batch_end"`` for a validation step).
+        activity: how messages name what goes on eagerly once graphs are given up
+            (``"Training"``, ``"Validation"``).
 
     Optimizers wrapped by Lightning or Fabric (``fabric.setup(model, optimizer)``)
     are prepared through the optimizer they wrap, and the GradScaler of Fabric's
@@ -275,6 +286,9 @@ class GraphedStep:
         device: torch.device | str | int | None = None,
         nvtx: bool = False,
         grad_scaler: torch.amp.GradScaler | None = None,
+        pool: Any = None,
+        batch_end_hook: str = "on_train_batch_end",
+        activity: str = "Training",
     ) -> None:
         if warmup_steps < 0:
             raise ValueError(f"`warmup_steps` must be >= 0, got {warmup_steps}")
@@ -287,6 +301,8 @@ class GraphedStep:
         self.strict = strict
         self.what = what
         self.input_name = input_name
+        self.batch_end_hook = batch_end_hook
+        self.activity = activity
         self.stats = GraphStats()
         self.phase = Phase.WARMING_UP
         self._warn = warn or WarnOnce()
@@ -310,6 +326,7 @@ class GraphedStep:
             raise ValueError(f"`device` must be a CUDA device, got {self._device}")
         self._stream: torch.cuda.Stream | None = None  # side stream for warm-up and capture
         self._pool: Any = None  # memory pool shared by every capture of this step
+        self._given_pool: Any = pool  # a pool shared with other steps' graphs, if the caller gave one
         self._graphs: list[CapturedGraph] = []  # least recently replayed first
         # graphs dropped as stale or evicted are kept (never replayed) until the next
         # capture: while a graph holds the pool, the next capture may share it
@@ -546,7 +563,7 @@ class GraphedStep:
         reserved = torch.cuda.memory_reserved(self._device)
         started = time.perf_counter()
         if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
+            self._pool = self._given_pool if self._given_pool is not None else torch.cuda.graph_pool_handle()
         try:
             with torch.cuda.device(self._device), torch.cuda.stream(stream):
                 graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
@@ -565,6 +582,7 @@ class GraphedStep:
             _release_generator_after_failed_capture(self._device)
             self._stream = None  # a failed capture can leave the stream routed to the pool
             self._pool = None
+            self._given_pool = None  # later captures, if any, keep to a pool of their own
             if not isinstance(exc, Exception):
                 raise
             if is_recompile_refusal(exc) and self._deferred_captures < _MAX_DEFERRED_CAPTURES:
@@ -573,7 +591,7 @@ class GraphedStep:
                 self._warmups_left = max(self._warmups_left, 1)
                 self.stats.deferred_captures += 1
                 raise CaptureDeferred(str(exc)) from exc
-            explanation = explain_capture_error(exc, self.what)
+            explanation = explain_capture_error(exc, self.what, self.batch_end_hook)
             if is_recompile_refusal(exc):
                 explanation = (
                     f"torch.compile compiled again for {self._deferred_captures + 1} captures in a row, although "
@@ -703,9 +721,9 @@ class GraphedStep:
             raise GraphCaptureError(reason) from cause
         self._warn(
             "disabled",
-            f"{reason} Training continues eagerly and correctly, without the CUDA graph speed-up."
+            f"{reason} {self.activity} continues eagerly and correctly, without the CUDA graph speed-up."
             if reason.endswith(".")
-            else f"{reason}. Training continues eagerly and correctly, without the CUDA graph speed-up.",
+            else f"{reason}. {self.activity} continues eagerly and correctly, without the CUDA graph speed-up.",
         )
 
     def close(self) -> None:
@@ -717,6 +735,13 @@ class GraphedStep:
             optimizer.restore()
         self._stream = None
         self._pool = None
+
+    def retire_graphs(self) -> None:
+        """Stop replaying the graphs held, without giving graphs up: the next call of
+        a signature already warmed up captures it again. For a caller sharing the
+        memory pool, after another step's capture may have taken memory these graphs
+        write to (see ``pool``)."""
+        self._drop_graphs(None)
 
     def user_optimizer_state(self, optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
         """``state_dict`` of ``optimizer`` as the unprepared optimizer would have saved it."""
@@ -828,7 +853,7 @@ class GraphedStep:
             return (
                 f"{self.what} {changes[0]}{more} each time it runs. A CUDA graph replays only the GPU work, "
                 "so this Python side effect would happen once instead of every step. Move it out of the step "
-                "(with Lightning, into `on_train_batch_end`, which runs every step and receives `outputs`)"
+                f"(with Lightning, into `{self.batch_end_hook}`, which runs every step and receives `outputs`)"
             )
         for optimizer, old in zip(self._optimizers, hyper if hyperparameters else []):
             change = optimizer.describe_change(old, optimizer.hyperparameters())

@@ -208,3 +208,92 @@ class WithBackbone(Regressor):
 
     def configure_optimizers(self):
         return torch.optim.AdamW(filter(lambda p: p.requires_grad, self.parameters()), lr=1e-3)
+
+
+# -- evaluation steps ----------------------------------------------------------------------------
+
+
+class Evaluated(Regressor):
+    """``validation_step``, ``test_step`` and ``predict_step`` as users write them."""
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        pred = self(x)
+        loss = F.mse_loss(pred, y)
+        self.log("val_loss", loss, prog_bar=True)
+        self.log("val_max_error", (pred - y).abs().max(), reduce_fx="max")
+        return loss
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        pred = self(x)
+        self.log("test_loss", F.mse_loss(pred, y))
+        self.log("test_mae", (pred - y).abs().mean(), on_step=True)
+        return {"pred": pred}
+
+    def predict_step(self, batch, batch_idx):
+        x, _ = batch
+        return self(x)
+
+
+class TwoValidationLoaders(Evaluated):
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        x, y = batch
+        loss = F.mse_loss(self(x), y)
+        self.log("val_loss", loss)
+        return loss
+
+
+class CollectsValidationOutputs(Evaluated):
+    """The Lightning 2 pattern for validation-epoch aggregation: append in validation_step."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.val_losses: list[torch.Tensor] = []
+        self.collected: list[int] = []  # how many outputs each validation run collected
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.mse_loss(self(x), y)
+        self.val_losses.append(loss)
+        self.log("val_loss", loss)
+
+    def on_validation_epoch_end(self):
+        self.log("val_mean_of_batches", torch.stack(self.val_losses).mean())
+        self.collected.append(len(self.val_losses))
+        self.val_losses.clear()
+
+
+class ReadsBatchIdxInValidation(Evaluated):
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.mse_loss(self(x), y) * (2.0 if batch_idx % 2 else 1.0)
+        self.log("val_loss", loss)
+        return loss
+
+
+class ItemInValidation(Evaluated):
+    """Reads a value on the host inside validation_step: cannot be captured."""
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.mse_loss(self(x), y)
+        if loss.item() > 100.0:  # host sync
+            loss = loss * 0.5
+        self.log("val_loss", loss)
+        return loss
+
+
+class UpdatesMetricInValidation(Evaluated):
+    """The usual torchmetrics pattern: update and log the metric object in validation_step."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        import torchmetrics
+
+        self.val_mse = torchmetrics.MeanSquaredError()
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.val_mse(self(x), y)
+        self.log("val_mse", self.val_mse)
