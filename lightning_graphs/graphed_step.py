@@ -580,6 +580,7 @@ class GraphedStep:
             for p, grad in zip(self._params, saved_grads):
                 p.grad = grad
             _release_generator_after_failed_capture(self._device)
+            _stop_allocating_to_pool(self._device, self._pool)
             self._stream = None  # a failed capture can leave the stream routed to the pool
             self._pool = None
             self._given_pool = None  # later captures, if any, keep to a pool of their own
@@ -890,6 +891,20 @@ def _release_generator_after_failed_capture(device: torch.device) -> None:
     generator = torch.cuda.default_generators[device.index if device.index is not None else 0]
     if hasattr(generator, "graphsafe_set_state") and hasattr(generator, "clone_state"):
         generator.graphsafe_set_state(generator.clone_state())
+
+
+def _stop_allocating_to_pool(device: torch.device, pool: Any) -> None:
+    """A capture whose end failed (an operation invalidated it) leaves the allocator
+    routing allocations to its pool, and the next capture into that pool (another
+    step's graphs sharing it) fails with "already recording to mempool_id". End
+    that routing; a capture that ended properly has ended it already."""
+    end = getattr(torch._C, "_cuda_endAllocateToPool", None)
+    if end is None or pool is None:
+        return
+    try:
+        end(device.index if device.index is not None else torch.cuda.current_device(), pool)
+    except (RuntimeError, AssertionError):
+        pass  # not routing to it (or no CUDA at all): nothing to end
 
 
 def _end_capture(graph: torch.cuda.CUDAGraph) -> None:
