@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     workload = WORKLOADS[args.workload]()
     theirs, theirs_wall = hand_written_profile(workload, args.replays)
     ours, ours_wall = callback_profile(workload, args.replays)
-    print(f"wall time per replay, back to back: CUDAGraphCallback {ours_wall:.0f} us, hand-written {theirs_wall:.0f} us")
+    print(f"wall time per replay, back to back: CUDAGraphCallback {ours_wall:.0f} us, "
+          f"hand-written {theirs_wall:.0f} us")
     print(f"GPU time per replay: CUDAGraphCallback {sum(v[1] for v in ours.values()):.0f} us, "
           f"hand-written {sum(v[1] for v in theirs.values()):.0f} us; kernels per replay "
           f"{sum(v[0] for v in ours.values()):.0f} against {sum(v[0] for v in theirs.values()):.0f}")

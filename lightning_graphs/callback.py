@@ -15,7 +15,7 @@ from lightning_graphs import _lightning as internals
 from lightning_graphs.batches import clone_tensors
 from lightning_graphs.compiled import compile_children, compiled_parts, own_graphs
 from lightning_graphs.evaluation import STAGE_HOOKS, EvaluationGraphs
-from lightning_graphs.graphed_step import Action, CaptureDeferred, CaptureFailed, GraphedStep, GraphStats
+from lightning_graphs.graphed_step import Action, CaptureDeferred, CaptureFailed, GraphedStep, GraphStats, SharedPool
 from lightning_graphs.messages import GraphCaptureError, GraphWarning, WarnOnce
 
 __all__ = ["CUDAGraphCallback"]
@@ -150,7 +150,7 @@ class CUDAGraphCallback(pl.Callback):
         self._evaluation: dict[str, EvaluationGraphs] = {}
         self._last_evaluation_stats: dict[str, GraphStats] = {}
         # one memory pool for the training and evaluation graphs (see _retire_evaluation_graphs)
-        self._pool: Any = None
+        self._pool: SharedPool | None = None
 
     @property
     def stats(self) -> GraphStats | None:
@@ -189,7 +189,8 @@ class CUDAGraphCallback(pl.Callback):
                 raise GraphCaptureError(f"CUDAGraphCallback: {reason}.")
             self._warn_once(
                 "unsupported",
-                f"CUDAGraphCallback: {reason}. Training runs eagerly, unchanged (without the whole-step graph speed-up).",
+                f"CUDAGraphCallback: {reason}. Training runs eagerly, unchanged "
+                "(without the whole-step graph speed-up).",
             )
             return
         self._trainer = trainer
@@ -234,7 +235,8 @@ class CUDAGraphCallback(pl.Callback):
         if trainer.world_size > 1 or not isinstance(trainer.strategy, SingleDeviceStrategy):
             return f"the {type(trainer.strategy).__name__} strategy is not graphed yet; graphs need one CUDA device"
         if str(trainer.precision) not in _SUPPORTED_PRECISION:
-            return f'precision="{trainer.precision}" is not graphed yet (supported: "32-true", "bf16-mixed", "16-mixed")'
+            supported = ", ".join(f'"{p}"' for p in _SUPPORTED_PRECISION if p != "32")
+            return f'precision="{trainer.precision}" is not graphed yet (supported: {supported})'
         return None
 
     @staticmethod
@@ -258,9 +260,9 @@ class CUDAGraphCallback(pl.Callback):
             return f"`{hook}(self, dataloader_iter)` fetches its own batches, which a graph cannot replay"
         return None
 
-    def _shared_pool(self) -> Any:
+    def _shared_pool(self) -> SharedPool:
         if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
+            self._pool = SharedPool()
         return self._pool
 
     def _emit(self, message: str) -> None:
@@ -299,7 +301,8 @@ class CUDAGraphCallback(pl.Callback):
             with probe.active():
                 index = probe.watched_index(batch_idx)
                 outputs = engine.capture(
-                    plan, lambda static_batch: run(optimizer, batch_idx, internals.with_batch(kwargs, static_batch, index))
+                    plan,
+                    lambda static_batch: run(optimizer, batch_idx, internals.with_batch(kwargs, static_batch, index)),
                 )
         except CaptureDeferred:
             internals.restore_progress(trainer, progress)

@@ -70,6 +70,7 @@ from lightning_graphs.python_state import StateFingerprint
 
 __all__ = [
     "GraphedStep", "Phase", "Action", "StepPlan", "GraphStats", "CapturedGraph", "CaptureFailed", "CaptureDeferred",
+    "SharedPool",
 ]
 
 # a graph dropped as stale after fewer replays than this counts as "thrashing"
@@ -200,6 +201,30 @@ class CaptureFailed(Exception):
         self.explanation = explanation
 
 
+class SharedPool:
+    """One memory pool that several :class:`GraphedStep`\ s capture into.
+
+    A capture that fails midway can leave the pool's bookkeeping in the caching
+    allocator broken, so that the next capture into it fails too and memory of
+    graphs captured earlier might be handed out again. After a failed capture the
+    pool is therefore abandoned by every step sharing it: each retires the graphs
+    it captured there (the next call of a signature already warmed up captures it
+    again) and captures into a fresh pool from then on."""
+
+    def __init__(self) -> None:
+        self._handle: Any = None
+        self.generation = 0  # how many pools were abandoned
+
+    def handle(self) -> Any:
+        if self._handle is None:
+            self._handle = torch.cuda.graph_pool_handle()
+        return self._handle
+
+    def abandon(self) -> None:
+        self._handle = None
+        self.generation += 1
+
+
 class CaptureDeferred(Exception):
     """Capture was put off: a compiled function still had to compile for these
     inputs. Nothing ran; the step runs as an eager warm-up step instead (plan again)."""
@@ -252,8 +277,9 @@ class GraphedStep:
             ``found_inf`` on the host and the capture fails. Adam, AdamW, SGD and
             fused optimizers can skip on the device; with others the step runs
             eagerly, with a warning.
-        pool: a memory pool handle (``torch.cuda.graph_pool_handle()``) to capture
-            into, shared with the graphs of other steps; by default this step's
+        pool: a :class:`SharedPool` to capture into, shared with the graphs of
+            other steps (a plain ``torch.cuda.graph_pool_handle()`` works too, but is
+            not abandoned together after a failed capture); by default this step's
             graphs share a pool of their own. A later capture may place its tensors
             in memory an earlier capture of the pool used only for temporaries, which
             that earlier graph's replays overwrite: share a pool only between steps
@@ -341,6 +367,7 @@ class GraphedStep:
         self._short_evictions = 0  # graphs evicted after a few replays, in a row
         self._deferred_captures = 0  # captures put off for torch.compile to compile first, in a row
         self._captured_state: StateFingerprint | None = None  # watched objects as the first graph held saw them
+        self._pool_generation = 0  # of the shared pool the graphs held were captured into
         for optimizer in self._optimizers:
             if optimizer.unsupported:
                 self.disable(f"{type(optimizer.optimizer).__name__} cannot be captured: {optimizer.unsupported}")
@@ -371,6 +398,9 @@ class GraphedStep:
         if unsupported is not None:
             return StepPlan(Action.EAGER, signature, unsupported)
         known_signature = False
+        shared = self._given_pool if isinstance(self._given_pool, SharedPool) else None
+        if self._graphs and shared is not None and self._pool_generation != shared.generation:
+            self._drop_graphs(None)  # their pool was abandoned after another step's failed capture
         if self._graphs:
             # checked before every call, not only replays: a capture for another
             # signature would otherwise take the changed settings as its baseline
@@ -562,7 +592,10 @@ class GraphedStep:
         torch.cuda.empty_cache()  # let the pool take what warm-up left cached
         reserved = torch.cuda.memory_reserved(self._device)
         started = time.perf_counter()
-        if self._pool is None:
+        if isinstance(self._given_pool, SharedPool):
+            self._pool = self._given_pool.handle()
+            self._pool_generation = self._given_pool.generation
+        elif self._pool is None:
             self._pool = self._given_pool if self._given_pool is not None else torch.cuda.graph_pool_handle()
         try:
             with torch.cuda.device(self._device), torch.cuda.stream(stream):
@@ -580,10 +613,12 @@ class GraphedStep:
             for p, grad in zip(self._params, saved_grads):
                 p.grad = grad
             _release_generator_after_failed_capture(self._device)
-            _stop_allocating_to_pool(self._device, self._pool)
             self._stream = None  # a failed capture can leave the stream routed to the pool
             self._pool = None
-            self._given_pool = None  # later captures, if any, keep to a pool of their own
+            if isinstance(self._given_pool, SharedPool):
+                self._given_pool.abandon()  # every step sharing it moves on (see SharedPool)
+            else:
+                self._given_pool = None  # later captures, if any, keep to a pool of their own
             if not isinstance(exc, Exception):
                 raise
             if is_recompile_refusal(exc) and self._deferred_captures < _MAX_DEFERRED_CAPTURES:
@@ -891,20 +926,6 @@ def _release_generator_after_failed_capture(device: torch.device) -> None:
     generator = torch.cuda.default_generators[device.index if device.index is not None else 0]
     if hasattr(generator, "graphsafe_set_state") and hasattr(generator, "clone_state"):
         generator.graphsafe_set_state(generator.clone_state())
-
-
-def _stop_allocating_to_pool(device: torch.device, pool: Any) -> None:
-    """A capture whose end failed (an operation invalidated it) leaves the allocator
-    routing allocations to its pool, and the next capture into that pool (another
-    step's graphs sharing it) fails with "already recording to mempool_id". End
-    that routing; a capture that ended properly has ended it already."""
-    end = getattr(torch._C, "_cuda_endAllocateToPool", None)
-    if end is None or pool is None:
-        return
-    try:
-        end(device.index if device.index is not None else torch.cuda.current_device(), pool)
-    except (RuntimeError, AssertionError):
-        pass  # not routing to it (or no CUDA at all): nothing to end
 
 
 def _end_capture(graph: torch.cuda.CUDAGraph) -> None:

@@ -110,3 +110,30 @@ def test_a_value_the_step_may_read_changed_outside_it_gets_a_new_capture(graph_a
     step.request_structure_check()
     assert _drive(step, step_fn, 3) == "WCR"
     assert any("temperature" in reason for reason in step.stats.recaptures), step.stats.recaptures
+
+
+def test_a_failed_capture_makes_every_step_sharing_the_pool_move_to_a_fresh_one(graph_api_on_cpu, monkeypatch):
+    from lightning_graphs import graphed_step
+    from lightning_graphs.graphed_step import SharedPool
+
+    # the CUDA generator a real failed capture releases does not exist here
+    monkeypatch.setattr(graphed_step, "_release_generator_after_failed_capture", lambda device: None)
+    pool = SharedPool()
+    model, _, optimizer, step_fn = _finetuning()
+    training = GraphedStep(None, warmup_steps=1, optimizers=[optimizer], modules=[model], device="cuda", pool=pool)
+    assert _drive(training, step_fn, 3) == "WCR"
+    first = pool.handle()
+
+    def fails_when_captured(x):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    evaluation = GraphedStep(None, warmup_steps=1, modules=[model], device="cuda", pool=pool)
+    plan = evaluation.plan((torch.ones(8, 3),))
+    evaluation.warmup(lambda: None, plan)
+    plan = evaluation.plan((torch.ones(8, 3),))
+    with pytest.raises(graphed_step.CaptureFailed):
+        evaluation.capture(plan, lambda static: fails_when_captured(*static))
+    assert pool.generation == 1
+    # the training step's graph lived in the abandoned pool: captured again, in the fresh one
+    assert _drive(training, step_fn, 2) == "CR"
+    assert training.stats.captures == 2
