@@ -9,6 +9,15 @@ on (Lightning 2.4 to 2.6):
   ``batch`` and, if the step takes it, ``batch_idx``.
 * that loop's ``optim_progress`` counts zero_grad and optimizer-step calls; the
   trainer's ``global_step`` is derived from it.
+* with ``automatic_optimization = False``,
+  ``trainer.fit_loop.epoch_loop.manual_optimization.run(kwargs)`` runs one training
+  step instead (the user's ``training_step``, which calls ``manual_backward``,
+  ``optimizer.step()`` and ``zero_grad()`` itself) and returns ``{"loss": ...,
+  **extra}``, or ``{}`` for a step returning ``None``. Each ``step()`` of the
+  ``LightningOptimizer`` wrappers in ``trainer.strategy._lightning_optimizers``
+  advances that loop's ``optim_step_progress`` (ready before the step, completed
+  after it), from which ``global_step`` is derived; nothing counts ``zero_grad``.
+  Lightning steps no scheduler itself in manual optimization: the step does.
 * ``LightningModule.log`` reads ``_current_fx_name`` to know which hook logs.
 * the evaluation and prediction loops run each step through
   ``getattr(trainer.strategy, "validation_step")(*step_args)`` (likewise
@@ -40,6 +49,8 @@ IN_STEP_CALLBACK_HOOKS = ("on_before_zero_grad", "on_before_backward", "on_after
 
 _LIGHTNING_MODULE_ATTRIBUTES = frozenset(pl.LightningModule().__dict__)
 
+_MISSING = object()
+
 
 def ignore_framework_attribute(obj: Any, name: str) -> bool:
     """Attributes Lightning and PyTorch manage themselves (not side effects of a user's step)."""
@@ -52,25 +63,109 @@ def automatic_optimization_loop(trainer: pl.Trainer) -> Any:
     return trainer.fit_loop.epoch_loop.automatic_optimization
 
 
+def manual_optimization_loop(trainer: pl.Trainer) -> Any:
+    return trainer.fit_loop.epoch_loop.manual_optimization
+
+
 def patch_step_runner(trainer: pl.Trainer, runner: Callable[..., Any]) -> Callable[..., Any]:
-    """Route every automatic-optimization step through ``runner``; returns the original ``run``."""
-    loop = automatic_optimization_loop(trainer)
+    """Route every training step through ``runner``; returns the original ``run``.
+
+    The loop is the one the module's ``automatic_optimization`` selects: the
+    automatic loop's ``run(optimizer, batch_idx, kwargs)`` or the manual loop's
+    ``run(kwargs)``."""
+    manual = not trainer.lightning_module.automatic_optimization
+    loop = manual_optimization_loop(trainer) if manual else automatic_optimization_loop(trainer)
     original = loop.run
     loop.run = runner
     return original
 
 
 def unpatch_step_runner(trainer: pl.Trainer) -> None:
-    loop = automatic_optimization_loop(trainer)
-    loop.__dict__.pop("run", None)
+    """Give both loops their own ``run`` back. Safe to call twice."""
+    for loop in (automatic_optimization_loop(trainer), manual_optimization_loop(trainer)):
+        loop.__dict__.pop("run", None)
 
 
 def progress_state(trainer: pl.Trainer) -> dict:
-    return automatic_optimization_loop(trainer).optim_progress.state_dict()
+    """The step counters of both optimization loops, for :func:`restore_progress`."""
+    return {
+        "automatic": automatic_optimization_loop(trainer).optim_progress.state_dict(),
+        "manual": manual_optimization_loop(trainer).optim_step_progress.state_dict(),
+    }
 
 
 def restore_progress(trainer: pl.Trainer, state: dict) -> None:
-    automatic_optimization_loop(trainer).optim_progress.load_state_dict(state)
+    automatic_optimization_loop(trainer).optim_progress.load_state_dict(state["automatic"])
+    manual_optimization_loop(trainer).optim_step_progress.load_state_dict(state["manual"])
+
+
+def manual_step_counts(trainer: pl.Trainer) -> tuple[int, int]:
+    """How many manual optimizer steps were started (ready) and completed in this fit."""
+    total = manual_optimization_loop(trainer).optim_step_progress.total
+    return total.ready, total.completed
+
+
+def count_replayed_manual_step(trainer: pl.Trainer, ready: int, completed: int) -> None:
+    """Advance the manual loop's counters as one eager ``run`` whose optimizers
+    stepped that often would (``LightningOptimizer.step`` increments them)."""
+    loop = manual_optimization_loop(trainer)
+    progress = loop.optim_step_progress
+    for _ in range(ready):
+        progress.increment_ready()
+    for _ in range(completed):
+        progress.increment_completed()
+    loop._restarting = False
+
+
+def lightning_optimizers(trainer: pl.Trainer) -> list[Any]:
+    """The ``LightningOptimizer`` wrappers ``self.optimizers()`` hands the step."""
+    return list(trainer.strategy._lightning_optimizers)
+
+
+@contextmanager
+def watching_manual_calls(
+    trainer: pl.Trainer,
+    on_optimizer_call: Callable[[str, int], None],
+    on_scheduler_step: Callable[[int, Callable[..., Any], tuple, dict], Any],
+) -> Iterator[None]:
+    """Within the block, tell ``on_optimizer_call(name, index)`` of each ``step()``
+    and ``zero_grad()`` of a ``LightningOptimizer`` (by its index in
+    ``trainer.optimizers``, before the call runs), and hand every ``step()`` of a
+    scheduler from ``configure_optimizers`` (by its index in
+    ``trainer.lr_scheduler_configs``) to ``on_scheduler_step(index, original, args,
+    kwargs)``, which decides whether and when ``original`` runs.
+
+    Instance attributes stand in for the methods; whatever was there before is put
+    back on exit, also on errors."""
+    patched: list[tuple[Any, str, Any]] = []  # (object, method name, its own instance attribute or _MISSING)
+
+    def install(obj: Any, name: str, stand_in: Callable[..., Any]) -> None:
+        patched.append((obj, name, obj.__dict__.get(name, _MISSING)))
+        setattr(obj, name, stand_in)
+
+    def optimizer_stand_in(name: str, index: int, original: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            on_optimizer_call(name, index)
+            return original(*args, **kwargs)
+
+        return call
+
+    def scheduler_stand_in(index: int, original: Callable[..., Any]) -> Callable[..., Any]:
+        return lambda *args, **kwargs: on_scheduler_step(index, original, args, kwargs)
+
+    try:
+        for index, optimizer in enumerate(lightning_optimizers(trainer)):
+            for name in ("step", "zero_grad"):
+                install(optimizer, name, optimizer_stand_in(name, index, getattr(optimizer, name)))
+        for index, config in enumerate(trainer.lr_scheduler_configs):
+            install(config.scheduler, "step", scheduler_stand_in(index, config.scheduler.step))
+        yield
+    finally:
+        for obj, name, own in reversed(patched):
+            if own is _MISSING:
+                obj.__dict__.pop(name, None)
+            else:
+                setattr(obj, name, own)
 
 
 def count_replayed_step(trainer: pl.Trainer, batch_idx: int) -> None:
@@ -130,8 +225,6 @@ def in_step_callbacks(trainer: pl.Trainer, exclude: Any) -> list[pl.Callback]:
                 break
     return found
 
-
-_MISSING = object()
 
 
 class StrategyStepPatch:
@@ -216,12 +309,14 @@ class StepProbe:
     While active it stands in for ``LightningModule.log`` (recording calls during
     capture, forwarding them during warm-up), hands ``training_step`` a
     :class:`WatchedInt` as ``batch_idx``, and notes reads of ``self.global_step``,
-    ``self.current_epoch`` and the trainer's counterparts from inside the step.
+    ``self.current_epoch``, the trainer's counterparts and
+    ``self.trainer.is_last_batch`` from inside the step.
     ``problem`` is the first finding, as a sentence; ``what`` names the step in it
     and ``batch_end_hook`` is the hook it suggests instead.
     """
 
-    _WATCHED_PROPERTIES = ("global_step", "current_epoch")
+    # (``is_last_batch`` exists on the Trainer only: a step that steps a scheduler at the epoch's end reads it)
+    _WATCHED_PROPERTIES = ("global_step", "current_epoch", "is_last_batch")
     # hooks in which user code runs and Lightning itself reads no epoch or step counter
     _USER_HOOKS = frozenset(
         {"training_step", "on_before_backward", "on_after_backward", "on_before_optimizer_step", "on_before_zero_grad",

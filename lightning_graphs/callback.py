@@ -16,6 +16,7 @@ from lightning_graphs.batches import clone_tensors
 from lightning_graphs.compiled import compile_children, compiled_parts, own_graphs
 from lightning_graphs.evaluation import STAGE_HOOKS, EvaluationGraphs
 from lightning_graphs.graphed_step import Action, CaptureDeferred, CaptureFailed, GraphedStep, GraphStats, SharedPool
+from lightning_graphs.manual import ManualSteps
 from lightning_graphs.messages import GraphCaptureError, GraphWarning, WarnOnce
 
 __all__ = ["CUDAGraphCallback"]
@@ -103,10 +104,21 @@ class CUDAGraphCallback(pl.Callback):
       GPU work only. Append outputs in ``on_train_batch_end`` instead, which runs every
       step and receives ``outputs["loss"]``.
     * learning rates and other hyper-parameters are set by schedulers (or any code
-      outside the step), not inside ``training_step`` or ``optimizer_step``.
+      outside the step), not inside ``training_step`` or ``optimizer_step``. In manual
+      optimization a scheduler from ``configure_optimizers`` may be stepped by hand
+      inside ``training_step`` after ``opt.step()`` (not before it, and without
+      arguments): it is stepped on the host after every replay, in the same order.
+    * in manual optimization, the same optimizer and scheduler calls at every step,
+      decided without ``batch_idx``, ``self.global_step`` or
+      ``self.trainer.is_last_batch``: step a scheduler every N batches or at the end
+      of an epoch in ``on_train_batch_end`` or ``on_train_epoch_end`` instead.
 
     Supported today: one CUDA device, automatic optimization (with gradient
-    accumulation: each micro-step kind gets its own graph), ``precision`` of
+    accumulation: each micro-step kind gets its own graph), manual optimization
+    (``automatic_optimization = False``: the whole ``training_step`` with its
+    ``manual_backward``, ``zero_grad``, ``clip_gradients`` and ``step`` calls of one or
+    several optimizers is one graph; ``global_step`` counts as eagerly; see
+    :mod:`lightning_graphs.manual`), ``precision`` of
     ``"32-true"``, ``"bf16-mixed"`` or ``"16-mixed"`` (the GradScaler skips
     overflowing steps on the device; see :mod:`lightning_graphs.amp`). Other setups
     train eagerly, with one warning saying so. ``validation_step``, ``test_step``
@@ -145,6 +157,7 @@ class CUDAGraphCallback(pl.Callback):
         self._engine: GraphedStep | None = None  # the graphed step of the running fit
         self._trainer: pl.Trainer | None = None
         self._original_run: Any = None  # Lightning's own step runner, while patched
+        self._manual: ManualSteps | None = None  # stands in for the manual loop's runner, in manual optimization
         self._last_stats: GraphStats | None = None
         # with graph_evaluation: the graphed step of each evaluation stage, created at its first run
         self._evaluation: dict[str, EvaluationGraphs] = {}
@@ -217,7 +230,14 @@ class CUDAGraphCallback(pl.Callback):
             grad_scaler=getattr(trainer.precision_plugin, "scaler", None),
             pool=self._shared_pool() if self.graph_evaluation else None,
         )
-        self._original_run = internals.patch_step_runner(trainer, self._run_step)
+        if pl_module.automatic_optimization:
+            self._original_run = internals.patch_step_runner(trainer, self._run_step)
+        else:
+            self._manual = ManualSteps(
+                trainer, self._engine, lambda kwargs: self._original_run(kwargs),
+                after_capture=self._retire_evaluation_graphs, advice=_RAGGED_ADVICE,
+            )
+            self._original_run = internals.patch_step_runner(trainer, self._manual.run)
 
     @staticmethod
     def _on_cuda(pl_module: pl.LightningModule) -> bool:
@@ -225,8 +245,6 @@ class CUDAGraphCallback(pl.Callback):
 
     def _unsupported(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str | None:
         """Why this fit cannot be graphed at all, if so."""
-        if not pl_module.automatic_optimization:
-            return "manual optimization (`automatic_optimization = False`) is not graphed yet"
         return self._unsupported_setup(trainer) or self._takes_dataloader_iter(pl_module, "training_step")
 
     @staticmethod
@@ -271,7 +289,8 @@ class CUDAGraphCallback(pl.Callback):
     # -- the step -------------------------------------------------------------------
 
     def _run_step(self, optimizer: torch.optim.Optimizer, batch_idx: int, kwargs: OrderedDict) -> dict:
-        """Stands in for Lightning's automatic-optimization ``run``: one training step."""
+        """Stands in for Lightning's automatic-optimization ``run``: one training step.
+        (In manual optimization :class:`~lightning_graphs.manual.ManualSteps` does.)"""
         engine, trainer, run = self._engine, self._trainer, self._original_run
         plan = engine.plan(kwargs["batch"], internals.step_variant(trainer, batch_idx))
         if plan.action is Action.REPLAY:
@@ -483,6 +502,7 @@ class CUDAGraphCallback(pl.Callback):
         if self._original_run is not None:
             internals.unpatch_step_runner(self._trainer or trainer)
             self._original_run = None
+        self._manual = None
         if self._engine is not None:
             self._last_stats = self._engine.stats
             self._engine.close()

@@ -297,3 +297,189 @@ class UpdatesMetricInValidation(Evaluated):
         x, y = batch
         self.val_mse(self(x), y)
         self.log("val_mse", self.val_mse)
+
+
+# -- manual optimization -------------------------------------------------------------------------
+
+
+class ManualRegressor(pl.LightningModule):
+    """Manual optimization as the Lightning docs write it: ``zero_grad``, ``manual_backward``,
+    optional ``clip_gradients``, ``opt.step()``, then a scheduler stepped by hand."""
+
+    def __init__(self, optimizer: str = "adamw", scheduler: str | None = "lambda", clip: float | None = None,
+                 returns: str = "loss", dropout: float = 0.0) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.net = mlp(dropout=dropout)
+        self.optimizer_name = optimizer
+        self.scheduler_name = scheduler
+        self.clip = clip
+        self.returns = returns
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        x, y = batch
+        pred = self(x)
+        loss = F.mse_loss(pred, y)
+        opt.zero_grad()
+        self.manual_backward(loss)
+        if self.clip is not None:
+            self.clip_gradients(opt, gradient_clip_val=self.clip, gradient_clip_algorithm="norm")
+        opt.step()
+        self.step_schedulers(batch_idx)
+        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train_mae", (pred - y).abs().mean(), on_step=False, on_epoch=True)
+        if self.returns == "dict":
+            return {"loss": loss, "pred_mean": pred.detach().mean()}
+        return loss if self.returns == "loss" else None
+
+    def step_schedulers(self, batch_idx):
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+
+    def configure_optimizers(self):
+        if self.optimizer_name == "adamw":
+            opt = torch.optim.AdamW(self.parameters(), lr=1e-3)
+        elif self.optimizer_name == "sgd":
+            opt = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+        elif self.optimizer_name == "lbfgs":
+            opt = torch.optim.LBFGS(self.parameters(), lr=0.1)
+        else:
+            raise ValueError(self.optimizer_name)
+        if self.scheduler_name is None:
+            return opt
+        if self.scheduler_name == "lambda":
+            return [opt], [torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1.0 + 0.1 * step))]
+        if self.scheduler_name == "onecycle":
+            return [opt], [torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=40)]
+        if self.scheduler_name == "step":
+            return [opt], [torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.7)]
+        raise ValueError(self.scheduler_name)
+
+
+class ManualEveryNBatches(ManualRegressor):
+    """Steps the scheduler every 3 batches, deciding on ``batch_idx``."""
+
+    def step_schedulers(self, batch_idx):
+        if (batch_idx + 1) % 3 == 0:
+            self.lr_schedulers().step()
+
+
+class ManualAtEpochEnd(ManualRegressor):
+    """Steps the scheduler at the last batch of each epoch, as Lightning's docs suggest."""
+
+    def step_schedulers(self, batch_idx):
+        if self.trainer.is_last_batch:
+            self.lr_schedulers().step()
+
+
+class ManualSchedulerFirst(ManualRegressor):
+    """Steps the scheduler before the optimizer: this step's own learning rate changes."""
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        x, y = batch
+        loss = F.mse_loss(self(x), y)
+        opt.zero_grad()
+        self.manual_backward(loss)
+        self.lr_schedulers().step()
+        opt.step()
+        self.log("train_loss", loss)
+        return loss
+
+
+class ManualPlateau(ManualRegressor):
+    """Steps ``ReduceLROnPlateau`` with the step's loss from inside the step."""
+
+    def step_schedulers(self, batch_idx):
+        pass
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.lr_schedulers().step(loss.detach())
+        return loss
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.parameters(), lr=1e-3)
+        return [opt], [torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.5)]
+
+
+class ManualLBFGS(ManualRegressor):
+    """``optimizer.step(closure)`` with LBFGS, which re-evaluates the closure."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__("lbfgs", None)
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        x, y = batch
+
+        def closure():
+            loss = F.mse_loss(self(x), y)
+            opt.zero_grad()
+            self.manual_backward(loss)
+            return loss
+
+        loss = opt.step(closure=closure)
+        self.log("train_loss", loss)
+        return loss
+
+
+class ManualGAN(pl.LightningModule):
+    """A GAN-style step: the generator's and the discriminator's updates, each between
+    ``toggle_optimizer`` and ``untoggle_optimizer``, fresh noise drawn inside the step,
+    a scheduler per optimizer stepped after both updates."""
+
+    def __init__(self, features: int = 8, noise: int = 4, width: int = 32, schedulers: bool = True) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.noise = noise
+        self.generator = nn.Sequential(nn.Linear(noise, width), nn.GELU(), nn.Linear(width, features))
+        self.discriminator = nn.Sequential(nn.Linear(features, width), nn.LayerNorm(width), nn.GELU(),
+                                           nn.Linear(width, 1))
+        self.schedulers = schedulers
+        self.alternate = False  # set between steps by a test: the step then calls its optimizers differently
+
+    def training_step(self, batch, batch_idx):
+        opt_g, opt_d = self.optimizers()
+        real, _ = batch
+        z = torch.randn(real.shape[0], self.noise, device=real.device)
+
+        self.toggle_optimizer(opt_g)
+        fake = self.generator(z)
+        logits = self.discriminator(fake)
+        g_loss = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
+        opt_g.zero_grad()
+        self.manual_backward(g_loss)
+        opt_g.step()
+        self.untoggle_optimizer(opt_g)
+
+        self.toggle_optimizer(opt_d)
+        real_logits, fake_logits = self.discriminator(real), self.discriminator(fake.detach())
+        d_loss = 0.5 * (F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
+                        + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
+        opt_d.zero_grad()
+        self.manual_backward(d_loss)
+        if not self.alternate:
+            opt_d.step()
+        self.untoggle_optimizer(opt_d)
+
+        if self.schedulers:
+            for scheduler in self.lr_schedulers():
+                scheduler.step()
+        self.log_dict({"g_loss": g_loss, "d_loss": d_loss}, prog_bar=True)
+        self.log("d_real", torch.sigmoid(real_logits).mean(), on_step=False, on_epoch=True)
+        return {"loss": g_loss + d_loss, "d_loss": d_loss.detach()}
+
+    def configure_optimizers(self):
+        opt_g = torch.optim.Adam(self.generator.parameters(), lr=2e-3, betas=(0.5, 0.999))
+        opt_d = torch.optim.AdamW(self.discriminator.parameters(), lr=1e-3, betas=(0.5, 0.999))
+        if not self.schedulers:
+            return [opt_g, opt_d]
+        sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, lambda step: 1.0 / (1.0 + 0.05 * step))
+        sched_d = torch.optim.lr_scheduler.ExponentialLR(opt_d, gamma=0.97)
+        return [opt_g, opt_d], [sched_g, sched_d]

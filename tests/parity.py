@@ -48,16 +48,20 @@ class Recorder(pl.Callback):
         self.loss_tensors: list[torch.Tensor] = []  # kept as returned, to catch aliasing
         self.global_steps: list[int] = []
         self.callback_metrics: list[dict[str, float]] = []
+        self.output_keys: list = []  # what the step returned: the keys of Lightning's outputs dict
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.lrs.append([float(g["lr"]) for opt in trainer.optimizers for g in opt.param_groups])
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        self.loss_tensors.append(loss)
-        self.losses.append(float(loss))
         self.global_steps.append(trainer.global_step)
         self.callback_metrics.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+        self.output_keys.append(sorted(outputs) if isinstance(outputs, dict) else type(outputs).__name__)
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is None:  # a manual-optimization step may return nothing
+            return
+        self.loss_tensors.append(loss)
+        self.losses.append(float(loss))
 
 
 @dataclass
@@ -129,13 +133,26 @@ def fit(
         logger=logger,
         final_metrics={k: float(v) for k, v in trainer.callback_metrics.items()},
         state={k: v.detach().cpu().clone() for k, v in module.state_dict().items()},
-        progress=trainer.fit_loop.epoch_loop.automatic_optimization.optim_progress.state_dict(),
+        progress=progress_of(trainer),
         global_step=trainer.global_step,
         callback=callback,
         warnings=[str(w.message) for w in caught if issubclass(w.category, GraphWarning)],
         module=module,
         trainer=trainer,
     )
+
+
+def progress_of(trainer: pl.Trainer) -> dict:
+    """The counters ``global_step`` and the loops derive from: the optimizer steps of
+    automatic optimization (and its zero_grad calls), those of manual optimization
+    (counted per ``LightningOptimizer.step()``) and the batches."""
+    epoch_loop = trainer.fit_loop.epoch_loop
+    return {
+        "automatic": epoch_loop.automatic_optimization.optim_progress.state_dict(),
+        "manual": epoch_loop.manual_optimization.optim_step_progress.state_dict(),
+        "batches": epoch_loop.batch_progress.state_dict(),
+        "batches_that_stepped": epoch_loop._batches_that_stepped,
+    }
 
 
 def assert_same(eager: Run, graphed: Run, rtol: float = 1e-6, atol: float = 1e-6) -> None:
@@ -148,6 +165,7 @@ def assert_same(eager: Run, graphed: Run, rtol: float = 1e-6, atol: float = 1e-6
         )
 
     assert graphed.recorder.global_steps == eager.recorder.global_steps
+    assert graphed.recorder.output_keys == eager.recorder.output_keys
     assert graphed.global_step == eager.global_step
     assert graphed.progress == eager.progress
     # learning rates are the scheduler's own floats in both runs: exactly equal
