@@ -44,7 +44,7 @@ from lightning_graphs.batches import clone_tensors, flatten
 from lightning_graphs.graphed_step import ignore_torch_attribute
 from lightning_graphs.python_state import WatchedInt
 
-# hooks that run inside one automatic-optimization step; their Python runs at capture only
+# hooks that run inside one training step (automatic or manual optimization); their Python runs at capture only
 IN_STEP_CALLBACK_HOOKS = ("on_before_zero_grad", "on_before_backward", "on_after_backward", "on_before_optimizer_step")
 
 _LIGHTNING_MODULE_ATTRIBUTES = frozenset(pl.LightningModule().__dict__)
