@@ -11,6 +11,7 @@ Adam updates get 1e-5.
 from __future__ import annotations
 
 import pytest
+import torch
 from lightning.pytorch.callbacks import Callback
 
 import models
@@ -165,3 +166,40 @@ def test_a_gan_step_skipping_the_discriminator_now_and_then_trains_eagerly():
     eager, graphed = both(models.ManualGAN, extra_callbacks=lambda: [Alternate()])
     assert_same(eager, graphed)
     trained_eagerly(graphed, "differently in two steps")
+
+
+# -- fp16 mixed precision: the GradScaler inside the manual step ----------------------------------------------
+
+
+class Scales(Callback):
+    def __init__(self):
+        self.scales = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.scales.append(trainer.precision_plugin.scaler.get_scale())
+
+
+def overflowing_data():
+    """8 batches an epoch; at positions 4 and 6 the targets are so large that fp16
+    gradients overflow at the scales the scaler tries."""
+    x, y = regression_data(n=64).tensors
+    y = y.clone()
+    y[32:40] *= 1e2
+    y[48:56] *= 1e4
+    return loader(torch.utils.data.TensorDataset(x, y))
+
+
+def test_16_mixed_manual_step_skips_the_same_overflowing_steps_as_eager():
+    runs, traces = [], []
+    for graphed in (False, True):
+        trace = Scales()
+        runs.append(fit(lambda: models.ManualRegressor("adamw", "lambda"), graphed=graphed,
+                        train_loader=overflowing_data, extra_callbacks=lambda: [trace], precision="16-mixed",
+                        max_epochs=4))
+        traces.append(trace)
+    (eager, graphed), (eager_trace, graphed_trace) = runs, traces
+    backoffs = [i for i in range(1, len(eager_trace.scales)) if eager_trace.scales[i] < eager_trace.scales[i - 1]]
+    assert any(i > 8 for i in backoffs), eager_trace.scales  # the scaler backed off during replays
+    assert graphed_trace.scales == eager_trace.scales
+    assert_same(eager, graphed, rtol=1e-3, atol=1e-3)
+    graphs_used(graphed, eager_steps=0)
