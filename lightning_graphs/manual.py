@@ -145,7 +145,8 @@ class _StepCalls:
             self._stepped.append(index)
 
     def finish(self) -> list[int]:
-        """Run the scheduler steps put off; the indexes of every scheduler step, in order."""
+        """Run the scheduler steps still put off; the indexes of the schedulers stepped after
+        being put off, in order (what a replay of a captured step steps)."""
         self._run_put_off()
         return self._stepped
 
