@@ -330,16 +330,18 @@ def test_graphed_step_captures_into_the_pool_it_is_given(graph_api_on_cpu, monke
     assert step.phase is Phase.CAPTURED
 
 
-def test_static_batches_built_under_inference_mode_are_ordinary_tensors():
+def test_static_batches_are_made_like_the_batch_under_inference_mode():
+    # inference tensors, as the batch's are: a compiled step's guards check it
     with torch.inference_mode():
         batch = (torch.randn(4, 3), {"y": torch.randn(4)})
         static = StaticBatch(signature_of(batch))
-        assert not any(t.is_inference() for t in static.tensors)
+        assert all(t.is_inference() for t in static.tensors)
         later = (torch.randn(4, 3), {"y": torch.randn(4)})
         static.copy_from(signature_of(later))  # inside inference mode
     torch.testing.assert_close(static.value[0], later[0])
     static.copy_from(signature_of(batch))  # and outside it
     torch.testing.assert_close(static.value[1]["y"], batch[1]["y"])
+    assert signature_of(batch) != signature_of((torch.randn(4, 3), {"y": torch.randn(4)}))
 
 
 def test_capture_and_replay_under_inference_mode(graph_api_on_cpu):  # noqa: F811
