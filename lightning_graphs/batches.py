@@ -159,7 +159,10 @@ _PLAIN_TYPES = (bool, int, float, complex, str, bytes, type(None))
 
 def _leaf_spec(leaf: Any) -> Any:
     if isinstance(leaf, torch.Tensor):
-        return (tuple(leaf.shape), leaf.dtype, leaf.device, leaf.requires_grad, leaf.layout)
+        # strides and inference-ness too: a compiled step's guards check them, and the
+        # static copy is made like the batch's own tensor
+        return (tuple(leaf.shape), leaf.dtype, leaf.device, leaf.requires_grad, leaf.layout,
+                leaf.stride() if leaf.layout is torch.strided else None, leaf.is_inference())
     if type(leaf) in _PLAIN_TYPES and not (type(leaf) is float and math.isnan(leaf)):
         return (type(leaf), leaf)
     return _Value(leaf)
@@ -221,11 +224,17 @@ def leaf_paths(tree: Any, root: str = "batch") -> list[str]:
     return paths
 
 
-def _describe_leaf(spec: Any) -> str:
-    if isinstance(spec, tuple) and len(spec) == 5:
-        shape, dtype, device, requires_grad, _ = spec
+def _describe_leaf(spec: Any, other: Any = None) -> str:
+    if isinstance(spec, tuple) and len(spec) == 7:
+        shape, dtype, device, requires_grad, _, stride, inference = spec
         grad = ", requires_grad" if requires_grad else ""
-        return f"shape {tuple(shape)}, {str(dtype).replace('torch.', '')} on {device}{grad}"
+        text = f"shape {tuple(shape)}, {str(dtype).replace('torch.', '')} on {device}{grad}"
+        if isinstance(other, tuple) and len(other) == 7 and other[:5] == spec[:5]:
+            if stride != other[5]:
+                text += f", strides {stride}"
+            if inference != other[6]:
+                text += ", an inference tensor" if inference else ", not an inference tensor"
+        return text
     if isinstance(spec, tuple):
         return f"value {spec[1]!r}"
     return f"value {spec!r}"
@@ -237,7 +246,7 @@ def describe_mismatch(expected: BatchSignature, got: BatchSignature, root: str =
         return f"{root} has a different structure than the captured one"
     for path, a, b in zip(leaf_paths(expected.tree, root), expected.specs, got.specs):
         if a != b:
-            return f"{path} has {_describe_leaf(b)}; the captured graph expects {_describe_leaf(a)}"
+            return f"{path} has {_describe_leaf(b, a)}; the captured graph expects {_describe_leaf(a, b)}"
     return f"{root} differs from the captured one"
 
 
@@ -253,23 +262,43 @@ class StaticBatch:
         self.signature = signature
         self._positions = signature.tensor_positions
         leaves = list(signature.leaves)
-        # ordinary tensors even when built under `torch.inference_mode()` (evaluation loops
-        # capture there): they can then be written in place inside and outside it alike
-        with torch.inference_mode(False), torch.no_grad():
+        with torch.no_grad():
             for i in self._positions:
-                source = leaves[i]
-                leaves[i] = source.detach().clone().requires_grad_(source.requires_grad)
+                leaves[i] = _static_copy(leaves[i])
         # the tensors the graph reads; kept apart from `value` so that user code
         # rebinding fields of the batch object cannot detach them
         self.tensors: list[torch.Tensor] = [leaves[i] for i in self._positions]
+        self._inference = any(t.is_inference() for t in self.tensors)
         self.value = unflatten(signature.tree, leaves)
 
     def copy_from(self, signature: BatchSignature) -> None:
         sources = [signature.leaves[i] for i in self._positions]
         if not sources:
             return
-        with torch.no_grad():
+        # inference tensors are written in inference mode, wherever the call comes from
+        with torch.inference_mode() if self._inference else torch.no_grad():
             torch._foreach_copy_(self.tensors, sources)
+
+
+def _static_copy(source: torch.Tensor) -> torch.Tensor:
+    """A tensor of its own that looks to the step like ``source``: same strides (a
+    strided view stays one) and an inference tensor exactly when ``source`` is one
+    (evaluation loops run under ``torch.inference_mode()``), so that a compiled
+    step's guards hold for both. The signature includes both properties, so later
+    batches copied in are alike (and inference copies are only written in inference
+    mode)."""
+    requires_grad = source.requires_grad
+    with torch.inference_mode(source.is_inference()), torch.no_grad():
+        source = source.detach() if not source.is_inference() else source
+        if source.layout is torch.strided and all(s > 0 or n <= 1 for s, n in zip(source.stride(), source.shape)):
+            copy = torch.empty_strided(source.shape, source.stride(), dtype=source.dtype, device=source.device)
+            try:
+                copy.copy_(source)
+            except RuntimeError:  # strides that overlap: a contiguous copy then
+                copy = source.clone()
+        else:
+            copy = source.clone()
+    return copy.requires_grad_(requires_grad)
 
 
 def clone_tensors(value: Any, clone: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Any:

@@ -13,7 +13,7 @@ from typing_extensions import override
 
 from lightning_graphs import _lightning as internals
 from lightning_graphs.batches import clone_tensors
-from lightning_graphs.compiled import compile_children, compiled_parts, own_graphs
+from lightning_graphs.compiled import compile_children, compiled_parts, own_graphs, own_graphs_requested
 from lightning_graphs.evaluation import STAGE_HOOKS, EvaluationGraphs
 from lightning_graphs.graphed_step import Action, CaptureDeferred, CaptureFailed, GraphedStep, GraphStats, SharedPool
 from lightning_graphs.manual import ManualSteps
@@ -77,7 +77,8 @@ class CUDAGraphCallback(pl.Callback):
             :attr:`evaluation_stats`.
 
     Raises:
-        ValueError: for a negative ``warmup_steps``.
+        ValueError: for a negative ``warmup_steps``, or a ``compile`` dict asking
+            for a mode that captures CUDA graphs of its own.
 
     Example::
 
@@ -144,6 +145,12 @@ class CUDAGraphCallback(pl.Callback):
             raise ValueError(f"`warmup_steps` must be >= 0, got {warmup_steps}")
         if max_graphs < 1:
             raise ValueError(f"`max_graphs` must be >= 1, got {max_graphs}")
+        if isinstance(compile, dict) and own_graphs_requested(compile):
+            raise ValueError(
+                f"`compile={compile!r}` asks torch.compile for CUDA graphs of its own, which cannot run inside the "
+                "whole-step graph this callback captures; leave out the mode (the default mode fuses kernels; the "
+                "callback graphs the whole step) or use mode=\"max-autotune-no-cudagraphs\""
+            )
         self.warmup_steps = warmup_steps
         self.max_graphs = max_graphs
         self.strict = strict

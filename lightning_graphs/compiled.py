@@ -28,7 +28,9 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-__all__ = ["compiled_parts", "own_graphs", "no_compilation", "is_recompile_refusal", "compile_children"]
+__all__ = [
+    "compiled_parts", "own_graphs", "own_graphs_requested", "no_compilation", "is_recompile_refusal", "compile_children",
+]
 
 _REFUSAL = "fail_on_recompile"
 
@@ -110,12 +112,33 @@ def is_recompile_refusal(exc: BaseException) -> bool:
     return False
 
 
-def compile_children(root: torch.nn.Module, options: dict[str, Any]) -> Callable[[], None]:
-    """Compile, in place, the ``forward`` of each direct child of ``root`` that holds
-    parameters (and is not compiled already) with ``torch.compile(**options)``.
-    Returns a function that puts every ``forward`` back."""
-    compiled = []
+# containers whose own forward is never called: their members are compiled instead
+_CONTAINERS = (torch.nn.ModuleList, torch.nn.ModuleDict)
+
+
+def _compilable_children(root: torch.nn.Module) -> Iterator[torch.nn.Module]:
     for child in root.children():
+        if isinstance(child, _CONTAINERS):
+            yield from _compilable_children(child)
+        else:
+            yield child
+
+
+def own_graphs_requested(options: dict[str, Any]) -> bool:
+    """Whether ``torch.compile(**options)`` would capture CUDA graphs of its own."""
+    mode = options.get("mode")
+    inductor = options.get("options") or {}
+    return mode in ("reduce-overhead", "max-autotune") or bool(inductor.get("triton.cudagraphs"))
+
+
+def compile_children(root: torch.nn.Module, options: dict[str, Any]) -> Callable[[], None]:
+    """Compile, in place, the ``forward`` of each child of ``root`` that holds
+    parameters (and is not compiled already) with ``torch.compile(**options)``; the
+    members of a ``ModuleList`` or ``ModuleDict`` child, whose own ``forward`` is
+    never called, are compiled one by one. Returns a function that puts every
+    ``forward`` back."""
+    compiled = []
+    for child in _compilable_children(root):
         if isinstance(child, torch._dynamo.eval_frame.OptimizedModule) or "forward" in child.__dict__:
             continue
         if child.__dict__.get("_compiled_call_impl") is not None or next(child.parameters(), None) is None:

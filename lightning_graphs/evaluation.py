@@ -115,7 +115,8 @@ class EvaluationGraphs:
             return self._warmup(engine, plan, call, run, module)
         if plan.action is Action.CAPTURE:
             return self._capture(engine, plan, call, run, module)
-        engine.warn_fallback(plan, _FALLBACK_ADVICE)
+        about_signatures = "the captured graph expects" in (plan.reason or "") or "max_graphs" in (plan.reason or "")
+        engine.warn_fallback(plan, _FALLBACK_ADVICE if about_signatures else "")
         return engine.eager(lambda: run(*args), plan.reason)
 
     def _warmup(self, engine: GraphedStep, plan: StepPlan, call: internals.EvaluationCall, run: Callable[..., Any],

@@ -202,7 +202,7 @@ class CaptureFailed(Exception):
 
 
 class SharedPool:
-    """One memory pool that several :class:`GraphedStep`\ s capture into.
+    """One memory pool that several graphed steps (:class:`GraphedStep`) capture into.
 
     A capture that fails midway can leave the pool's bookkeeping in the caching
     allocator broken, so that the next capture into it fails too and memory of
@@ -613,22 +613,24 @@ class GraphedStep:
             for p, grad in zip(self._params, saved_grads):
                 p.grad = grad
             _release_generator_after_failed_capture(self._device)
-            self._stream = None  # a failed capture can leave the stream routed to the pool
-            self._pool = None
-            if isinstance(self._given_pool, SharedPool):
-                self._given_pool.abandon()  # every step sharing it moves on (see SharedPool)
-            else:
-                self._given_pool = None  # later captures, if any, keep to a pool of their own
+            refused = is_recompile_refusal(exc)  # raised in Python before the compiler ran: no CUDA error
+            if not refused:
+                self._stream = None  # a failed capture can leave the stream routed to the pool
+                self._pool = None
+                if isinstance(self._given_pool, SharedPool):
+                    self._given_pool.abandon()  # every step sharing it moves on (see SharedPool)
+                else:
+                    self._given_pool = None  # later captures, if any, keep to a pool of their own
             if not isinstance(exc, Exception):
                 raise
-            if is_recompile_refusal(exc) and self._deferred_captures < _MAX_DEFERRED_CAPTURES:
+            if refused and self._deferred_captures < _MAX_DEFERRED_CAPTURES:
                 # compiling belongs in an eager step: warm up once more, capture after it
                 self._deferred_captures += 1
                 self._warmups_left = max(self._warmups_left, 1)
                 self.stats.deferred_captures += 1
                 raise CaptureDeferred(str(exc)) from exc
             explanation = explain_capture_error(exc, self.what, self.batch_end_hook)
-            if is_recompile_refusal(exc):
+            if refused:
                 explanation = (
                     f"torch.compile compiled again for {self._deferred_captures + 1} captures in a row, although "
                     "each ran an eager step first (a guard that fails at every call, such as one on a value that "

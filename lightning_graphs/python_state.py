@@ -29,6 +29,8 @@ def _value_key(value: Any) -> tuple:
         return ("number", value)
     if isinstance(value, _SIZED):
         return ("container", id(value), len(value))
+    if isinstance(value, torch.Tensor):
+        return ("tensor", id(value))
     # tensors included: in-place updates are replayed by the graph, rebinding is not
     return ("object", id(value))
 
@@ -87,10 +89,11 @@ class StateFingerprint:
 
         ``read_by_step_only`` compares only what a captured step bakes in and code
         outside the step may change between steps: public attributes holding plain
-        values (a temperature, a flag, a mode string) and which tensors are
+        values (a temperature, a flag, a mode string) or tensors (a graph reads the
+        tensor it was captured with, not one assigned later), and which tensors are
         registered as parameters and buffers. Containers, private attributes and
         other objects are left out: outside the step they are bookkeeping (outputs
-        collected in a hook, metric states) that a step seldom reads."""
+        collected in a hook) that a step seldom reads."""
         found = []
         for key in list(self._entries) + [k for k in after._entries if k not in self._entries]:
             before_key, after_key = self._entries.get(key), after._entries.get(key)
@@ -111,7 +114,7 @@ def _read_by_step(name: str, before: tuple | None, after: tuple | None) -> bool:
     kinds = {entry[0] for entry in (before, after) if entry is not None}
     if "slot" in kinds:
         return True
-    return not name.startswith("_") and kinds == {"number"}
+    return not name.startswith("_") and kinds <= {"number", "tensor"}
 
 
 _INT_OPERATIONS = (

@@ -136,3 +136,24 @@ def test_clone_tensors_gives_independent_storage():
     value["loss"].add_(1)
     assert cloned["loss"].item() == 1.0
     assert cloned["extra"][1] == "text"
+
+
+def test_a_strided_view_keeps_its_strides_in_the_static_copy():
+    # a compiled step guards on strides: the copy must look like the batch it stands in for
+    base = torch.randn(6, 4, 3)
+    view = base[:, :, 0]
+    static = StaticBatch(signature_of((view,)))
+    assert static.value[0].stride() == view.stride()
+    torch.testing.assert_close(static.value[0], view)
+    later = torch.randn(6, 4, 3)[:, :, 0]
+    assert signature_of((later,)) == signature_of((view,))
+    static.copy_from(signature_of((later,)))
+    torch.testing.assert_close(static.value[0], later)
+    assert signature_of((view.contiguous(),)) != signature_of((view,))
+
+
+def test_an_expanded_batch_gets_a_contiguous_copy():
+    expanded = torch.randn(1, 3).expand(4, 3)  # stride 0: one element stands for many
+    static = StaticBatch(signature_of((expanded,)))
+    torch.testing.assert_close(static.value[0], expanded)
+    assert static.value[0].is_contiguous()

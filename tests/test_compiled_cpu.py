@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lightning_graphs import GraphedStep
-from lightning_graphs.graphed_step import Action, CaptureDeferred
+from lightning_graphs.graphed_step import Action, CaptureDeferred, SharedPool
 from lightning_graphs.compiled import (
     compile_children,
     compiled_parts,
@@ -81,7 +81,8 @@ def test_capture_is_put_off_when_the_compiler_would_compile(graph_api_on_cpu, mo
         compiled(x).sum().backward()
         optimizer.step()
 
-    step = GraphedStep(None, warmup_steps=1, optimizers=[optimizer], modules=[model], device="cuda")
+    pool = SharedPool()
+    step = GraphedStep(None, warmup_steps=1, optimizers=[optimizer], modules=[model], device="cuda", pool=pool)
     assert _drive(step, step_fn, 1) == "W"
     torch._dynamo.reset()  # the compiled code the warm-up made is gone: capturing would compile
     plan = step.plan((torch.ones(8, 3),))
@@ -89,5 +90,31 @@ def test_capture_is_put_off_when_the_compiler_would_compile(graph_api_on_cpu, mo
     with pytest.raises(CaptureDeferred):
         step.capture(plan, lambda static: step_fn(*static))
     assert step.stats.deferred_captures == 1 and step.stats.captures == 0
+    assert pool.generation == 0, "nothing reached CUDA: the shared pool is kept"
     assert _drive(step, step_fn, 3) == "WCR"  # the warm-up compiles; the capture finds it compiled
 
+
+
+def test_members_of_a_module_list_are_compiled_one_by_one():
+    class Blocks(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)])
+            self.heads = torch.nn.ModuleDict({"a": torch.nn.Linear(2, 1)})
+
+    model = Blocks()
+    undo = compile_children(model, {"backend": "eager"})
+    assert sorted(name for name, _ in compiled_parts(model)) == ["blocks.0.forward", "blocks.1.forward",
+                                                                 "heads.a.forward"]
+    undo()
+    assert compiled_parts(model) == []
+
+
+def test_a_compile_option_asking_for_graphs_of_its_own_is_refused():
+    from lightning_graphs import CUDAGraphCallback
+
+    for options in ({"mode": "reduce-overhead"}, {"mode": "max-autotune"}, {"options": {"triton.cudagraphs": True}}):
+        with pytest.raises(ValueError, match="CUDA graphs of its own"):
+            CUDAGraphCallback(compile=options)
+    CUDAGraphCallback(compile={"mode": "max-autotune-no-cudagraphs"})
+    CUDAGraphCallback(compile=True)

@@ -330,16 +330,18 @@ def test_graphed_step_captures_into_the_pool_it_is_given(graph_api_on_cpu, monke
     assert step.phase is Phase.CAPTURED
 
 
-def test_static_batches_built_under_inference_mode_are_ordinary_tensors():
+def test_static_batches_are_made_like_the_batch_under_inference_mode():
+    # inference tensors, as the batch's are: a compiled step's guards check it
     with torch.inference_mode():
         batch = (torch.randn(4, 3), {"y": torch.randn(4)})
         static = StaticBatch(signature_of(batch))
-        assert not any(t.is_inference() for t in static.tensors)
+        assert all(t.is_inference() for t in static.tensors)
         later = (torch.randn(4, 3), {"y": torch.randn(4)})
         static.copy_from(signature_of(later))  # inside inference mode
     torch.testing.assert_close(static.value[0], later[0])
     static.copy_from(signature_of(batch))  # and outside it
     torch.testing.assert_close(static.value[1]["y"], batch[1]["y"])
+    assert signature_of(batch) != signature_of((torch.randn(4, 3), {"y": torch.randn(4)}))
 
 
 def test_capture_and_replay_under_inference_mode(graph_api_on_cpu):  # noqa: F811
@@ -396,3 +398,44 @@ def test_direct_log_replay_in_validation_equals_logging_each_call():
     # batch-size-weighted mean over the run, the ragged batch weighing less
     assert float(direct[0]["val_loss"]) == pytest.approx((0.5 * 4 + 1.5 * 4 + 2.5 * 2) / 10)
     assert float(direct[2]["val_max"]) == 12.5
+
+
+class FailsWhenValidationIsCaptured(models.Evaluated):
+    """A validation step whose capture fails (as a host read does on a GPU)."""
+
+    capturing = False
+
+    def validation_step(self, batch, batch_idx):
+        if FailsWhenValidationIsCaptured.capturing:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+        return super().validation_step(batch, batch_idx)
+
+
+def test_a_failed_validation_capture_leaves_training_graphed_in_a_fresh_pool(cuda_on_cpu, monkeypatch):
+    from test_first_capture_cpu import _Graph
+
+    from lightning_graphs import graphed_step
+
+    def capture_begin(self, pool=None, capture_error_mode=None):
+        FailsWhenValidationIsCaptured.capturing = True
+
+    def capture_end(self):
+        FailsWhenValidationIsCaptured.capturing = False
+
+    monkeypatch.setattr(_Graph, "capture_begin", capture_begin)
+    monkeypatch.setattr(_Graph, "capture_end", capture_end)
+    # the CUDA generator a real failed capture releases does not exist here
+    monkeypatch.setattr(graphed_step, "_release_generator_after_failed_capture", lambda device: None)
+    callback = CUDAGraphCallback(graph_evaluation=True)
+    trainer = _trainer([callback], max_epochs=3, num_sanity_val_steps=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", GraphWarning)
+        trainer.fit(FailsWhenValidationIsCaptured("sgd", None), train_dataloaders=same_batches(8),
+                    val_dataloaders=same_batches(4))
+    failed = [str(w.message) for w in caught if "Could not capture" in str(w.message)]
+    assert len(failed) == 1 and "validation step" in failed[0], failed
+    stats = callback.stats
+    # the training graph lived in the pool the failed capture left behind: captured again in a fresh one
+    assert stats.disabled_reason is None and stats.captures == 2, stats.summary()
+    assert stats.replays == 3 * 8 - stats.warmup_steps - stats.captures, stats.summary()
+    assert callback.evaluation_stats["validation"].disabled_reason is not None

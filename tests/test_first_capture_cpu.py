@@ -137,3 +137,14 @@ def test_a_failed_capture_makes_every_step_sharing_the_pool_move_to_a_fresh_one(
     # the training step's graph lived in the abandoned pool: captured again, in the fresh one
     assert _drive(training, step_fn, 2) == "CR"
     assert training.stats.captures == 2
+
+
+def test_a_tensor_attribute_replaced_outside_the_step_gets_a_new_capture(graph_api_on_cpu):
+    model, _, optimizer, step_fn = _finetuning()
+    model.scale = torch.ones(())
+    step = GraphedStep(None, warmup_steps=1, optimizers=[optimizer], modules=[model], device="cuda")
+    assert _drive(step, step_fn, 3) == "WCR"
+    model.scale = torch.full((), 0.5)  # the graph would keep reading the old tensor
+    step.request_structure_check()
+    assert _drive(step, step_fn, 3) == "WCR"
+    assert any("scale" in reason for reason in step.stats.recaptures), step.stats.recaptures
