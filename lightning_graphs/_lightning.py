@@ -475,6 +475,19 @@ class LogReplayer:
                 connector._current_fx = call.fx
 
 
+def finish_capture(engine: Any, plan: Any, probe: StepProbe, outputs: Any) -> Any:
+    """After a step (training or evaluation) was captured and run once from its graph:
+    feed what it logged to Lightning, after this and every later replay of the graph,
+    and give up graphs if the probe found something a replay cannot repeat (this
+    step itself ran correctly). Returns the step's outputs, cloned."""
+    replay_logs = LogReplayer(probe.module, probe.calls)
+    plan.graph.notes["logs"] = replay_logs
+    if probe.problem is not None:
+        engine.disable(probe.problem)
+    replay_logs()
+    return clone_tensors(outputs)
+
+
 def _is_metric(value: Any) -> bool:
     try:
         from torchmetrics import Metric

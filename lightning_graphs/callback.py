@@ -338,12 +338,7 @@ class CUDAGraphCallback(pl.Callback):
             engine.disable(failure.explanation, cause=failure)
             return engine.eager(lambda: run(optimizer, batch_idx, kwargs), "capture failed")
         self._retire_evaluation_graphs()
-        replay_logs = internals.LogReplayer(module, probe.calls)
-        plan.graph.notes["logs"] = replay_logs
-        if probe.problem is not None:
-            engine.disable(probe.problem)  # this step ran from the graph correctly; no replays after it
-        replay_logs()
-        return clone_tensors(outputs)
+        return internals.finish_capture(engine, plan, probe, outputs)
 
     # -- evaluation (graph_evaluation=True) ------------------------------------------
 

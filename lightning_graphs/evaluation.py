@@ -141,12 +141,7 @@ class EvaluationGraphs:
         except CaptureFailed as failure:
             engine.disable(failure.explanation, cause=failure)
             return engine.eager(lambda: run(*call.args), "capture failed")
-        replay_logs = internals.LogReplayer(module, probe.calls)
-        plan.graph.notes["logs"] = replay_logs
-        if probe.problem is not None:
-            engine.disable(probe.problem)  # this call ran from the graph correctly; no replays after it
-        replay_logs()
-        return clone_tensors(outputs)
+        return internals.finish_capture(engine, plan, probe, outputs)
 
     @staticmethod
     def _probe(engine: GraphedStep, module: pl.LightningModule, capturing: bool) -> internals.StepProbe:

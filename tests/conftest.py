@@ -6,6 +6,8 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from graph_api_stand_ins import stand_in_graph_api  # noqa: E402
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
@@ -26,3 +28,9 @@ def deterministic():
     yield
     torch.use_deterministic_algorithms(False)
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+@pytest.fixture
+def graph_api_on_cpu(monkeypatch):
+    """CUDA's graph API stood in for (see graph_api_stand_ins)."""
+    stand_in_graph_api(monkeypatch)

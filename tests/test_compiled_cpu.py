@@ -14,7 +14,7 @@ from lightning_graphs.compiled import (
     no_compilation,
     own_graphs,
 )
-from test_first_capture_cpu import _drive, graph_api_on_cpu  # noqa: F401 (a fixture)
+from test_first_capture_cpu import _drive
 
 
 class Holder(torch.nn.Module):

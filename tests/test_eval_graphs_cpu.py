@@ -24,13 +24,13 @@ from lightning_graphs import _lightning as internals
 from lightning_graphs.batches import StaticBatch, signature_of
 from lightning_graphs.graphed_step import Action, Phase
 from parity import MemoryLogger, loader, regression_data
-from test_first_capture_cpu import _drive, graph_api_on_cpu  # noqa: F401  (a fixture)
+from test_first_capture_cpu import _drive
 
 STEPS = {"validate": "validation_step", "test": "test_step", "predict": "predict_step"}
 
 
 @pytest.fixture
-def cuda_on_cpu(graph_api_on_cpu, monkeypatch):  # noqa: F811
+def cuda_on_cpu(graph_api_on_cpu, monkeypatch):
     """The callback believes the model is on CUDA; graphed steps take the CPU for a CUDA device."""
     monkeypatch.setattr(CUDAGraphCallback, "_on_cuda", staticmethod(lambda module: True))
 
@@ -412,7 +412,7 @@ class FailsWhenValidationIsCaptured(models.Evaluated):
 
 
 def test_a_failed_validation_capture_leaves_training_graphed_in_a_fresh_pool(cuda_on_cpu, monkeypatch):
-    from test_first_capture_cpu import _Graph
+    from graph_api_stand_ins import StandInGraph
 
     from lightning_graphs import graphed_step
 
@@ -422,8 +422,8 @@ def test_a_failed_validation_capture_leaves_training_graphed_in_a_fresh_pool(cud
     def capture_end(self):
         FailsWhenValidationIsCaptured.capturing = False
 
-    monkeypatch.setattr(_Graph, "capture_begin", capture_begin)
-    monkeypatch.setattr(_Graph, "capture_end", capture_end)
+    monkeypatch.setattr(StandInGraph, "capture_begin", capture_begin)
+    monkeypatch.setattr(StandInGraph, "capture_end", capture_end)
     # the CUDA generator a real failed capture releases does not exist here
     monkeypatch.setattr(graphed_step, "_release_generator_after_failed_capture", lambda device: None)
     callback = CUDAGraphCallback(graph_evaluation=True)

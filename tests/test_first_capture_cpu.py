@@ -4,46 +4,11 @@ Only the decisions are under test (warm-up, capture, replay): a stand-in graph
 replays nothing, so the numbers are the GPU parity tests' business.
 """
 
-import contextlib
-
 import pytest
 import torch
 
 from lightning_graphs import GraphedStep
 from lightning_graphs.graphed_step import Action
-
-
-class _Graph:
-    def capture_begin(self, pool=None, capture_error_mode=None):
-        pass
-
-    def capture_end(self):
-        pass
-
-    def replay(self):
-        pass
-
-
-class _Stream:
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def wait_stream(self, other):
-        pass
-
-
-@pytest.fixture
-def graph_api_on_cpu(monkeypatch):
-    cuda = torch.cuda
-    monkeypatch.setattr(cuda, "CUDAGraph", _Graph)
-    monkeypatch.setattr(cuda, "Stream", _Stream)
-    monkeypatch.setattr(cuda, "stream", lambda stream: contextlib.nullcontext())
-    monkeypatch.setattr(cuda, "device", lambda device: contextlib.nullcontext())
-    monkeypatch.setattr(cuda, "current_stream", lambda device=None: _Stream())
-    monkeypatch.setattr(cuda, "synchronize", lambda device=None: None)
-    monkeypatch.setattr(cuda, "empty_cache", lambda: None)
-    monkeypatch.setattr(cuda, "memory_reserved", lambda device=None: 0)
-    monkeypatch.setattr(cuda, "graph_pool_handle", lambda: (0, 1))
 
 
 def _drive(step, fn, count):
