@@ -23,7 +23,7 @@ from lightning_graphs import CUDAGraphCallback, GraphCaptureError, GraphWarning
 from lightning_graphs import _lightning as internals
 from lightning_graphs.manual import ReplayedCalls
 from parity import MemoryLogger, Recorder, progress_of
-from test_eval_graphs_cpu import cuda_on_cpu, graph_api_on_cpu, same_batches  # noqa: F401  (fixtures)
+from test_eval_graphs_cpu import cuda_on_cpu, same_batches  # noqa: F401  (a fixture)
 
 
 class Spy(Callback):
