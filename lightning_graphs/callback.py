@@ -315,7 +315,7 @@ class CUDAGraphCallback(pl.Callback):
             return outputs
         if plan.action is Action.CAPTURE:
             return self._capture_step(plan, optimizer, batch_idx, kwargs)
-        engine.warn_fallback(plan, _RAGGED_ADVICE)
+        engine.warn_fallback(plan, _RAGGED_ADVICE if plan.other_signature else "")
         return engine.eager(lambda: run(optimizer, batch_idx, kwargs), plan.reason)
 
     def _capture_step(self, plan: Any, optimizer: torch.optim.Optimizer, batch_idx: int, kwargs: OrderedDict) -> dict:

@@ -137,6 +137,7 @@ class StepPlan:
     reason: str | None = None
     graph: CapturedGraph | None = None
     variant: Any = None
+    other_signature: bool = False  # eager because the inputs differ from those the graphs held were captured for
 
 
 @dataclass
@@ -431,12 +432,16 @@ class GraphedStep:
         if not known_signature:  # another signature while graphs are held
             newest = self._graphs[-1].signature
             if self.max_graphs == 1:
-                return StepPlan(Action.EAGER, signature, describe_mismatch(newest, signature, self.input_name))
+                return StepPlan(
+                    Action.EAGER, signature, describe_mismatch(newest, signature, self.input_name),
+                    other_signature=True,
+                )
             if self._short_evictions >= _MAX_SHORT_LIVED:
                 return StepPlan(
                     Action.EAGER, signature,
                     f"{describe_mismatch(newest, signature, self.input_name)}; more {self.input_name} signatures "
                     f"recur than max_graphs={self.max_graphs} holds",
+                    other_signature=True,
                 )
             if not warmed:
                 return StepPlan(Action.WARMUP, signature, variant=variant)  # one eager step of it before capturing
