@@ -588,6 +588,8 @@ class GraphedStep:
             self._retire(self._graphs[0])  # variants no longer in use (an accumulation factor changed)
         static = StaticBatch(signature)
         saved_grads = [p.grad for p in self._params]
+        # flags the step may flip and flip back (toggling optimizers): put back if it fails midway
+        saved_flags = [(p, p.requires_grad) for module in self._modules for p in module.parameters()]
         stream = self._side_stream()
         before = self._snapshot()
         for optimizer in self._optimizers:
@@ -617,6 +619,8 @@ class GraphedStep:
                 optimizer.exit_capture()
             for p, grad in zip(self._params, saved_grads):
                 p.grad = grad
+            for p, flag in saved_flags:
+                p.requires_grad_(flag)
             _release_generator_after_failed_capture(self._device)
             refused = is_recompile_refusal(exc)  # raised in Python before the compiler ran: no CUDA error
             if not refused:
