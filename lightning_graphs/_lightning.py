@@ -155,8 +155,13 @@ def watching_manual_calls(
 
     try:
         for index, optimizer in enumerate(lightning_optimizers(trainer)):
-            for name in ("step", "zero_grad"):
-                install(optimizer, name, optimizer_stand_in(name, index, getattr(optimizer, name)))
+            install(optimizer, "step", optimizer_stand_in("step", index, optimizer.step))
+            zero_grad = optimizer.__dict__.get("zero_grad")
+            if zero_grad is None:
+                # the wrapper's class method would zero the gradients itself; the wrapped
+                # optimizer's own `zero_grad` is the one a capture watches
+                zero_grad = optimizer.optimizer.zero_grad
+            install(optimizer, "zero_grad", optimizer_stand_in("zero_grad", index, zero_grad))
         for index, config in enumerate(trainer.lr_scheduler_configs):
             install(config.scheduler, "step", scheduler_stand_in(index, config.scheduler.step))
         yield
@@ -166,6 +171,18 @@ def watching_manual_calls(
                 obj.__dict__.pop(name, None)
             else:
                 setattr(obj, name, own)
+
+
+def end_unfinished_manual_step(trainer: pl.Trainer) -> None:
+    """After a capture that failed inside a ``LightningOptimizer.step()``: the manual
+    loop started its ``optimizer_step`` profiler action and never stopped it, and the
+    eager re-run would start it again (an error with ``profiler="simple"``)."""
+    progress = manual_optimization_loop(trainer).optim_step_progress.total
+    if progress.ready > progress.completed:
+        try:
+            trainer.profiler.stop("optimizer_step")
+        except Exception:  # a profiler that was not timing it
+            pass
 
 
 def count_replayed_step(trainer: pl.Trainer, batch_idx: int) -> None:

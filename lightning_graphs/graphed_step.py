@@ -537,15 +537,18 @@ class GraphedStep:
 
     # -- the four actions -----------------------------------------------------
 
-    def warmup(self, fn: Callable[[], Any], plan: StepPlan | None = None) -> Any:
+    def warmup(self, fn: Callable[[], Any], plan: StepPlan | None = None, check_hyperparameters: bool = True) -> Any:
         """Run one real step eagerly on the side stream, watching for side effects.
 
         ``plan`` (from :meth:`plan`) names the signature warmed up: it is captured
-        the next time it comes."""
+        the next time it comes. ``check_hyperparameters=False`` for a step whose
+        changes to its optimizers' hyper-parameters the caller accounts for itself
+        (schedulers a manual-optimization step steps, which are stepped again after
+        every replay); a capture still checks that the captured step wrote none."""
         with self._range("warm-up"):
-            return self._warmup(fn, plan)
+            return self._warmup(fn, plan, check_hyperparameters)
 
-    def _warmup(self, fn: Callable[[], Any], plan: StepPlan | None) -> Any:
+    def _warmup(self, fn: Callable[[], Any], plan: StepPlan | None, check_hyperparameters: bool = True) -> Any:
         check = self.stats.warmup_steps > 0  # the first step may initialise lazily; judge the later ones
         before = self._snapshot() if check else None
         stream = self._side_stream()
@@ -558,7 +561,7 @@ class GraphedStep:
         self.stats.warmup_steps += 1
         if plan is not None and plan.signature is not None:
             self._warmed = [seen for seen in self._warmed if seen != plan.signature][-31:] + [plan.signature]
-        problem = self._side_effects(before) if check else None
+        problem = self._side_effects(before, hyperparameters=check_hyperparameters) if check else None
         problem = problem or self._host_state()
         if problem is not None:
             self.disable(problem)

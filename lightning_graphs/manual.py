@@ -52,6 +52,14 @@ __all__ = ["ManualSteps", "ManualStepProblem"]
 _SIGNATURES_KEPT = 32
 
 
+def _own_copy(outputs: Any) -> Any:
+    """The step's outputs as a value of their own: tensors cloned (the next replay
+    overwrites graph memory) and a dict copied even without tensors (callbacks may
+    write into the ``outputs`` they are given)."""
+    copy = clone_tensors(outputs)
+    return dict(copy) if copy is outputs and isinstance(outputs, dict) else copy
+
+
 class ManualStepProblem(Exception):
     """Raised inside a capture for what a replay of the manual step cannot repeat;
     the capture fails and the fit trains eagerly, with this message."""
@@ -74,11 +82,12 @@ class ReplayedCalls:
 class _StepCalls:
     """The optimizer and scheduler calls of one manual step, watched while it runs.
 
-    Scheduler steps are put off (see the module's docstring); :meth:`finish` runs
-    them. ``capturing``: a problem raises :class:`ManualStepProblem` (nothing of the
-    capture runs); otherwise the put-off steps run at once, so that the eager step
-    stays exact, and ``on_problem`` is told at once, before anything else judges
-    the step."""
+    ``capturing``: scheduler steps are put off (see the module's docstring) and
+    :meth:`finish` runs them; a problem raises :class:`ManualStepProblem` (nothing
+    of the capture runs). Otherwise (an eager step) schedulers step in place, as the
+    user wrote, so that code reading the learning rate after ``sched.step()`` sees
+    eager's value; their order is checked all the same, and ``on_problem`` is told
+    at once, before anything else judges the step."""
 
     def __init__(self, owner: ManualSteps, capturing: bool, on_problem: Callable[[str], None]) -> None:
         self.owner = owner
@@ -87,7 +96,7 @@ class _StepCalls:
         self.calls: list[tuple[str, int]] = []  # ("step" | "zero_grad" | "scheduler", index), in order
         self.problem: str | None = None
         self._put_off: list[tuple[int, Callable[..., Any]]] = []  # (scheduler index, its own step)
-        self._stepped: list[int] = []  # scheduler indexes stepped once put-off steps ran, in order
+        self._stepped: list[int] = []  # scheduler indexes stepped (in place, or once put off), in order
 
     @contextlib.contextmanager
     def watching(self) -> Iterator[None]:
@@ -108,15 +117,24 @@ class _StepCalls:
             self._before_update(index)
 
     def _before_update(self, index: int) -> None:
-        late = [j for j, _ in self._put_off if index in self.owner.drives(j)]
-        if late:
-            self._report(
-                f"the training step steps the learning-rate scheduler `{self.owner.scheduler_name(late[0])}` before "
-                f"`step()` of the optimizer it drives ({self.owner.optimizer_name(index)}); a replayed step can "
-                "only step schedulers after the graph, and that optimizer step would miss its new learning rate. "
-                "Step the scheduler after `optimizer.step()` (PyTorch's recommended order: it then sets the next "
-                "step's learning rate)"
-            )
+        stepped = [j for j, _ in self._put_off] + (self._stepped if not self.capturing else [])
+        late = [j for j in stepped if index in self.owner.drives(j)]
+        if not late:
+            return
+        scheduler = self.owner.scheduler_name(late[0])
+        optimizer = self.owner.optimizer_name(index)
+        position = self.calls.index(("scheduler", late[0]))
+        if ("step", index) in self.calls[:position]:  # the optimizer stepped before the scheduler too
+            where = f"between two `step()` calls of the optimizer it drives ({optimizer})"
+            fix = "Step the scheduler once, after the optimizer's last `step()` in the training step"
+        else:
+            where = f"before `step()` of the optimizer it drives ({optimizer})"
+            fix = ("Step the scheduler after `optimizer.step()` (PyTorch's recommended order: it then sets the next "
+                   "step's learning rate)")
+        self._report(
+            f"the training step steps the learning-rate scheduler `{scheduler}` {where}; a replayed step can only "
+            f"step schedulers after the graph, and that optimizer step would miss its new learning rate. {fix}"
+        )
 
     def _scheduler_step(self, index: int, original: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         self.calls.append(("scheduler", index))
@@ -127,6 +145,9 @@ class _StepCalls:
                 "`ReduceLROnPlateau` in `on_validation_epoch_end`, say)"
             )
             return original(*args, **kwargs)
+        if not self.capturing:
+            self._stepped.append(index)
+            return original()
         self._put_off.append((index, original))
         return None
 
@@ -213,14 +234,16 @@ class ManualSteps:
             outputs = engine.replay(plan)
             plan.graph.notes["manual"](trainer)
             plan.graph.notes["logs"]()
-            return clone_tensors(outputs)
+            return _own_copy(outputs)
         batch_idx = kwargs.get("batch_idx", trainer.fit_loop.epoch_loop.batch_idx)
         if plan.action is Action.WARMUP:
             probe = internals.StepProbe(trainer.lightning_module, capturing=False)
             calls = _StepCalls(self, capturing=False, on_problem=engine.disable)
             with probe.active():
                 watched = internals.with_batch(kwargs, kwargs["batch"], probe.watched_index(batch_idx))
-                outputs = engine.warmup(lambda: self._watched(calls, watched), plan)
+                # its schedulers step in place (see _StepCalls): their effect on the learning
+                # rates is expected, and replayed after every replay of the graph
+                outputs = engine.warmup(lambda: self._watched(calls, watched), plan, check_hyperparameters=False)
             calls.finish()
             problem = probe.problem or self._differing_calls(plan.signature, calls.calls)
             if problem is not None:
@@ -242,6 +265,7 @@ class ManualSteps:
         ready, completed = internals.manual_step_counts(trainer)
         probe = internals.StepProbe(module, capturing=True)
         calls = _StepCalls(self, capturing=True, on_problem=engine.disable)
+        toggled = dict(module._param_requires_grad_state)  # toggle_optimizer's memory, as before the step
         try:
             with probe.active():
                 index = probe.watched_index(batch_idx)
@@ -249,12 +273,10 @@ class ManualSteps:
                     plan, lambda static_batch: self._watched(calls, internals.with_batch(kwargs, static_batch, index))
                 )
         except CaptureDeferred:
-            calls.discard()
-            internals.restore_progress(trainer, progress)
+            self._undo_capture(calls, progress, toggled)
             return self.run(kwargs)  # planned again: an eager warm-up step
         except CaptureFailed as failure:
-            calls.discard()
-            internals.restore_progress(trainer, progress)
+            self._undo_capture(calls, progress, toggled)
             cause = failure.__cause__
             engine.disable(str(cause) if isinstance(cause, ManualStepProblem) else failure.explanation, cause=failure)
             return engine.eager(lambda: self._run(kwargs), "capture failed")
@@ -271,7 +293,15 @@ class ManualSteps:
         if problem is not None:
             engine.disable(problem)  # this step ran from the graph correctly; no replays after it
         replay_logs()
-        return clone_tensors(outputs)
+        return _own_copy(outputs)
+
+    def _undo_capture(self, calls: _StepCalls, progress: dict, toggled: dict) -> None:
+        """What a capture that failed midway left behind, undone before the step runs eagerly
+        (the graphed step itself puts back gradients and ``requires_grad`` flags)."""
+        calls.discard()
+        internals.end_unfinished_manual_step(self.trainer)
+        internals.restore_progress(self.trainer, progress)
+        self.trainer.lightning_module._param_requires_grad_state = toggled
 
     def _differing_calls(self, signature: BatchSignature | None, calls: list[tuple[str, int]]) -> str | None:
         """Why the step's calls cannot be replayed: they differ from those of an earlier
