@@ -182,6 +182,8 @@ class CUDAGraphCallback(pl.Callback):
         self.agreement_timeout = agreement_timeout
         self._ranks: RankAgreement | None = None  # under DDP: the agreements between ranks on each step
         self._schedule: AgreementSchedule | None = None  # under DDP: which steps need one
+        self._agreement_stats: dict[str, Any] | None = None  # agreement_stats of the last fit under DDP
+        self._ddp: Any = None  # under DDP: the DistributedDataParallel module of the running fit
         self._warn_once = WarnOnce(self._emit)
         self._engine: GraphedStep | None = None  # the graphed step of the running fit
         self._trainer: pl.Trainer | None = None
@@ -197,6 +199,16 @@ class CUDAGraphCallback(pl.Callback):
     def stats(self) -> GraphStats | None:
         """Captures, replays, eager steps and their reasons for the current (or last) fit."""
         return self._engine.stats if self._engine is not None else self._last_stats
+
+    @property
+    def agreement_stats(self) -> dict[str, Any] | None:
+        """Under DDP, for the current (or last) fit: the agreements between ranks made
+        (``"agreements"``), the steps taken without one (``"skipped"``) and whether
+        every step was agreed (``"every_step"``); ``None`` without DDP."""
+        if self._ranks is not None:
+            return {"agreements": self._ranks.agreements, "skipped": self._schedule.skipped,
+                    "every_step": self._schedule.every_step}
+        return self._agreement_stats
 
     @property
     def evaluation_stats(self) -> dict[str, GraphStats]:
@@ -243,6 +255,7 @@ class CUDAGraphCallback(pl.Callback):
         warmup = max(self.warmup_steps, every) if every > 1 else self.warmup_steps
         ddp = internals.ddp_model(trainer)
         if ddp is not None:
+            self._ddp = ddp
             # DDP iterations are the steps that synchronise gradients: the last micro-step of a cycle
             warmup = max(warmup, _DDP_WARMUP_ITERATIONS * every)
             internals.quiet_ddp_statistics(ddp)
@@ -328,29 +341,30 @@ class CUDAGraphCallback(pl.Callback):
         )
         self._schedule = AgreementSchedule(every_step)
         self._ranks = RankAgreement(self.agreement_timeout)
+        self._agreement_stats = None
 
     def _agree_on_capture(self, outcome: CaptureOutcome, explanation: str | None) -> tuple[CaptureOutcome, str | None]:
         """After a capture on every rank: the outcome all act on. A capture that left
         DDP's reducer inside a backward pass on any rank gives graphs up on all of
         them, after resetting every reducer (its buckets are then rebuilt, which
         graphs captured before cannot follow)."""
-        ddp = internals.ddp_model(self._trainer)
-        unfinished = ddp is not None and internals.reducer_unfinished(ddp)
+        unfinished = internals.reducer_unfinished(self._ddp)
         agreed, explanation, any_unfinished = self._ranks.capture(outcome, explanation, unfinished)
         if any_unfinished:
-            internals.reset_reducer(ddp)
+            internals.reset_reducer(self._ddp)
             agreed = CaptureOutcome.FAILED
             explanation = explanation or "a capture failed inside DDP's backward pass on another rank"
         return agreed, explanation
 
-    def _stop_agreement(self, trainer: pl.Trainer) -> None:
+    def _stop_agreement(self) -> None:
         if self._ranks is not None:
+            self._agreement_stats = self.agreement_stats
             self._ranks.close()
             self._ranks = None
         self._schedule = None
-        ddp = internals.ddp_model(trainer)
-        if ddp is not None:
-            internals.restore_ddp_statistics(ddp)
+        if self._ddp is not None:
+            internals.restore_ddp_statistics(self._ddp)
+            self._ddp = None
 
     # -- the step -------------------------------------------------------------------
 
@@ -575,5 +589,5 @@ class CUDAGraphCallback(pl.Callback):
         if self._uncompile is not None:
             self._uncompile()
             self._uncompile = None
-        self._stop_agreement(self._trainer or trainer)
+        self._stop_agreement()
         self._trainer = None

@@ -48,8 +48,7 @@ __all__ = [
 
 # why a step runs eagerly after an agreement found the ranks' plans apart
 DISAGREEMENT = (
-    "the ranks planned this step differently (a batch of another signature on some rank, or graphs given up "
-    "there), so every rank runs it eagerly"
+    "the ranks planned this step differently (a batch of another signature on some rank, or graphs given up there)"
 )
 
 # actions as numbers, ordered so that the range over ranks says whether they differ
