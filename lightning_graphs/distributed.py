@@ -1,7 +1,7 @@
 """Keeping every rank of a data-parallel job on the same path through the step.
 
 Under DDP the gradient all-reduce is part of the step, and with it of the captured
-graph. A rank that replays its graph while another runs the step eagerly issues
+graph. A rank that replays its graph while another runs the step eagerly starts
 its collectives in another order (``self.log(..., sync_dist=True)`` reduces inside
 an eager step, after a replay), and the job hangs. So before a step whose path
 could differ between ranks, the ranks agree:
@@ -63,7 +63,7 @@ def agreed_action(local: Action, lowest: int, highest: int) -> Action:
     """What this rank does, given the range of action codes planned over the ranks.
 
     The same action everywhere is taken as planned, and so are eager steps
-    (warm-up and eager runs issue the same collectives). Where one rank would
+    (warm-up and eager runs make the same collectives). Where one rank would
     capture or replay and another not, nobody does: a planned capture becomes a
     warm-up step (the signature is captured the next time all agree), a planned
     replay an eager step.
