@@ -13,7 +13,7 @@ from typing_extensions import override
 from lightning_graphs import _lightning as internals
 from lightning_graphs.batches import clone_tensors
 from lightning_graphs.compiled import compile_children, compiled_parts, own_graphs, own_graphs_requested
-from lightning_graphs.distributed import DISAGREEMENT, AgreementSchedule, RankAgreement, agree_on_plan
+from lightning_graphs.distributed import AgreementSchedule, RankAgreement, agree_on_plan
 from lightning_graphs.evaluation import STAGE_HOOKS, EvaluationGraphs
 from lightning_graphs.graphed_step import (
     Action, CaptureDeferred, CaptureFailed, CaptureOutcome, GraphedStep, GraphStats, SharedPool,
@@ -389,7 +389,7 @@ class CUDAGraphCallback(pl.Callback):
             return outputs
         if plan.action is Action.CAPTURE:
             return self._capture_step(plan, optimizer, batch_idx, kwargs)
-        engine.warn_fallback(plan, "" if plan.reason == DISAGREEMENT else _RAGGED_ADVICE)
+        engine.warn_fallback(plan, _RAGGED_ADVICE if plan.other_signature else "")
         return engine.eager(lambda: run(optimizer, batch_idx, kwargs), plan.reason)
 
     def _capture_step(self, plan: Any, optimizer: torch.optim.Optimizer, batch_idx: int, kwargs: OrderedDict) -> dict:

@@ -115,8 +115,7 @@ class EvaluationGraphs:
             return self._warmup(engine, plan, call, run, module)
         if plan.action is Action.CAPTURE:
             return self._capture(engine, plan, call, run, module)
-        about_signatures = "the captured graph expects" in (plan.reason or "") or "max_graphs" in (plan.reason or "")
-        engine.warn_fallback(plan, _FALLBACK_ADVICE if about_signatures else "")
+        engine.warn_fallback(plan, _FALLBACK_ADVICE if plan.other_signature else "")
         return engine.eager(lambda: run(*args), plan.reason)
 
     def _warmup(self, engine: GraphedStep, plan: StepPlan, call: internals.EvaluationCall, run: Callable[..., Any],

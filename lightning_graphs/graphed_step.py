@@ -146,6 +146,7 @@ class StepPlan:
     reason: str | None = None
     graph: CapturedGraph | None = None
     variant: Any = None
+    other_signature: bool = False  # eager because the inputs differ from those the graphs held were captured for
 
 
 @dataclass
@@ -448,12 +449,16 @@ class GraphedStep:
         if not known_signature:  # another signature while graphs are held
             newest = self._graphs[-1].signature
             if self.max_graphs == 1:
-                return StepPlan(Action.EAGER, signature, describe_mismatch(newest, signature, self.input_name))
+                return StepPlan(
+                    Action.EAGER, signature, describe_mismatch(newest, signature, self.input_name),
+                    other_signature=True,
+                )
             if self._short_evictions >= _MAX_SHORT_LIVED:
                 return StepPlan(
                     Action.EAGER, signature,
                     f"{describe_mismatch(newest, signature, self.input_name)}; more {self.input_name} signatures "
                     f"recur than max_graphs={self.max_graphs} holds",
+                    other_signature=True,
                 )
             if not warmed:
                 return StepPlan(Action.WARMUP, signature, variant=variant)  # one eager step of it before capturing
@@ -600,6 +605,8 @@ class GraphedStep:
             self._retire(self._graphs[0])  # variants no longer in use (an accumulation factor changed)
         static = StaticBatch(signature)
         saved_grads = [p.grad for p in self._params]
+        # flags the step may flip and flip back (toggling optimizers): put back if it fails midway
+        saved_flags = [(p, p.requires_grad) for module in self._modules for p in module.parameters()]
         stream = self._side_stream()
         before = self._snapshot()
         for optimizer in self._optimizers:
@@ -627,7 +634,7 @@ class GraphedStep:
                 graph.capture_end()  # raises if an operation silently invalidated the capture
         except BaseException as exc:
             refused = is_recompile_refusal(exc)  # raised in Python before the compiler ran: no CUDA error
-            self._abandon_capture(saved_grads, failed=True, pool_broken=not refused)
+            self._abandon_capture(saved_grads, saved_flags, failed=True, pool_broken=not refused)
             if not isinstance(exc, Exception):
                 raise
             failure = exc
@@ -637,7 +644,7 @@ class GraphedStep:
             agreed = CaptureOutcome(agreed)
             if agreed < outcome:
                 if outcome is CaptureOutcome.CAPTURED:  # fine here, given up because of another rank
-                    self._abandon_capture(saved_grads, failed=False, pool_broken=False)
+                    self._abandon_capture(saved_grads, saved_flags, failed=False, pool_broken=False)
                 outcome, explanation = agreed, elsewhere if agreed is CaptureOutcome.FAILED else explanation
         if outcome is CaptureOutcome.DEFERRED:
             # compiling belongs in an eager step: warm up once more, capture after it
@@ -692,14 +699,17 @@ class GraphedStep:
             )
         return CaptureOutcome.FAILED, explain_capture_error(failure, self.what, self.batch_end_hook)
 
-    def _abandon_capture(self, saved_grads: list, failed: bool, pool_broken: bool) -> None:
+    def _abandon_capture(self, saved_grads: list, saved_flags: list, failed: bool, pool_broken: bool) -> None:
         """Undo what a capture that will not be replayed left: optimizers in capture
-        mode, gradients the graph allocated, a generator still capturing and, after a
-        CUDA error, a stream and memory pool that may be unusable."""
+        mode, gradients the graph allocated, ``requires_grad`` flags the step flipped
+        (toggled optimizers), a generator still capturing and, after a CUDA error, a
+        stream and memory pool that may be unusable."""
         for optimizer in self._optimizers:
             optimizer.exit_capture()
         for p, grad in zip(self._params, saved_grads):
             p.grad = grad
+        for p, flag in saved_flags:
+            p.requires_grad_(flag)
         if failed:
             _release_generator_after_failed_capture(self._device)
         if pool_broken:

@@ -113,3 +113,23 @@ def test_a_tensor_attribute_replaced_outside_the_step_gets_a_new_capture(graph_a
     step.request_structure_check()
     assert _drive(step, step_fn, 3) == "WCR"
     assert any("scale" in reason for reason in step.stats.recaptures), step.stats.recaptures
+
+
+def test_a_capture_failing_midway_puts_back_the_requires_grad_flags_the_step_flipped(graph_api_on_cpu, monkeypatch):
+    from lightning_graphs import graphed_step
+
+    monkeypatch.setattr(graphed_step, "_release_generator_after_failed_capture", lambda device: None)
+    model, backbone, optimizer, step_fn = _finetuning()
+    head = model[1]
+
+    def toggles_then_fails(x):
+        head.requires_grad_(False)  # as toggle_optimizer does for the other network's parameters
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    step = GraphedStep(None, warmup_steps=1, optimizers=[optimizer], modules=[model], device="cuda")
+    assert _drive(step, step_fn, 1) == "W"
+    plan = step.plan((torch.ones(8, 3),))
+    with pytest.raises(graphed_step.CaptureFailed):
+        step.capture(plan, lambda static: toggles_then_fails(*static))
+    assert all(p.requires_grad for p in head.parameters())
+    assert not any(p.requires_grad for p in backbone.parameters())
