@@ -16,8 +16,8 @@ Modes:
 
 The DDP modes train on every rank with the workload's batch size (so the work per
 step and rank equals the one-GPU modes'); steps/s counts rank zero's steps.
-``--rank-agreement`` sets the callback's ``rank_agreement`` (the benchmark's loader
-yields whole batches, ``batch_size=None``, so ``"auto"`` agrees at every step).
+``--rank-agreement`` sets the callback's ``rank_agreement`` (``"auto"`` agrees at
+every step; the workloads' batches have one shape, so ``boundaries`` is safe here).
 
 The two compiled modes run Inductor's fused kernels inside one whole-step graph;
 their compile time (the first step) is reported apart from steps/s.

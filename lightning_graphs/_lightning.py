@@ -37,7 +37,6 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, default_collate
 
 from lightning_graphs.batches import clone_tensors, flatten
 from lightning_graphs.graphed_step import ignore_torch_attribute
@@ -172,25 +171,6 @@ def reset_reducer(ddp: DistributedDataParallel) -> None:
     """Let the next iteration start afresh after an unfinished backward. Its buckets
     are rebuilt after the next iteration, with a collective: every rank must reset."""
     ddp.reducer._reset_state()
-
-
-def batches_alike_on_every_rank(trainer: pl.Trainer) -> bool:
-    """Whether every rank's training batch has the same signature at every position.
-
-    True for a ``DataLoader`` with a ``DistributedSampler`` (which gives every rank
-    the same number of samples, padding where needed), fixed-size batches and
-    ``default_collate`` (which stacks samples of one shape). Custom batch samplers,
-    collate functions and iterable datasets may give ranks batches of different
-    shapes at the same position."""
-    loader = trainer.train_dataloader
-    batches = trainer.num_training_batches
-    if not isinstance(loader, DataLoader) or not isinstance(batches, int):
-        return False
-    return (
-        isinstance(loader.sampler, DistributedSampler)
-        and type(loader.batch_sampler) is BatchSampler
-        and loader.collate_fn is default_collate
-    )
 
 
 def with_batch(kwargs: OrderedDict, batch: Any, batch_idx: Any) -> OrderedDict:

@@ -82,14 +82,15 @@ class CUDAGraphCallback(pl.Callback):
             :attr:`evaluation_stats`.
         rank_agreement: under DDP, when the ranks agree on each step's path (graph
             or eager; a rank replaying while another runs eagerly would hang the
-            job). ``"every_step"`` agrees before every step (a small all-reduce
-            over Gloo, on the host). ``"boundaries"`` only before steps that follow
-            a non-replayed step and at the first and last batch of an epoch: right
-            when every rank's batch has the same signature at every position.
-            ``"auto"`` (default) takes ``"boundaries"`` for a ``DataLoader`` with a
-            ``DistributedSampler`` (Lightning's default under DDP), fixed
-            ``batch_size`` and the default ``collate_fn``, else ``"every_step"``;
-            batches found to differ between ranks switch to ``"every_step"``.
+            job). ``"every_step"`` and ``"auto"`` (default) agree before every step
+            (a small all-reduce over Gloo, on the host). ``"boundaries"`` only
+            before steps that follow a non-replayed step and at the first and last
+            batch of an epoch, which saves that all-reduce between replays: use it
+            only when every rank's batch has the same shapes at every position
+            (fixed-size samples, a fixed ``batch_size``). A rank whose batch then
+            cannot be replayed at a step taken without agreement raises
+            :class:`~lightning_graphs.distributed.RankAgreementError` naming it;
+            batches found to differ at an agreement switch to agreeing every step.
         agreement_timeout: seconds a rank waits for the others at an agreement
             before raising :class:`~lightning_graphs.distributed.RankAgreementError`
             (another rank failed or is stuck). It bounds the longest stretch
@@ -336,10 +337,11 @@ class CUDAGraphCallback(pl.Callback):
     # -- several ranks (DDP) -----------------------------------------------------------
 
     def _start_agreement(self, trainer: pl.Trainer) -> None:
-        every_step = self.rank_agreement == "every_step" or (
-            self.rank_agreement == "auto" and not internals.batches_alike_on_every_rank(trainer)
-        )
-        self._schedule = AgreementSchedule(every_step)
+        # "auto" agrees at every step: equal batch counts on every rank (which Lightning's
+        # DistributedSampler guarantees) do not make equal batch shapes (variable-size
+        # samples with batch_size=1, sizes drawn per rank), and ranks taking different
+        # paths would hang in NCCL without a bound
+        self._schedule = AgreementSchedule(self.rank_agreement != "boundaries")
         self._ranks = RankAgreement(self.agreement_timeout)
         self._agreement_stats = None
 

@@ -229,6 +229,15 @@ def agree_on_plan(
     agreement and another rank would not capture or replay it too; then a planned
     capture becomes a warm-up step and a planned replay an eager one."""
     if not schedule.needed(batch_idx, batches_in_epoch):
+        if plan.action is not Action.REPLAY:
+            # the other ranks replay (they did so at the last step and took no agreement
+            # now): going on would leave them waiting in the graph's all-reduce
+            raise RankAgreementError(
+                f"rank_agreement=\"boundaries\" skipped the agreement before batch {batch_idx}, but this rank's "
+                f"batch cannot be replayed here ({plan.reason or plan.action.name.lower()}) while the other ranks "
+                "replay. Batches differ between ranks in the middle of an epoch: use rank_agreement=\"every_step\" "
+                "(the default)"
+            )
         schedule.skip(plan.action)
         return plan
     action, same_signature = ranks.plan(plan.action, plan.signature)

@@ -12,9 +12,11 @@ and a graphed run can be compared number by number.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import sys
 import warnings
+from datetime import timedelta
 from pathlib import Path
 
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -23,6 +25,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 import models  # noqa: E402
@@ -77,18 +80,24 @@ def main() -> None:
     parser.add_argument("--fail-capture-on-rank", type=int)
     parser.add_argument("--shape-change-at", type=int, help="rank 1's batch at this index has another shape")
     parser.add_argument("--rank-agreement", default="auto")
+    parser.add_argument("--batchnorm", action="store_true", help="BatchNorm: DDP broadcasts its buffers in the step")
+    parser.add_argument("--stack-dump-after", type=float, help="seconds: print every thread's stack and exit")
     args = parser.parse_args()
+    if args.stack_dump_after:
+        faulthandler.dump_traceback_later(args.stack_dump_after, exit=True)
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.use_deterministic_algorithms(True)
     pl.seed_everything(0, verbose=False)
     module = DistributedRegressor(args.fail_capture_on_rank, optimizer=args.optimizer, scheduler="lambda",
-                                  dropout=0.1, epochs=args.epochs)
+                                  dropout=0.1, epochs=args.epochs, batchnorm=args.batchnorm)
     recorder, logger = Recorder(), MemoryLogger()
-    callback = CUDAGraphCallback(rank_agreement=args.rank_agreement) if args.graphed else None
+    # short bounded waits: a test that hangs fails with a message, well before it is killed
+    callback = CUDAGraphCallback(rank_agreement=args.rank_agreement, agreement_timeout=60) if args.graphed else None
+    strategy = DDPStrategy(timeout=timedelta(seconds=90)) if args.strategy == "ddp" else args.strategy
     trainer = pl.Trainer(
-        accelerator=args.accelerator, devices=args.devices, strategy=args.strategy, max_epochs=args.epochs,
+        accelerator=args.accelerator, devices=args.devices, strategy=strategy, max_epochs=args.epochs,
         accumulate_grad_batches=args.accumulate, logger=logger, log_every_n_steps=1, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
         use_distributed_sampler=args.shape_change_at is None,

@@ -263,3 +263,15 @@ def test_capture_outcomes_agree_on_the_lowest(ranks_ran, index):
     assert [r[2] for r in results] == [True, True]  # one rank's unfinished reducer is every rank's business
     if agreed is CaptureOutcome.FAILED:
         assert results[0][1] == "the capture failed on rank 1: rank 1 could not"
+
+
+def test_a_step_taken_without_agreement_that_cannot_replay_raises_instead_of_hanging():
+    from lightning_graphs.distributed import AgreementSchedule, RankAgreementError, agree_on_plan
+    from lightning_graphs.graphed_step import Action, StepPlan
+
+    schedule = AgreementSchedule(every_step=False)  # rank_agreement="boundaries"
+    schedule.record(Action.REPLAY)  # every rank replayed the step before, mid-epoch
+    replay = StepPlan(Action.REPLAY, None)
+    assert agree_on_plan(None, schedule, replay, batch_idx=5, batches_in_epoch=10) is replay
+    with pytest.raises(RankAgreementError, match="every_step"):
+        agree_on_plan(None, schedule, StepPlan(Action.WARMUP, None), batch_idx=6, batches_in_epoch=10)

@@ -9,15 +9,13 @@ import pytest
 import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lightning_graphs import CUDAGraphCallback
 from lightning_graphs import _lightning as internals
 
 
-def _trainer(strategy, world_size=2, loader=None, batches=4):
-    return SimpleNamespace(strategy=strategy, world_size=world_size, train_dataloader=loader,
-                           num_training_batches=batches)
+def _trainer(strategy, world_size=2):
+    return SimpleNamespace(strategy=strategy, world_size=world_size)
 
 
 @pytest.fixture
@@ -52,19 +50,6 @@ def test_ddp_is_graphed_unless_it_looks_for_unused_parameters_or_has_a_communica
     hooked = _ddp_strategy()
     hooked._ddp_comm_hook = lambda state, bucket: None
     assert "communication hook" in internals.strategy_unsupported(_trainer(hooked))
-
-
-def test_batches_are_alike_on_every_rank_with_a_distributed_sampler_and_stock_batching():
-    data = TensorDataset(torch.ones(10, 2))
-    sampler = DistributedSampler(data, num_replicas=2, rank=0)
-    alike = lambda loader, batches=3: internals.batches_alike_on_every_rank(  # noqa: E731
-        _trainer(None, loader=loader, batches=batches))
-    assert alike(DataLoader(data, batch_size=2, sampler=sampler))
-    assert not alike(DataLoader(data, batch_size=2))  # every rank its own sampler
-    assert not alike(DataLoader(data, batch_size=2, sampler=sampler, collate_fn=lambda items: items))
-    assert not alike(DataLoader(data, batch_sampler=[[0, 1], [2]]))
-    assert not alike(DataLoader(data, batch_size=2, sampler=sampler), batches=float("inf"))
-    assert not alike([DataLoader(data, batch_size=2, sampler=sampler)])  # several loaders
 
 
 def test_rank_agreement_arguments_are_checked():
