@@ -39,7 +39,7 @@ def ddp_fit(out: Path, *options: str, devices: int = 2) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE")}
     command = [sys.executable, str(_SCRIPT), "--out", str(out), "--devices", str(devices),
                "--stack-dump-after", str(max(_FIT_SECONDS - 20, 10)), *options]
-    # a session of its own: on a timeout every rank goes, not only the one started here
+    # a process group of its own: on a timeout every rank goes, not only the one started here
     fit = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                            start_new_session=True)
     try:
