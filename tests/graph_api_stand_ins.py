@@ -8,6 +8,8 @@ import contextlib
 
 import torch
 
+from lightning_graphs.graphed_step import Action
+
 
 class StandInGraph:
     def capture_begin(self, pool=None, capture_error_mode=None):
@@ -39,3 +41,21 @@ def stand_in_graph_api(monkeypatch) -> None:
     monkeypatch.setattr(cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(cuda, "memory_reserved", lambda device=None: 0)
     monkeypatch.setattr(cuda, "graph_pool_handle", lambda: (0, 1))
+
+
+def drive(step, fn, calls) -> str:
+    """Run ``calls`` (each ``(inputs, variant)``) through a graphed step driven as the
+    Lightning callback drives it; the actions taken, one letter each (W, C, R, E)."""
+    actions = []
+    for inputs, variant in calls:
+        plan = step.plan(inputs, variant)
+        actions.append(plan.action.name[0])
+        if plan.action is Action.WARMUP:
+            step.warmup(lambda: fn(*inputs), plan)
+        elif plan.action is Action.CAPTURE:
+            step.capture(plan, lambda static: fn(*static))
+        elif plan.action is Action.REPLAY:
+            step.replay(plan)
+        else:
+            step.eager(lambda: fn(*inputs), plan.reason)
+    return "".join(actions)

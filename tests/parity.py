@@ -169,3 +169,11 @@ def assert_same(eager: Run, graphed: Run, rtol: float = 1e-6, atol: float = 1e-6
         torch.testing.assert_close(
             graphed.state[name].double(), eager.state[name].double(), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}"
         )
+
+
+def assert_same_metric_snapshots(got: list[dict[str, torch.Tensor]], want: list[dict[str, torch.Tensor]]) -> None:
+    """Snapshots of Lightning's metrics (one dict per point of a run) equal, key by key, to the bit."""
+    assert [sorted(s) for s in got] == [sorted(s) for s in want]
+    for a, b in zip(got, want):
+        for key in a:
+            assert torch.equal(a[key], b[key]), key

@@ -23,7 +23,7 @@ from lightning_graphs import CUDAGraphCallback, GraphedStep, GraphWarning
 from lightning_graphs import _lightning as internals
 from lightning_graphs.batches import StaticBatch, signature_of
 from lightning_graphs.graphed_step import Action, Phase
-from parity import MemoryLogger, loader, regression_data
+from parity import MemoryLogger, assert_same_metric_snapshots, loader, regression_data
 from test_first_capture_cpu import _drive
 
 STEPS = {"validate": "validation_step", "test": "test_step", "predict": "predict_step"}
@@ -391,10 +391,7 @@ def _validation_runs(replay, runs=2, sizes=(4, 4, 2)):
 def test_direct_log_replay_in_validation_equals_logging_each_call():
     through_log = _validation_runs(lambda module, calls: lambda: internals.replay_logs(module, calls))
     direct = _validation_runs(internals.LogReplayer)
-    assert [sorted(s) for s in direct] == [sorted(s) for s in through_log]
-    for a, b in zip(direct, through_log):
-        for key in a:
-            assert torch.equal(a[key], b[key]), key
+    assert_same_metric_snapshots(direct, through_log)
     # batch-size-weighted mean over the run, the ragged batch weighing less
     assert float(direct[0]["val_loss"]) == pytest.approx((0.5 * 4 + 1.5 * 4 + 2.5 * 2) / 10)
     assert float(direct[2]["val_max"]) == 12.5

@@ -7,27 +7,13 @@ replays nothing, so the numbers are the GPU parity tests' business.
 import pytest
 import torch
 
+from graph_api_stand_ins import drive
 from lightning_graphs import GraphedStep
-from lightning_graphs.graphed_step import Action
 
 
 def _drive(step, fn, count):
-    """``count`` calls as the Lightning callback makes them; the actions taken (W, C, R, E)."""
-    actions = []
-    for _ in range(count):
-        inputs = (torch.ones(8, 3),)
-        plan = step.plan(inputs)
-        actions.append(plan.action.name[0])
-        if plan.action is Action.WARMUP:
-            step.warmup(lambda: fn(*inputs))
-        elif plan.action is Action.CAPTURE:
-            step.capture(plan, lambda static: fn(*static))
-        elif plan.action is Action.REPLAY:
-            step.replay(plan)
-        else:
-            step.eager(lambda: fn(*inputs), plan.reason)
-    return "".join(actions)
-
+    """``count`` calls with one batch signature; the actions taken (W, C, R, E)."""
+    return drive(step, fn, [((torch.ones(8, 3),), None)] * count)
 
 def _finetuning():
     backbone, head = torch.nn.Linear(3, 3), torch.nn.Linear(3, 1)

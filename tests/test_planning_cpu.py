@@ -9,24 +9,8 @@ import pytest
 import torch
 
 from lightning_graphs import GraphedStep
+from graph_api_stand_ins import drive as _drive
 from lightning_graphs.graphed_step import Action, Phase
-
-
-def _drive(step, fn, calls):
-    """Run ``calls`` (each ``(inputs, variant)``) as the Lightning callback does; the actions taken."""
-    actions = []
-    for inputs, variant in calls:
-        plan = step.plan(inputs, variant)
-        actions.append(plan.action.name[0])  # W, C, R or E
-        if plan.action is Action.WARMUP:
-            step.warmup(lambda: fn(*inputs), plan)
-        elif plan.action is Action.CAPTURE:
-            step.capture(plan, lambda static: fn(*static))
-        elif plan.action is Action.REPLAY:
-            step.replay(plan)
-        else:
-            step.eager(lambda: fn(*inputs), plan.reason)
-    return "".join(actions)
 
 
 def _batches(sizes):
