@@ -120,6 +120,7 @@ def main() -> None:
             "logged": logger.records,
             "final_metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
             "state": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()},
+            "parameters": [name for name, _ in module.named_parameters()],
             "stats": None if stats is None else {
                 "captures": stats.captures, "replays": stats.replays, "eager_steps": stats.eager_steps,
                 "eager_reasons": dict(stats.eager_reasons), "disabled_reason": stats.disabled_reason,
