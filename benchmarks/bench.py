@@ -11,6 +11,13 @@ Modes:
   lightning-graphs   Lightning with CUDAGraphCallback()
   raw-graph-compiled         the hand-written whole-step graph around torch.compile(model) (default mode)
   lightning-graphs-compiled  Lightning with CUDAGraphCallback() and torch.compile(model) (default mode)
+  lightning-eager-ddp        Lightning, strategy="ddp" on --ddp-devices GPUs (default 2)
+  lightning-graphs-ddp       the same with CUDAGraphCallback(): the gradient all-reduce inside the graph
+
+The DDP modes train on every rank with the workload's batch size (so the work per
+step and rank equals the one-GPU modes'); steps/s counts rank zero's steps.
+``--rank-agreement`` sets the callback's ``rank_agreement`` (``"auto"`` agrees at
+every step; the workloads' batches have one shape, so ``boundaries`` is safe here).
 
 The two compiled modes run Inductor's fused kernels inside one whole-step graph;
 their compile time (the first step) is reported apart from steps/s.
@@ -37,7 +44,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 MODES = ["raw-eager", "raw-graph", "lightning-eager", "lightning-compile", "lightning-graphs", "raw-graph-compiled",
-         "lightning-graphs-compiled"]
+         "lightning-graphs-compiled", "lightning-eager-ddp", "lightning-graphs-ddp"]
+DDP_MODES = ("lightning-eager-ddp", "lightning-graphs-ddp")
 COMPILING_MODES = ("lightning-compile", "raw-graph-compiled", "lightning-graphs-compiled")
 WORKLOAD_NAMES = ["mlp", "rollout", "pinn", "big"]
 
@@ -112,7 +120,7 @@ def measure_raw(workload, graph: bool, steps: int, warmup: int, repeats: int, de
 
 
 def measure_lightning(workload, mode: str, steps: int, warmup: int, repeats: int, device: str,
-                      prog_bar: bool = False) -> dict:
+                      prog_bar: bool = False, ddp_devices: int = 2, rank_agreement: str = "auto") -> dict:
     import lightning.pytorch as pl
     import torch
 
@@ -127,18 +135,20 @@ def measure_lightning(workload, mode: str, steps: int, warmup: int, repeats: int
         def __init__(self):
             self.boundaries = []
             self.first_step_seconds = None
+            self.seen = 0  # batches so far (under DDP an epoch is a rank's share of the loader)
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if batch_idx == 0:
+            if self.seen == 0:
                 self.first_started = time.perf_counter()
-            if batch_idx >= warmup and (batch_idx - warmup) % steps == 0:
+            if self.seen >= warmup and (self.seen - warmup) % steps == 0:
                 sync()
                 self.boundaries.append(time.perf_counter())
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if batch_idx == 0:
+            if self.seen == 0:
                 sync()
                 self.first_step_seconds = time.perf_counter() - self.first_started
+            self.seen += 1
 
         def on_train_end(self, trainer, pl_module):
             sync()
@@ -149,20 +159,26 @@ def measure_lightning(workload, mode: str, steps: int, warmup: int, repeats: int
     module = WorkloadModule(workload, compile_mode=compile_mode, prog_bar=prog_bar)
     timer = WindowTimer()
     callbacks = [timer]
-    graphs = CUDAGraphCallback(verbose=False) if mode.startswith("lightning-graphs") else None
+    ddp = mode in DDP_MODES
+    graphs = CUDAGraphCallback(verbose=False, rank_agreement=rank_agreement) if mode.startswith("lightning-graphs") \
+        else None
     if graphs:
         callbacks.append(graphs)
     trainer = pl.Trainer(
-        accelerator="gpu" if cuda else "cpu", devices=1, max_steps=total, max_epochs=-1, logger=False,
-        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False, callbacks=callbacks,
+        accelerator="gpu" if cuda else "cpu", devices=ddp_devices if ddp else 1, strategy="ddp" if ddp else "auto",
+        max_steps=total, max_epochs=-1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+        enable_model_summary=False, callbacks=callbacks,
     )
-    trainer.fit(module, train_dataloaders=loader(workload, total, pin=cuda))
+    # under DDP every rank takes its share of the batches: the loader holds enough for each
+    trainer.fit(module, train_dataloaders=loader(workload, total * (ddp_devices if ddp else 1), pin=cuda))
     result = {"steps_per_s": _windows(timer.boundaries, steps), "capture_seconds": None,
-              "first_step_seconds": timer.first_step_seconds if compile_mode else None}
+              "first_step_seconds": timer.first_step_seconds if compile_mode else None, "rank": trainer.global_rank}
     if graphs is not None and graphs.stats is not None:
         stats = graphs.stats
         result.update(capture_seconds=stats.capture_seconds, replays=stats.replays, eager_steps=stats.eager_steps,
                       graphs_disabled=stats.disabled_reason)
+        if graphs.agreement_stats is not None:
+            result.update(rank_agreement=graphs.agreement_stats)
     return result
 
 
@@ -251,7 +267,10 @@ def worker(args: argparse.Namespace) -> None:
         result = measure_raw(workload, args.mode.startswith("raw-graph"), args.steps, args.warmup, args.repeats, device,
                              compiled=args.mode.endswith("-compiled"))
     else:
-        result = measure_lightning(workload, args.mode, args.steps, args.warmup, args.repeats, device, args.prog_bar)
+        result = measure_lightning(workload, args.mode, args.steps, args.warmup, args.repeats, device, args.prog_bar,
+                                   args.ddp_devices, args.rank_agreement)
+        if result.pop("rank") != 0:
+            return  # the other DDP ranks; rank zero reports
     result.update(
         workload=args.workload,
         mode=args.mode,
@@ -271,6 +290,7 @@ def run_one(workload: str, mode: str, args: argparse.Namespace) -> dict:
         command.append("--tiny")
     if args.prog_bar:
         command.append("--prog-bar")
+    command += ["--ddp-devices", str(args.ddp_devices), "--rank-agreement", args.rank_agreement]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.timeout)
@@ -285,13 +305,14 @@ def run_one(workload: str, mode: str, args: argparse.Namespace) -> dict:
 
 def ratios(results: list[dict]) -> dict[str, dict[str, float]]:
     """Per workload: the callback's median steps/s (``lightning-graphs``, and
-    ``lightning-graphs-compiled`` as its own row) over each other mode's."""
+    ``lightning-graphs-compiled`` and ``lightning-graphs-ddp`` as rows of their own,
+    ``"mlp (compiled)"``, ``"mlp (ddp)"``) over each other mode's."""
     table: dict[str, dict[str, float]] = {}
     by_key = {(r["workload"], r["mode"]): r for r in results if "median_steps_per_s" in r}
     for (workload, mode), result in by_key.items():
         if not mode.startswith("lightning-graphs"):
             continue
-        row = workload if mode == "lightning-graphs" else f"{workload} (compiled)"
+        row = workload if mode == "lightning-graphs" else f"{workload} ({mode.removeprefix('lightning-graphs-')})"
         for other in MODES:
             base = by_key.get((workload, other))
             if base and other != mode:
@@ -321,8 +342,9 @@ def print_table(results: list[dict], modes: list[str]) -> None:
         print(row)
     for workload, row in ratios(results).items():
         cells = ", ".join(f"{name} {value:.2f}x" for name, value in row.items())
-        name = "lightning-graphs-compiled" if workload.endswith("(compiled)") else "lightning-graphs"
-        print(f"{name} on {workload.removesuffix(' (compiled)')}: {cells}")
+        base, _, variant = workload.partition(" (")
+        name = f"lightning-graphs-{variant[:-1]}" if variant else "lightning-graphs"
+        print(f"{name} on {base}: {cells}")
     for r in results:
         if r.get("capture_seconds") is not None:
             print(f"capture time {r['workload']}/{r['mode']}: {r['capture_seconds'] * 1e3:.0f} ms")
@@ -358,7 +380,7 @@ def plot(results: list[dict], modes: list[str], path: Path) -> bool:
     for ax, workload in zip(axes[0], workloads):
         values = [by_key.get((workload, m), {}).get("median_steps_per_s") for m in modes]
         bars = ax.bar(range(len(modes)), [v or 0.0 for v in values],
-                      color=["#d9534f" if m == "lightning-graphs" else "#8e3b46" if m == "lightning-graphs-compiled"
+                      color=["#d9534f" if m == "lightning-graphs" else "#8e3b46" if m.startswith("lightning-graphs-")
                              else "#9aa5b1" for m in modes])
         ax.set_xticks(range(len(modes)))
         ax.set_xticklabels(modes, rotation=35, ha="right", fontsize=8)
@@ -378,6 +400,12 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", nargs="+", default=WORKLOAD_NAMES, choices=WORKLOAD_NAMES)
@@ -390,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prog-bar", action="store_true",
                         help="log with prog_bar=True, which makes Lightning read the value on the host every step")
     parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--ddp-devices", type=int, default=2, help="GPUs of the DDP modes")
+    parser.add_argument("--rank-agreement", default="auto", choices=["auto", "every_step", "boundaries"],
+                        help="CUDAGraphCallback(rank_agreement=...) in lightning-graphs-ddp")
     parser.add_argument("--find-syncs", action="store_true",
                         help="instead of timing, list the host synchronisations left in the graphed step (first workload)")
     parser.add_argument("--replot", type=Path, nargs="+", metavar="JSON",
@@ -423,6 +454,9 @@ def main(argv: list[str] | None = None) -> int:
         args.modes = [m for m in args.modes if m not in dropped]
         print(f"No CUDA device: skipping {', '.join(dropped) or 'nothing'}; lightning-graphs trains eagerly here, "
               "so its numbers say nothing about graphs.")
+    if any(m in DDP_MODES for m in args.modes) and _gpus() < args.ddp_devices:
+        print(f"Fewer than {args.ddp_devices} CUDA devices: skipping {', '.join(DDP_MODES)}.")
+        args.modes = [m for m in args.modes if m not in DDP_MODES]
     from benchmarks.workloads import WORKLOADS
 
     runs = [(w, m) for w in args.workloads for m in args.modes
@@ -440,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python benchmarks/bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "environment": environment(),
         "settings": {"steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "tiny": args.tiny,
-                     "prog_bar": args.prog_bar},
+                     "prog_bar": args.prog_bar, "ddp_devices": args.ddp_devices, "rank_agreement": args.rank_agreement},
         "results": results,
         "ratios": ratios(results),
     }

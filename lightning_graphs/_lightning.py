@@ -19,6 +19,11 @@ on (Lightning 2.4 to 2.6):
   after it), from which ``global_step`` is derived; nothing counts ``zero_grad``.
   Lightning steps no scheduler itself in manual optimization: the step does.
 * ``LightningModule.log`` reads ``_current_fx_name`` to know which hook logs.
+* under ``DDPStrategy`` (``strategy="ddp"``, ``"ddp_spawn"``, ...) the strategy's
+  ``model`` is the ``DistributedDataParallel`` wrapper by ``on_train_start``
+  (built under a side stream, as capture asks), ``_ddp_comm_hook`` and
+  ``_model_averager`` hold a communication hook and post-local-SGD averaging, and
+  ``trainer.num_training_batches`` is the same on every rank.
 * the evaluation and prediction loops run each step through
   ``getattr(trainer.strategy, "validation_step")(*step_args)`` (likewise
   ``test_step`` and ``predict_step``), with ``step_args`` of ``(batch[, batch_idx]
@@ -38,7 +43,9 @@ from typing import Any, Callable, Iterator
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
+from torch.nn.parallel import DistributedDataParallel
 
 from lightning_graphs.batches import clone_tensors, flatten
 from lightning_graphs.graphed_step import ignore_torch_attribute
@@ -211,6 +218,71 @@ def step_variant(trainer: pl.Trainer, batch_idx: int) -> tuple[int, bool, bool, 
     if every == 1 and not loop._skip_backward:
         return None
     return every, loop._skip_backward, batch_idx % every == 0, not trainer.fit_loop._should_accumulate()
+
+
+# DDP samples runtime statistics (timed with CUDA events, read on the host) in its
+# first 10 iterations and then every this many; the reducer's default
+_DDP_STATS_SAMPLE_RATE = 100
+
+
+def ddp_model(trainer: pl.Trainer) -> DistributedDataParallel | None:
+    """The ``DistributedDataParallel`` module the strategy trains through, if any."""
+    model = trainer.strategy.model
+    return model if isinstance(model, DistributedDataParallel) else None
+
+
+def strategy_unsupported(trainer: pl.Trainer) -> str | None:
+    """Why the Trainer's strategy cannot be graphed, if so: one device and DDP can."""
+    strategy = trainer.strategy
+    name = type(strategy).__name__
+    if isinstance(strategy, SingleDeviceStrategy) and trainer.world_size == 1:
+        return None
+    ddp = ddp_model(trainer)
+    if not isinstance(strategy, DDPStrategy) or ddp is None:
+        return (
+            f"the {name} strategy is not graphed yet (graphs need one CUDA device, or DDP: "
+            "`strategy=\"ddp\"`)"
+        )
+    if strategy.root_device.type != "cuda":
+        return f"{name} trains on {strategy.root_device}; CUDA graphs need CUDA devices"
+    if ddp.find_unused_parameters and not ddp.static_graph:
+        return (
+            "DDP with `find_unused_parameters=True` reads which parameters were used on the host at every step, "
+            "which a graph cannot repeat; pass `DDPStrategy(static_graph=True)` if the same parameters are used "
+            "at every step, or leave `find_unused_parameters` off"
+        )
+    if getattr(strategy, "_ddp_comm_hook", None) is not None or getattr(strategy, "_model_averager", None) is not None:
+        return "a DDP communication hook or model averaging (post-local SGD) is not graphed yet"
+    if getattr(ddp, "_use_python_reducer", False):
+        return "DDP's Python reducer (compiled DDP) is not graphed yet"
+    return None
+
+
+def quiet_ddp_statistics(ddp: DistributedDataParallel) -> None:
+    """Stop DDP sampling runtime statistics after its first 10 iterations: a sampled
+    iteration records CUDA events and the next one reads them on the host, which
+    must not happen while a step is being captured (warm-up covers the first 10)."""
+    ddp._set_ddp_runtime_logging_sample_rate(2**31 - 1)
+
+
+def restore_ddp_statistics(ddp: DistributedDataParallel) -> None:
+    ddp._set_ddp_runtime_logging_sample_rate(_DDP_STATS_SAMPLE_RATE)
+
+
+def reducer_unfinished(ddp: DistributedDataParallel) -> bool:
+    """Whether DDP's reducer was left inside a backward pass (a capture that failed
+    there), in which state the next iteration raises."""
+    try:
+        ddp._check_reducer_finalized()
+    except RuntimeError:
+        return True
+    return False
+
+
+def reset_reducer(ddp: DistributedDataParallel) -> None:
+    """Let the next iteration start afresh after an unfinished backward. Its buckets
+    are rebuilt after the next iteration, with a collective: every rank must reset."""
+    ddp.reducer._reset_state()
 
 
 def with_batch(kwargs: OrderedDict, batch: Any, batch_idx: Any) -> OrderedDict:

@@ -7,15 +7,17 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_graphs import _lightning as internals
 from lightning_graphs.batches import clone_tensors
 from lightning_graphs.compiled import compile_children, compiled_parts, own_graphs, own_graphs_requested
+from lightning_graphs.distributed import AgreementSchedule, RankAgreement, agree_on_plan
 from lightning_graphs.evaluation import STAGE_HOOKS, EvaluationGraphs
-from lightning_graphs.graphed_step import Action, CaptureDeferred, CaptureFailed, GraphedStep, GraphStats, SharedPool
+from lightning_graphs.graphed_step import (
+    Action, CaptureDeferred, CaptureFailed, CaptureOutcome, GraphedStep, GraphStats, SharedPool,
+)
 from lightning_graphs.manual import ManualSteps
 from lightning_graphs.messages import GraphCaptureError, GraphWarning, WarnOnce
 
@@ -23,6 +25,10 @@ __all__ = ["CUDAGraphCallback"]
 
 _SUPPORTED_PRECISION = ("32-true", "32", "bf16-mixed", "16-mixed")
 _RAGGED_ADVICE = " A DataLoader with drop_last=True avoids a ragged last batch."
+_RANK_AGREEMENT = ("auto", "every_step", "boundaries")
+# eager DDP iterations before a capture: DDP times its first 10 iterations with CUDA
+# events that the following iteration reads on the host, which a capture cannot hold
+_DDP_WARMUP_ITERATIONS = 11
 
 
 class CUDAGraphCallback(pl.Callback):
@@ -75,10 +81,27 @@ class CUDAGraphCallback(pl.Callback):
             ``batch_idx``, appending outputs to a list, a torchmetrics object
             updated inside it) runs eagerly with one warning. See
             :attr:`evaluation_stats`.
+        rank_agreement: under DDP, when the ranks agree on each step's path (graph
+            or eager; a rank replaying while another runs eagerly would hang the
+            job). ``"every_step"`` and ``"auto"`` (default) agree before every step
+            (a small all-reduce over Gloo, on the host). ``"boundaries"`` only
+            before steps that follow a non-replayed step and at the first and last
+            batch of an epoch, which saves that all-reduce between replays: use it
+            only when every rank's batch has the same shapes at every position
+            (fixed-size samples, a fixed ``batch_size``). A rank whose batch then
+            cannot be replayed at a step taken without agreement raises
+            :class:`~lightning_graphs.distributed.RankAgreementError` naming it;
+            batches found to differ at an agreement switch to agreeing every step.
+        agreement_timeout: seconds a rank waits for the others at an agreement
+            before raising :class:`~lightning_graphs.distributed.RankAgreementError`
+            (another rank failed or is stuck). It bounds the longest stretch
+            between two agreements on another rank: a first ``torch.compile``
+            counts.
 
     Raises:
         ValueError: for a negative ``warmup_steps``, or a ``compile`` dict asking
-            for a mode that captures CUDA graphs of its own.
+            for a mode that captures CUDA graphs of its own, an unknown
+            ``rank_agreement`` or a ``agreement_timeout`` that is not positive.
 
     Example::
 
@@ -114,7 +137,9 @@ class CUDAGraphCallback(pl.Callback):
       ``self.trainer.is_last_batch``: step a scheduler every N batches or at the end
       of an epoch in ``on_train_batch_end`` or ``on_train_epoch_end`` instead.
 
-    Supported today: one CUDA device, automatic optimization (with gradient
+    Supported today: one CUDA device or DDP on CUDA devices (the gradient
+    all-reduce inside the graph; ``Trainer(strategy="ddp", devices=N)``, on one
+    node or many), automatic optimization (with gradient
     accumulation: each micro-step kind gets its own graph), manual optimization
     (``automatic_optimization = False``: the whole ``training_step`` with its
     ``manual_backward``, ``zero_grad``, ``clip_gradients`` and ``step`` calls of one or
@@ -140,6 +165,8 @@ class CUDAGraphCallback(pl.Callback):
         nvtx: bool = False,
         compile: bool | dict[str, Any] = False,
         graph_evaluation: bool = False,
+        rank_agreement: str = "auto",
+        agreement_timeout: float = 900.0,
     ) -> None:
         if warmup_steps < 0:
             raise ValueError(f"`warmup_steps` must be >= 0, got {warmup_steps}")
@@ -151,6 +178,10 @@ class CUDAGraphCallback(pl.Callback):
                 "whole-step graph this callback captures; leave out the mode (the default mode fuses kernels; the "
                 "callback graphs the whole step) or use mode=\"max-autotune-no-cudagraphs\""
             )
+        if rank_agreement not in _RANK_AGREEMENT:
+            raise ValueError(f"`rank_agreement` must be one of {_RANK_AGREEMENT}, got {rank_agreement!r}")
+        if not agreement_timeout > 0:
+            raise ValueError(f"`agreement_timeout` must be positive, got {agreement_timeout}")
         self.warmup_steps = warmup_steps
         self.max_graphs = max_graphs
         self.strict = strict
@@ -160,6 +191,12 @@ class CUDAGraphCallback(pl.Callback):
         self.compile = compile
         self._uncompile: Any = None  # undoes `compile`, while it is in effect
         self.graph_evaluation = graph_evaluation
+        self.rank_agreement = rank_agreement
+        self.agreement_timeout = agreement_timeout
+        self._ranks: RankAgreement | None = None  # under DDP: the agreements between ranks on each step
+        self._schedule: AgreementSchedule | None = None  # under DDP: which steps need one
+        self._agreement_stats: dict[str, Any] | None = None  # agreement_stats of the last fit under DDP
+        self._ddp: Any = None  # under DDP: the DistributedDataParallel module of the running fit
         self._warn_once = WarnOnce(self._emit)
         self._engine: GraphedStep | None = None  # the graphed step of the running fit
         self._trainer: pl.Trainer | None = None
@@ -176,6 +213,16 @@ class CUDAGraphCallback(pl.Callback):
     def stats(self) -> GraphStats | None:
         """Captures, replays, eager steps and their reasons for the current (or last) fit."""
         return self._engine.stats if self._engine is not None else self._last_stats
+
+    @property
+    def agreement_stats(self) -> dict[str, Any] | None:
+        """Under DDP, for the current (or last) fit: the agreements between ranks made
+        (``"agreements"``), the steps taken without one (``"skipped"``) and whether
+        every step was agreed (``"every_step"``); ``None`` without DDP."""
+        if self._ranks is not None:
+            return {"agreements": self._ranks.agreements, "skipped": self._schedule.skipped,
+                    "every_step": self._schedule.every_step}
+        return self._agreement_stats
 
     @property
     def evaluation_stats(self) -> dict[str, GraphStats]:
@@ -220,6 +267,13 @@ class CUDAGraphCallback(pl.Callback):
         # before the micro-step that steps it is captured
         every = trainer.accumulate_grad_batches
         warmup = max(self.warmup_steps, every) if every > 1 else self.warmup_steps
+        ddp = internals.ddp_model(trainer)
+        if ddp is not None:
+            self._ddp = ddp
+            # DDP iterations are the steps that synchronise gradients: the last micro-step of a cycle
+            warmup = max(warmup, _DDP_WARMUP_ITERATIONS * every)
+            internals.quiet_ddp_statistics(ddp)
+            self._start_agreement(trainer)
         self._engine = GraphedStep(
             None,
             warmup_steps=warmup,
@@ -236,6 +290,7 @@ class CUDAGraphCallback(pl.Callback):
             nvtx=self.nvtx,
             grad_scaler=getattr(trainer.precision_plugin, "scaler", None),
             pool=self._shared_pool() if self.graph_evaluation else None,
+            agree_capture=self._agree_on_capture if self._ranks is not None else None,
         )
         if pl_module.automatic_optimization:
             self._original_run = internals.patch_step_runner(trainer, self._run_step)
@@ -252,13 +307,21 @@ class CUDAGraphCallback(pl.Callback):
 
     def _unsupported(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str | None:
         """Why this fit cannot be graphed at all, if so."""
-        return self._unsupported_setup(trainer) or self._takes_dataloader_iter(pl_module, "training_step")
+        reason = self._unsupported_setup(trainer) or self._takes_dataloader_iter(pl_module, "training_step")
+        if reason is None and not pl_module.automatic_optimization and trainer.world_size > 1:
+            # the ranks would have to agree on each manual step's path, which is not built yet
+            reason = f"manual optimization is not graphed under the {type(trainer.strategy).__name__} strategy yet"
+        return reason
 
     @staticmethod
-    def _unsupported_setup(trainer: pl.Trainer) -> str | None:
-        """Why no step of this Trainer can be graphed, if so."""
-        if trainer.world_size > 1 or not isinstance(trainer.strategy, SingleDeviceStrategy):
-            return f"the {type(trainer.strategy).__name__} strategy is not graphed yet; graphs need one CUDA device"
+    def _unsupported_setup(trainer: pl.Trainer, training: bool = True) -> str | None:
+        """Why no step of this Trainer (no training step, or with ``training=False`` no
+        evaluation step) can be graphed, if so."""
+        reason = internals.strategy_unsupported(trainer)
+        if reason is None and not training and trainer.world_size > 1:
+            reason = f"evaluation steps are not graphed under the {type(trainer.strategy).__name__} strategy yet"
+        if reason is not None:
+            return reason
         if str(trainer.precision) not in _SUPPORTED_PRECISION:
             supported = ", ".join(f'"{p}"' for p in _SUPPORTED_PRECISION if p != "32")
             return f'precision="{trainer.precision}" is not graphed yet (supported: {supported})'
@@ -293,6 +356,40 @@ class CUDAGraphCallback(pl.Callback):
     def _emit(self, message: str) -> None:
         rank_zero_warn(message, category=GraphWarning)
 
+    # -- several ranks (DDP) -----------------------------------------------------------
+
+    def _start_agreement(self, trainer: pl.Trainer) -> None:
+        # "auto" agrees at every step: equal batch counts on every rank (which Lightning's
+        # DistributedSampler guarantees) do not make equal batch shapes (variable-size
+        # samples with batch_size=1, sizes drawn per rank), and ranks taking different
+        # paths would hang in NCCL without a bound
+        self._schedule = AgreementSchedule(self.rank_agreement != "boundaries")
+        self._ranks = RankAgreement(self.agreement_timeout)
+        self._agreement_stats = None
+
+    def _agree_on_capture(self, outcome: CaptureOutcome, explanation: str | None) -> tuple[CaptureOutcome, str | None]:
+        """After a capture on every rank: the outcome all act on. A capture that left
+        DDP's reducer inside a backward pass on any rank gives graphs up on all of
+        them, after resetting every reducer (its buckets are then rebuilt, which
+        graphs captured before cannot follow)."""
+        unfinished = internals.reducer_unfinished(self._ddp)
+        agreed, explanation, any_unfinished = self._ranks.capture(outcome, explanation, unfinished)
+        if any_unfinished:
+            internals.reset_reducer(self._ddp)
+            agreed = CaptureOutcome.FAILED
+            explanation = explanation or "a capture failed inside DDP's backward pass on another rank"
+        return agreed, explanation
+
+    def _stop_agreement(self) -> None:
+        if self._ranks is not None:
+            self._agreement_stats = self.agreement_stats
+            self._ranks.close()
+            self._ranks = None
+        self._schedule = None
+        if self._ddp is not None:
+            internals.restore_ddp_statistics(self._ddp)
+            self._ddp = None
+
     # -- the step -------------------------------------------------------------------
 
     def _run_step(self, optimizer: torch.optim.Optimizer, batch_idx: int, kwargs: OrderedDict) -> dict:
@@ -300,6 +397,8 @@ class CUDAGraphCallback(pl.Callback):
         (In manual optimization :class:`~lightning_graphs.manual.ManualSteps` does.)"""
         engine, trainer, run = self._engine, self._trainer, self._original_run
         plan = engine.plan(kwargs["batch"], internals.step_variant(trainer, batch_idx))
+        if self._ranks is not None:
+            plan = agree_on_plan(self._ranks, self._schedule, plan, batch_idx, trainer.num_training_batches)
         if plan.action is Action.REPLAY:
             outputs = engine.replay(plan)
             internals.count_replayed_step(trainer, batch_idx)
@@ -376,7 +475,7 @@ class CUDAGraphCallback(pl.Callback):
                 )
                 return
             reason = (
-                self._unsupported_setup(trainer)
+                self._unsupported_setup(trainer, training=False)
                 or self._takes_dataloader_iter(pl_module, STAGE_HOOKS[stage])
                 or self._graphed_by_the_compiler(pl_module)
             )
@@ -446,12 +545,16 @@ class CUDAGraphCallback(pl.Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._engine is not None:
             self._engine.request_structure_check()
+        if self._schedule is not None:
+            self._schedule.boundary()
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._end_evaluation("validation")
         if self._engine is not None:
             self._engine.request_structure_check()
+        if self._schedule is not None:
+            self._schedule.boundary()
 
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
@@ -512,4 +615,5 @@ class CUDAGraphCallback(pl.Callback):
         if self._uncompile is not None:
             self._uncompile()
             self._uncompile = None
+        self._stop_agreement()
         self._trainer = None

@@ -55,7 +55,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import Enum, IntEnum
 from typing import Any, Callable, Sequence
 
 import torch
@@ -70,7 +70,7 @@ from lightning_graphs.python_state import StateFingerprint
 
 __all__ = [
     "GraphedStep", "Phase", "Action", "StepPlan", "GraphStats", "CapturedGraph", "CaptureFailed", "CaptureDeferred",
-    "SharedPool",
+    "SharedPool", "CaptureOutcome",
 ]
 
 # a graph dropped as stale after fewer replays than this counts as "thrashing"
@@ -102,6 +102,15 @@ class Action(Enum):
     CAPTURE = "capture"
     REPLAY = "replay"
     EAGER = "eager"
+
+
+class CaptureOutcome(IntEnum):
+    """How a capture ended; where several processes capture together (DDP), the
+    lowest over them is what all of them do."""
+
+    FAILED = 0
+    DEFERRED = 1  # torch.compile had to compile first: warm up once more, then capture
+    CAPTURED = 2
 
 
 @dataclass(eq=False)
@@ -290,6 +299,12 @@ class GraphedStep:
             must run at every call (``"on_validation_batch_end"`` for a validation step).
         activity: how messages name what goes on eagerly once graphs are given up
             (``"Training"``, ``"Validation"``).
+        agree_capture: for a step run by several processes together (DDP ranks,
+            whose collectives must match): called after every capture with its
+            local outcome and explanation, returns the outcome all of them act on
+            and its explanation. A capture that succeeded here is given up when
+            another process failed (or put its capture off); see
+            :mod:`lightning_graphs.distributed`.
 
     Optimizers wrapped by Lightning or Fabric (``fabric.setup(model, optimizer)``)
     are prepared through the optimizer they wrap, and the GradScaler of Fabric's
@@ -316,6 +331,7 @@ class GraphedStep:
         pool: Any = None,
         batch_end_hook: str = "on_train_batch_end",
         activity: str = "Training",
+        agree_capture: Callable[[CaptureOutcome, str | None], tuple[CaptureOutcome, str | None]] | None = None,
     ) -> None:
         if warmup_steps < 0:
             raise ValueError(f"`warmup_steps` must be >= 0, got {warmup_steps}")
@@ -330,6 +346,7 @@ class GraphedStep:
         self.input_name = input_name
         self.batch_end_hook = batch_end_hook
         self.activity = activity
+        self._agree_capture = agree_capture  # makes processes capturing together (DDP) end a capture alike
         self.stats = GraphStats()
         self.phase = Phase.WARMING_UP
         self._warn = warn or WarnOnce()
@@ -607,6 +624,7 @@ class GraphedStep:
             self._pool_generation = self._given_pool.generation
         elif self._pool is None:
             self._pool = self._given_pool if self._given_pool is not None else torch.cuda.graph_pool_handle()
+        failure: Exception | None = None
         try:
             with torch.cuda.device(self._device), torch.cuda.stream(stream):
                 graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
@@ -618,37 +636,27 @@ class GraphedStep:
                     raise
                 graph.capture_end()  # raises if an operation silently invalidated the capture
         except BaseException as exc:
-            for optimizer in self._optimizers:
-                optimizer.exit_capture()
-            for p, grad in zip(self._params, saved_grads):
-                p.grad = grad
-            for p, flag in saved_flags:
-                p.requires_grad_(flag)
-            _release_generator_after_failed_capture(self._device)
             refused = is_recompile_refusal(exc)  # raised in Python before the compiler ran: no CUDA error
-            if not refused:
-                self._stream = None  # a failed capture can leave the stream routed to the pool
-                self._pool = None
-                if isinstance(self._given_pool, SharedPool):
-                    self._given_pool.abandon()  # every step sharing it moves on (see SharedPool)
-                else:
-                    self._given_pool = None  # later captures, if any, keep to a pool of their own
+            self._abandon_capture(saved_grads, saved_flags, failed=True, pool_broken=not refused)
             if not isinstance(exc, Exception):
                 raise
-            if refused and self._deferred_captures < _MAX_DEFERRED_CAPTURES:
-                # compiling belongs in an eager step: warm up once more, capture after it
-                self._deferred_captures += 1
-                self._warmups_left = max(self._warmups_left, 1)
-                self.stats.deferred_captures += 1
-                raise CaptureDeferred(str(exc)) from exc
-            explanation = explain_capture_error(exc, self.what, self.batch_end_hook)
-            if refused:
-                explanation = (
-                    f"torch.compile compiled again for {self._deferred_captures + 1} captures in a row, although "
-                    "each ran an eager step first (a guard that fails at every call, such as one on a value that "
-                    f"changes every step): {exc}"
-                )
-            raise CaptureFailed(explanation) from exc
+            failure = exc
+        outcome, explanation = self._capture_outcome(failure)
+        if self._agree_capture is not None:
+            agreed, elsewhere = self._agree_capture(outcome, explanation)
+            agreed = CaptureOutcome(agreed)
+            if agreed < outcome:
+                if outcome is CaptureOutcome.CAPTURED:  # fine here, given up because of another rank
+                    self._abandon_capture(saved_grads, saved_flags, failed=False, pool_broken=False)
+                outcome, explanation = agreed, elsewhere if agreed is CaptureOutcome.FAILED else explanation
+        if outcome is CaptureOutcome.DEFERRED:
+            # compiling belongs in an eager step: warm up once more, capture after it
+            self._deferred_captures += 1
+            self._warmups_left = max(self._warmups_left, 1)
+            self.stats.deferred_captures += 1
+            raise CaptureDeferred(str(failure) if failure is not None else "deferred on another rank") from failure
+        if outcome is CaptureOutcome.FAILED:
+            raise CaptureFailed(explanation or "the capture failed") from failure
         self._deferred_captures = 0
         problems = [optimizer.exit_capture() for optimizer in self._optimizers]
         problems.append(self._side_effects(before, hyperparameters=False))
@@ -678,6 +686,42 @@ class GraphedStep:
             # the graph ran this step faithfully; later steps would repeat its Python decisions
             self.disable(problem)
         return outputs
+
+    def _capture_outcome(self, failure: Exception | None) -> tuple[CaptureOutcome, str | None]:
+        """How this capture ended here, with the user-facing explanation of a failure."""
+        if failure is None:
+            return CaptureOutcome.CAPTURED, None
+        refused = is_recompile_refusal(failure)
+        if refused and self._deferred_captures < _MAX_DEFERRED_CAPTURES:
+            return CaptureOutcome.DEFERRED, None
+        if refused:
+            return CaptureOutcome.FAILED, (
+                f"torch.compile compiled again for {self._deferred_captures + 1} captures in a row, although "
+                "each ran an eager step first (a guard that fails at every call, such as one on a value that "
+                f"changes every step): {failure}"
+            )
+        return CaptureOutcome.FAILED, explain_capture_error(failure, self.what, self.batch_end_hook)
+
+    def _abandon_capture(self, saved_grads: list, saved_flags: list, failed: bool, pool_broken: bool) -> None:
+        """Undo what a capture that will not be replayed left: optimizers in capture
+        mode, gradients the graph allocated, ``requires_grad`` flags the step flipped
+        (toggled optimizers), a generator still capturing and, after a CUDA error, a
+        stream and memory pool that may be unusable."""
+        for optimizer in self._optimizers:
+            optimizer.exit_capture()
+        for p, grad in zip(self._params, saved_grads):
+            p.grad = grad
+        for p, flag in saved_flags:
+            p.requires_grad_(flag)
+        if failed:
+            _release_generator_after_failed_capture(self._device)
+        if pool_broken:
+            self._stream = None  # a failed capture can leave the stream routed to the pool
+            self._pool = None
+            if isinstance(self._given_pool, SharedPool):
+                self._given_pool.abandon()  # every step sharing it moves on (see SharedPool)
+            else:
+                self._given_pool = None  # later captures, if any, keep to a pool of their own
 
     def _step_unless_found_inf(self, optimizer: torch.optim.Optimizer, found_inf: torch.Tensor, args: tuple,
                                kwargs: dict) -> Any:

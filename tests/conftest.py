@@ -10,12 +10,14 @@ from graph_api_stand_ins import stand_in_graph_api  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_ddp = pytest.mark.skip(reason=f"needs two CUDA GPUs, found {gpus}")
     for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
+        if "cuda" in item.keywords and gpus == 0:
+            item.add_marker(skip_cuda)
+        if "ddp" in item.keywords and gpus < 2:
+            item.add_marker(skip_ddp)
 
 
 @pytest.fixture
