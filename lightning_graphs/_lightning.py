@@ -49,6 +49,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lightning_graphs.batches import clone_tensors, flatten
 from lightning_graphs.graphed_step import ignore_torch_attribute
+from lightning_graphs.metrics import is_metric, why_not_graphed
 from lightning_graphs.python_state import WatchedInt
 
 # hooks that run inside one training step (automatic or manual optimization); their Python runs at capture only
@@ -458,12 +459,13 @@ class StepProbe:
         for leaf in leaves:
             if isinstance(leaf, torch.Tensor):
                 continue
-            if _is_metric(leaf):
-                self.note(
-                    f"`self.log({name!r}, ...)` logs a torchmetrics object from inside the step; metrics updated "
-                    "inside a graphed step are not supported yet. Log `metric(preds, target)` (a tensor) instead, or "
-                    f"update the metric in `{self.batch_end_hook}`"
-                )
+            if is_metric(leaf):
+                reason = why_not_graphed(leaf)
+                if reason is not None:
+                    self.note(
+                        f"`self.log({name!r}, ...)` logs the torchmetrics {type(leaf).__name__} from inside the step, "
+                        f"and {reason}. Or update and log the metric in `{self.batch_end_hook}`"
+                    )
             elif isinstance(leaf, numbers.Number):
                 self.note(
                     f"`self.log({name!r}, {leaf!r})` logs a Python number from inside the step; a replay cannot "
@@ -576,10 +578,3 @@ def finish_capture(engine: Any, plan: Any, probe: StepProbe, outputs: Any) -> An
     replay_logs()
     return clone_tensors(outputs)
 
-
-def _is_metric(value: Any) -> bool:
-    try:
-        from torchmetrics import Metric
-    except ImportError:  # pragma: no cover - torchmetrics is a dependency
-        return False
-    return isinstance(value, Metric)

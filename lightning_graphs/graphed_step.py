@@ -65,6 +65,7 @@ from lightning_graphs.batches import BatchSignature, StaticBatch, clone_tensors,
 from lightning_graphs.capture_errors import explain_capture_error
 from lightning_graphs.compiled import is_recompile_refusal, no_compilation
 from lightning_graphs.messages import GraphCaptureError, WarnOnce
+from lightning_graphs.metrics import InStepMetrics, MetricUpdate
 from lightning_graphs.optimizers import GraphSafeOptimizer
 from lightning_graphs.python_state import StateFingerprint
 
@@ -134,6 +135,8 @@ class CapturedGraph:
     grads_in: list[torch.Tensor | None] = field(default_factory=list)
     replays: int = 0
     notes: dict[str, Any] = field(default_factory=dict)  # an adapter's per-graph data (the callback's log calls)
+    # torchmetrics calls the captured step made, which the host follows up after each replay
+    metric_updates: list[MetricUpdate] = field(default_factory=list)
 
 
 @dataclass
@@ -350,14 +353,17 @@ class GraphedStep:
         self.stats = GraphStats()
         self.phase = Phase.WARMING_UP
         self._warn = warn or WarnOnce()
-        self._ignore = ignore_attribute or ignore_torch_attribute
+        self._modules = list(modules)
+        # torchmetrics metrics updated in the step: their states and bookkeeping (see metrics.py)
+        self._metrics = InStepMetrics(self._modules)
+        framework_ignores = ignore_attribute or ignore_torch_attribute
+        self._ignore = lambda obj, name: framework_ignores(obj, name) or self._metrics.ignores(obj, name)
         self._optimizers = [GraphSafeOptimizer(_unwrap_optimizer(o)) for o in optimizers]
         scalers = [grad_scaler] if grad_scaler is not None and grad_scaler.is_enabled() else []
         for found in map(scaler_of, optimizers):
             if found is not None and all(found is not s for s in scalers):
                 scalers.append(found)
         self._grad_scalers = scalers
-        self._modules = list(modules)
         watched = {id(obj) for _, obj in watch}
         self._watch = list(watch) + [(type(m).__name__, m) for m in self._modules if id(m) not in watched]
         self._watch += [(type(o.optimizer).__name__, o.optimizer) for o in self._optimizers]
@@ -523,6 +529,9 @@ class GraphedStep:
             reason, structural = optimizer.stale_reason()
             if reason is not None:
                 return reason, structural
+        reason = self._metrics.stale_reason()
+        if reason is not None:
+            return reason, False
         if self._structure_check_due:
             self._structure_check_due = False
             if self._structure != self._structure_key():
@@ -611,7 +620,9 @@ class GraphedStep:
         # flags the step may flip and flip back (toggling optimizers): put back if it fails midway
         saved_flags = [(p, p.requires_grad) for module in self._modules for p in module.parameters()]
         stream = self._side_stream()
+        metrics_before = self._metrics.before_capture()  # binds metric states to the tensors the graph reads
         before = self._snapshot()
+        metric_problem = None
         for optimizer in self._optimizers:
             optimizer.enter_capture()
         graph = torch.cuda.CUDAGraph()
@@ -631,6 +642,7 @@ class GraphedStep:
                 try:
                     with no_compilation(), graph_safe_grad_scalers(self._grad_scalers, self._step_unless_found_inf):
                         outputs = fn(static.value)
+                        metric_problem = self._metrics.end_of_step()
                 except BaseException:
                     _end_capture(graph)
                     raise
@@ -681,6 +693,8 @@ class GraphedStep:
             self._structure_check_due = False
         self.phase = Phase.CAPTURED
         graph.replay()
+        captured.metric_updates, reset_problem = self._metrics.after_capture(metrics_before)
+        problems += [metric_problem, reset_problem]
         problem = next((p for p in problems if p), None)
         if problem is not None:
             # the graph ran this step faithfully; later steps would repeat its Python decisions
@@ -750,7 +764,9 @@ class GraphedStep:
         for p, grad in zip(self._params, captured.grads):
             if p.grad is not grad:
                 p.grad = grad  # what this graph writes
+        self._metrics.bring_home()  # metric states rebound since (eager steps, resets) go where the graph reads
         captured.graph.replay()
+        InStepMetrics.after_replay(captured.metric_updates)
         captured.replays += 1
         self.stats.replays += 1
         if self._graphs[-1] is not captured:
@@ -927,20 +943,24 @@ class GraphedStep:
             self._stream = torch.cuda.Stream(self._device)
         return self._stream
 
-    def _snapshot(self) -> tuple[StateFingerprint, list]:
+    def _snapshot(self) -> tuple[StateFingerprint, list, dict]:
         return (
             StateFingerprint(self._watch, self._ignore),
             [o.hyperparameters() for o in self._optimizers],
+            self._metrics.counts(),
         )
 
-    def _side_effects(self, before: tuple[StateFingerprint, list] | None, hyperparameters: bool = True) -> str | None:
+    def _side_effects(self, before: tuple[StateFingerprint, list, dict] | None, hyperparameters: bool = True) -> str | None:
         """A sentence naming the first Python side effect of the step, if any.
 
         ``hyperparameters=False`` while capturing: the optimizers' own check covers them
         (their settings for capture differ from the user's on purpose)."""
         if before is None:
             return None
-        fingerprint, hyper = before
+        fingerprint, hyper, metric_counts = before
+        problem = self._metrics.unsupported_update(metric_counts, self.what, self.batch_end_hook)
+        if problem is not None:
+            return problem
         changes = fingerprint.changes(StateFingerprint(self._watch, self._ignore))
         if changes:
             more = f" (and {len(changes) - 1} more)" if len(changes) > 1 else ""

@@ -1,0 +1,245 @@
+"""torchmetrics metrics updated inside a graphed step.
+
+A metric's ``update`` (and its ``forward``: update, plus the value of the batch
+alone) does GPU work on the metric's state tensors and Python bookkeeping around
+it. A replay repeats the GPU work on the tensors the capture saw, and none of the
+Python. Three things keep a metric exact under replays:
+
+* **States stay where the graph reads them.** torchmetrics rebinds a state to a new
+  tensor in ``reset`` (Lightning resets logged metrics at the end of every epoch),
+  in ``forward`` and in updates written as ``self.total = self.total + n``. Each
+  state gets a home: the tensor it held when first captured. The captured step ends
+  by copying the state it produced into its home, inside the graph, and binding the
+  attribute to the home again; before a replay or a capture, a state rebound in the
+  meantime (an eager step, a reset) is first copied into its home.
+* **The host's bookkeeping after a replay**: the update count grows as in the
+  captured step, a cached ``compute`` result is dropped, and the batch value that
+  ``forward`` returned (what ``self.log(name, metric)`` logs on step) is a copy of
+  the graph's, each step's own.
+* **What cannot be replayed is named**: list states (appended to at every update),
+  synchronising across processes at every step, ``compute_on_cpu``, a ``forward``
+  that reduces with ``"mean"`` (it weighs by the host's update count) or by
+  stacking, and compute groups of a ``MetricCollection`` (they share state tensors
+  between metrics). A step updating such a metric trains eagerly, with the reason.
+
+Framework-free: nothing here imports Lightning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+
+try:  # a dependency; guarded so that the core imports without it
+    from torchmetrics import Metric, MetricCollection
+    from torchmetrics.utilities.data import dim_zero_max, dim_zero_min, dim_zero_sum
+except ImportError:  # pragma: no cover
+    Metric = MetricCollection = None  # type: ignore[assignment,misc]
+
+__all__ = ["InStepMetrics", "why_not_graphed", "is_metric"]
+
+# what torchmetrics keeps on a metric besides its states, which an update or a
+# forward changes and restores, or which the host redoes after a replay
+_BOOKKEEPING = frozenset({
+    "_update_count", "_forward_cache", "_computed", "_to_sync", "_should_unsync", "_is_synced", "_enable_grad",
+    "_cache", "compute_on_cpu",
+})
+
+
+def is_metric(value: Any) -> bool:
+    return Metric is not None and isinstance(value, Metric)
+
+
+def why_not_graphed(metric: Any, in_compute_group: bool = False) -> str | None:
+    """Why updates of this metric cannot be replayed, if so."""
+    lists = [name for name, default in metric._defaults.items() if not isinstance(default, torch.Tensor)]
+    if lists:
+        return (
+            f"it keeps list states ({', '.join(f'`{n}`' for n in lists)}), which grow at every update; a metric "
+            "with tensor states only can be graphed (for instance a fixed `thresholds=` for curve metrics)"
+        )
+    if metric.dist_sync_on_step:
+        return "it synchronises across processes at every step (`dist_sync_on_step=True`)"
+    if metric.compute_on_cpu:
+        return "it moves its states to the CPU (`compute_on_cpu=True`)"
+    if metric.full_state_update is False:  # its forward reduces the batch's states into the global ones
+        for name, reduction in metric._reductions.items():
+            if reduction not in (dim_zero_sum, dim_zero_max, dim_zero_min):
+                how = getattr(reduction, "__name__", repr(reduction))
+                return (
+                    f"its forward reduces state `{name}` with `{how}`, which reads the host's update count or "
+                    "changes the state's shape; call `metric.update(...)` in the step and `metric.compute()` "
+                    "outside it"
+                )
+    if in_compute_group:
+        return (
+            "it shares state tensors with other metrics of a MetricCollection (compute groups); create the "
+            "collection with `compute_groups=False`"
+        )
+    return None
+
+
+def _in_compute_groups(modules: Iterable[torch.nn.Module]) -> set[int]:
+    """ids of the metrics whose collection shares states between them."""
+    shared: set[int] = set()
+    if MetricCollection is None:
+        return shared
+    for root in modules:
+        for module in root.modules():
+            if isinstance(module, MetricCollection) and module._enable_compute_groups:
+                groups = getattr(module, "_groups", {}) or {}
+                if not getattr(module, "_groups_checked", False) or any(len(g) > 1 for g in groups.values()):
+                    shared.update(id(m) for m in module.values(copy_state=False))
+    return shared
+
+
+@dataclass(eq=False)
+class MetricUpdate:
+    """What one captured step did to one metric, which the host repeats after each replay."""
+
+    metric: Any
+    count: int  # updates the step makes
+    batch_value: Any  # the graph's output ``forward`` cached (None if the step only updated)
+
+
+class InStepMetrics:
+    """The torchmetrics metrics under ``modules`` whose updates inside a step are
+    graphed. See the module docstring."""
+
+    def __init__(self, modules: Iterable[torch.nn.Module]) -> None:
+        self._modules = list(modules)
+        self._homes: dict[tuple[int, str], torch.Tensor] = {}
+        self._managed: list[tuple[Any, list[str]]] = []  # (metric, its state names), homes assigned
+
+    def _labelled(self) -> list[tuple[str, Any]]:
+        if Metric is None:
+            return []
+        return [(name, m) for root in self._modules for name, m in root.named_modules() if isinstance(m, Metric)]
+
+    def ignores(self, obj: Any, name: str) -> bool:
+        """Whether ``obj.name`` is a graphable metric's state or bookkeeping, which
+        the capture and the replays keep right (not a side effect of the step)."""
+        if not is_metric(obj) or (name not in _BOOKKEEPING and name not in obj._defaults):
+            return False
+        return why_not_graphed(obj) is None and id(obj) not in _in_compute_groups(self._modules)
+
+    def counts(self) -> dict[int, int]:
+        return {id(m): m._update_count for _, m in self._labelled()}
+
+    def unsupported_update(self, counts_before: dict[int, int], what: str, batch_end_hook: str) -> str | None:
+        """A sentence naming a metric the step updated that cannot be graphed, if any."""
+        grouped = _in_compute_groups(self._modules)
+        for label, metric in self._labelled():
+            if metric._update_count == counts_before.get(id(metric), metric._update_count):
+                continue
+            reason = why_not_graphed(metric, id(metric) in grouped)
+            if reason is not None:
+                return (
+                    f"{what} updates the torchmetrics {type(metric).__name__} `{label or 'self'}`, and {reason}. "
+                    f"Or update it in `{batch_end_hook}` (it receives the step's `outputs`)"
+                )
+        return None
+
+    # -- around a capture ------------------------------------------------------
+
+    def before_capture(self) -> dict[int, tuple[int, Any, Any]]:
+        """Give every graphable metric's states their homes; what the step may change."""
+        grouped = _in_compute_groups(self._modules)
+        self._managed = []
+        for _, metric in self._labelled():
+            if why_not_graphed(metric, id(metric) in grouped) is None:
+                self._managed.append((metric, list(metric._defaults)))
+        problem = self.bring_home()
+        if problem is not None:  # a state changed shape or device: new homes
+            self._homes.clear()
+            self.bring_home()
+        return {id(m): (m._update_count, m._forward_cache, m._computed) for m, _ in self._managed}
+
+    def end_of_step(self) -> str | None:
+        """Inside the capture, after the step: copy each state into its home (recorded
+        in the graph) and bind it there. A problem if a state changed shape."""
+        for metric, names in self._managed:
+            for name in names:
+                home, state = self._homes[(id(metric), name)], getattr(metric, name)
+                if state is home:
+                    continue
+                if not _fits(state, home):
+                    return (
+                        f"the step changes the shape of the state `{name}` of the torchmetrics "
+                        f"{type(metric).__name__} (to {tuple(state.shape)}), which a graph cannot repeat"
+                    )
+                home.copy_(state)
+                setattr(metric, name, home)
+        return None
+
+    def after_capture(self, before: dict[int, tuple[int, Any, Any]]) -> tuple[list[MetricUpdate], str | None]:
+        """After the capture and its first replay: what the captured step did to each
+        metric (its Python ran once, for this step), and a problem if a replay could
+        not repeat it."""
+        updates = []
+        for metric, _ in self._managed:
+            count, cache, computed = before[id(metric)]
+            if metric._update_count < count:
+                return [], f"the step resets the torchmetrics {type(metric).__name__}, which a graph cannot repeat"
+            if metric._update_count > count or metric._forward_cache is not cache or metric._computed is not computed:
+                batch_value = metric._forward_cache if metric._forward_cache is not cache else None
+                updates.append(MetricUpdate(metric, metric._update_count - count, batch_value))
+        self.after_replay(updates, counted=True)
+        return updates, None
+
+    # -- around a replay -------------------------------------------------------
+
+    def stale_reason(self) -> str | None:
+        """Why the homes the graphs read can no longer take the metrics' states, if so."""
+        for metric, names in self._managed:
+            for name in names:
+                state, home = getattr(metric, name), self._homes.get((id(metric), name))
+                if home is not None and state is not home and not _fits(state, home):
+                    return f"the state `{name}` of the torchmetrics {type(metric).__name__} changed shape or device"
+        return None
+
+    def bring_home(self) -> str | None:
+        """Before a replay or a capture: states rebound since (an eager step, a reset)
+        are copied into their homes, which they are bound to again."""
+        for metric, names in self._managed:
+            for name in names:
+                key, state = (id(metric), name), getattr(metric, name)
+                home = self._homes.get(key)
+                if home is None:
+                    self._homes[key] = state
+                elif state is not home:
+                    if not _fits(state, home):
+                        return f"the state `{name}` of the torchmetrics {type(metric).__name__} changed shape"
+                    home.copy_(state)
+                    setattr(metric, name, home)
+        return None
+
+    @staticmethod
+    def after_replay(updates: list[MetricUpdate], counted: bool = False) -> None:
+        """The Python of the captured step's metric calls, for the step just replayed."""
+        for update in updates:
+            metric = update.metric
+            if not counted:
+                metric._update_count += update.count
+            metric._computed = None
+            if update.batch_value is not None:
+                metric._forward_cache = _own_copy(update.batch_value)
+
+
+def _fits(state: Any, home: torch.Tensor) -> bool:
+    return (
+        isinstance(state, torch.Tensor) and state.shape == home.shape and state.dtype == home.dtype
+        and state.device == home.device
+    )
+
+
+def _own_copy(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _own_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_own_copy(v) for v in value)
+    return value
