@@ -119,8 +119,10 @@ def train(graphed: bool, args: argparse.Namespace, batches: list) -> tuple[list[
     callbacks = [meter] + ([CUDAGraphCallback()] if graphed else [])
     loader = torch.utils.data.DataLoader(batches * (args.steps // len(batches) + 1), batch_size=None,
                                          pin_memory=torch.cuda.is_available())
-    trainer = pl.Trainer(max_steps=args.steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=callbacks)
+    # one device: on a host with several GPUs Lightning would otherwise start DDP
+    trainer = pl.Trainer(max_steps=args.steps, accelerator="auto", devices=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=callbacks)
     trainer.fit(model, loader)
     return [float(loss) for loss in meter.losses], meter.steps_per_s, model
 

@@ -9,6 +9,26 @@ import torch  # noqa: E402
 from graph_api_stand_ins import stand_in_graph_api  # noqa: E402
 
 
+def pytest_configure(config):
+    rank = os.environ.get("LOCAL_RANK")
+    if rank not in (None, "0"):
+        # Lightning's DDP launcher starts each further rank by running the same command again
+        pytest.exit(
+            f"pytest was started again as local rank {rank}: a test fitted a Trainer on several devices in this "
+            "process. Give that Trainer devices=1 (the DDP tests fit in processes of their own, tests/ddp_run.py).",
+            returncode=3,
+        )
+
+
+@pytest.fixture(autouse=True)
+def one_process():
+    """A test that leaves a process group behind (a fit that started DDP in-process) is named."""
+    yield
+    assert not (torch.distributed.is_available() and torch.distributed.is_initialized()), (
+        "this test left a torch.distributed process group initialised (a Trainer on several devices?)"
+    )
+
+
 def pytest_collection_modifyitems(config, items):
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
