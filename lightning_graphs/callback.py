@@ -77,9 +77,10 @@ class CUDAGraphCallback(pl.Callback):
             rules of training apply: ``self.log`` values are fed to Lightning
             after every replay (epoch means, ``callback_metrics`` and
             ``ModelCheckpoint`` monitors equal eager), outputs and predictions
-            are cloned, and a step a replay cannot repeat (``.item()``, reads of
-            ``batch_idx``, appending outputs to a list, a torchmetrics object
-            updated inside it) runs eagerly with one warning. See
+            are cloned, torchmetrics metrics updated in the step are followed
+            (see :mod:`lightning_graphs.metrics`), and a step a replay cannot
+            repeat (``.item()``, reads of ``batch_idx``, appending outputs to a
+            list) runs eagerly with one warning. See
             :attr:`evaluation_stats`.
         rank_agreement: under DDP, when the ranks agree on each step's path (graph
             or eager; a rank replaying while another runs eagerly would hang the
@@ -126,7 +127,9 @@ class CUDAGraphCallback(pl.Callback):
     * no Python side effects that must happen every step, and no decisions on
       ``batch_idx``, ``self.global_step`` or ``self.current_epoch``: a replay repeats
       GPU work only. Append outputs in ``on_train_batch_end`` instead, which runs every
-      step and receives ``outputs["loss"]``.
+      step and receives ``outputs["loss"]``. torchmetrics metrics may be called,
+      updated and logged in the step: their states and update counts follow every
+      replay (see :mod:`lightning_graphs.metrics` for the few that cannot).
     * learning rates and other hyper-parameters are set by schedulers (or any code
       outside the step), not inside ``training_step`` or ``optimizer_step``. In manual
       optimization a scheduler from ``configure_optimizers`` may be stepped by hand

@@ -642,7 +642,7 @@ class GraphedStep:
                 try:
                     with no_compilation(), graph_safe_grad_scalers(self._grad_scalers, self._step_unless_found_inf):
                         outputs = fn(static.value)
-                        metric_problem = self._metrics.end_of_step()
+                        metric_problem = self._metrics.end_of_step(metrics_before)
                 except BaseException:
                     _end_capture(graph)
                     raise

@@ -17,7 +17,9 @@ Python. Three things keep a metric exact under replays:
   ``forward`` returned (what ``self.log(name, metric)`` logs on step) is a copy of
   the graph's, each step's own.
 * **What cannot be replayed is named**: list states (appended to at every update),
-  synchronising across processes at every step, ``compute_on_cpu``, a ``forward``
+  reading the input on the host (the aggregators' NaN check, the classification
+  metrics' ``validate_args``), synchronising across processes at every step,
+  ``compute_on_cpu``, a ``forward``
   that reduces with ``"mean"`` (it weighs by the host's update count) or by
   stacking, and compute groups of a ``MetricCollection`` (they share state tensors
   between metrics). A step updating such a metric trains eagerly, with the reason.
@@ -27,6 +29,7 @@ Framework-free: nothing here imports Lightning.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -40,11 +43,12 @@ except ImportError:  # pragma: no cover
 
 __all__ = ["InStepMetrics", "why_not_graphed", "is_metric"]
 
-# what torchmetrics keeps on a metric besides its states, which an update or a
-# forward changes and restores, or which the host redoes after a replay
+# what torchmetrics keeps on a metric besides its states: set by an update or a
+# forward and restored, redone by the host after a replay, or (device, dtype) set
+# again when Lightning moves a logged metric to the module's device
 _BOOKKEEPING = frozenset({
     "_update_count", "_forward_cache", "_computed", "_to_sync", "_should_unsync", "_is_synced", "_enable_grad",
-    "_cache", "compute_on_cpu",
+    "_cache", "compute_on_cpu", "_device", "_dtype",
 })
 
 
@@ -60,6 +64,13 @@ def why_not_graphed(metric: Any, in_compute_group: bool = False) -> str | None:
             f"it keeps list states ({', '.join(f'`{n}`' for n in lists)}), which grow at every update; a metric "
             "with tensor states only can be graphed (for instance a fixed `thresholds=` for curve metrics)"
         )
+    if getattr(metric, "nan_strategy", "disable") != "disable":  # the aggregators: MeanMetric, SumMetric, ...
+        return (
+            f"it looks for NaN in its input on the host at every update (`nan_strategy={metric.nan_strategy!r}`); "
+            "pass `nan_strategy=\"disable\"`"
+        )
+    if getattr(metric, "validate_args", False) and type(metric).__module__.startswith("torchmetrics.classification"):
+        return "it checks its input's values on the host at every update; pass `validate_args=False`"
     if metric.dist_sync_on_step:
         return "it synchronises across processes at every step (`dist_sync_on_step=True`)"
     if metric.compute_on_cpu:
@@ -105,13 +116,15 @@ class MetricUpdate:
 
 
 class InStepMetrics:
-    """The torchmetrics metrics under ``modules`` whose updates inside a step are
-    graphed. See the module docstring."""
+    """The torchmetrics metrics under ``modules`` that a graphed step updates (or
+    computes): their states kept where the graphs read them, and the host's
+    bookkeeping after each replay. See the module docstring."""
 
     def __init__(self, modules: Iterable[torch.nn.Module]) -> None:
         self._modules = list(modules)
         self._homes: dict[tuple[int, str], torch.Tensor] = {}
-        self._managed: list[tuple[Any, list[str]]] = []  # (metric, its state names), homes assigned
+        self._managed: dict[int, Any] = {}  # id -> metric: those a captured step touched, homes assigned
+        self._candidates: list[Any] = []  # graphable metrics during a capture
 
     def _labelled(self) -> list[tuple[str, Any]]:
         if Metric is None:
@@ -144,25 +157,36 @@ class InStepMetrics:
 
     # -- around a capture ------------------------------------------------------
 
-    def before_capture(self) -> dict[int, tuple[int, Any, Any]]:
-        """Give every graphable metric's states their homes; what the step may change."""
+    def before_capture(self) -> dict[int, tuple]:
+        """Bring the states of the metrics earlier graphs hold home, and note what the
+        step may change of every graphable metric: its update count, cached values
+        and state tensors (which the graph will read)."""
         grouped = _in_compute_groups(self._modules)
-        self._managed = []
-        for _, metric in self._labelled():
-            if why_not_graphed(metric, id(metric) in grouped) is None:
-                self._managed.append((metric, list(metric._defaults)))
-        problem = self.bring_home()
-        if problem is not None:  # a state changed shape or device: new homes
+        self._candidates = [m for _, m in self._labelled() if why_not_graphed(m, id(m) in grouped) is None]
+        if self.bring_home() is not None:  # a state changed shape or device: the graphs were dropped as stale
             self._homes.clear()
-            self.bring_home()
-        return {id(m): (m._update_count, m._forward_cache, m._computed) for m, _ in self._managed}
+            self._managed.clear()
+        return {
+            id(m): (m._update_count, m._forward_cache, m._computed, {n: getattr(m, n) for n in m._defaults})
+            for m in self._candidates
+        }
 
-    def end_of_step(self) -> str | None:
-        """Inside the capture, after the step: copy each state into its home (recorded
-        in the graph) and bind it there. A problem if a state changed shape."""
-        for metric, names in self._managed:
-            for name in names:
-                home, state = self._homes[(id(metric), name)], getattr(metric, name)
+    def end_of_step(self, before: dict[int, tuple]) -> str | None:
+        """Inside the capture, after the step: each metric the step touched copies its
+        states into their homes (recorded in the graph) and is bound to them again.
+        A problem if a state changed shape."""
+        for metric in self._candidates:
+            count, cache, computed, states = before[id(metric)]
+            touched = (
+                metric._update_count != count or metric._forward_cache is not cache or metric._computed is not computed
+                or any(getattr(metric, n) is not t for n, t in states.items())
+            )
+            if not touched:
+                continue
+            self._managed[id(metric)] = metric
+            for name, read in states.items():
+                home = self._homes.setdefault((id(metric), name), read)  # the tensor the graph read
+                state = getattr(metric, name)
                 if state is home:
                     continue
                 if not _fits(state, home):
@@ -170,22 +194,25 @@ class InStepMetrics:
                         f"the step changes the shape of the state `{name}` of the torchmetrics "
                         f"{type(metric).__name__} (to {tuple(state.shape)}), which a graph cannot repeat"
                     )
-                home.copy_(state)
+                with _inference_mode_for(home):
+                    home.copy_(state)
                 setattr(metric, name, home)
         return None
 
-    def after_capture(self, before: dict[int, tuple[int, Any, Any]]) -> tuple[list[MetricUpdate], str | None]:
+    def after_capture(self, before: dict[int, tuple]) -> tuple[list[MetricUpdate], str | None]:
         """After the capture and its first replay: what the captured step did to each
         metric (its Python ran once, for this step), and a problem if a replay could
         not repeat it."""
         updates = []
-        for metric, _ in self._managed:
-            count, cache, computed = before[id(metric)]
+        for metric in self._candidates:
+            if id(metric) not in self._managed:
+                continue
+            count, cache, computed, _ = before[id(metric)]
             if metric._update_count < count:
                 return [], f"the step resets the torchmetrics {type(metric).__name__}, which a graph cannot repeat"
-            if metric._update_count > count or metric._forward_cache is not cache or metric._computed is not computed:
-                batch_value = metric._forward_cache if metric._forward_cache is not cache else None
-                updates.append(MetricUpdate(metric, metric._update_count - count, batch_value))
+            batch_value = metric._forward_cache if metric._forward_cache is not cache else None
+            updates.append(MetricUpdate(metric, metric._update_count - count, batch_value))
+        self._candidates = []
         self.after_replay(updates, counted=True)
         return updates, None
 
@@ -193,8 +220,8 @@ class InStepMetrics:
 
     def stale_reason(self) -> str | None:
         """Why the homes the graphs read can no longer take the metrics' states, if so."""
-        for metric, names in self._managed:
-            for name in names:
+        for metric in self._managed.values():
+            for name in metric._defaults:
                 state, home = getattr(metric, name), self._homes.get((id(metric), name))
                 if home is not None and state is not home and not _fits(state, home):
                     return f"the state `{name}` of the torchmetrics {type(metric).__name__} changed shape or device"
@@ -203,17 +230,16 @@ class InStepMetrics:
     def bring_home(self) -> str | None:
         """Before a replay or a capture: states rebound since (an eager step, a reset)
         are copied into their homes, which they are bound to again."""
-        for metric, names in self._managed:
-            for name in names:
-                key, state = (id(metric), name), getattr(metric, name)
-                home = self._homes.get(key)
-                if home is None:
-                    self._homes[key] = state
-                elif state is not home:
-                    if not _fits(state, home):
-                        return f"the state `{name}` of the torchmetrics {type(metric).__name__} changed shape"
+        for metric in self._managed.values():
+            for name in metric._defaults:
+                state, home = getattr(metric, name), self._homes.get((id(metric), name))
+                if home is None or state is home:
+                    continue
+                if not _fits(state, home):
+                    return f"the state `{name}` of the torchmetrics {type(metric).__name__} changed shape"
+                with _inference_mode_for(home):
                     home.copy_(state)
-                    setattr(metric, name, home)
+                setattr(metric, name, home)
         return None
 
     @staticmethod
@@ -226,6 +252,12 @@ class InStepMetrics:
             metric._computed = None
             if update.batch_value is not None:
                 metric._forward_cache = _own_copy(update.batch_value)
+
+
+def _inference_mode_for(home: torch.Tensor) -> Any:
+    """Where a home was made under inference mode (an evaluation loop), it is written
+    under inference mode too."""
+    return torch.inference_mode() if home.is_inference() else contextlib.nullcontext()
 
 
 def _fits(state: Any, home: torch.Tensor) -> bool:

@@ -182,7 +182,8 @@ class LogsGradNorm(Regressor):
 
 
 class UpdatesMetric(Regressor):
-    """A torchmetrics object updated and logged inside the step (not graphed yet)."""
+    """The usual torchmetrics pattern: call the metric object in the step and log it,
+    on step (the batch's value) and on epoch (computed over the epoch, then reset)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -197,6 +198,74 @@ class UpdatesMetric(Regressor):
         self.train_mse(pred, y)
         self.log("train_mse", self.train_mse, on_step=True, on_epoch=True)
         return loss
+
+
+class LogsMetricValues(Regressor):
+    """Metrics called in the step, their batch values logged as tensors; one of them
+    (Pearson's) updates its whole state at every step (``full_state_update``)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        import torchmetrics
+
+        self.train_mae = torchmetrics.MeanAbsoluteError()
+        self.train_pearson = torchmetrics.PearsonCorrCoef()
+        self.train_mean = torchmetrics.MeanMetric(nan_strategy="disable")
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        pred = self(x)
+        loss = F.mse_loss(pred, y)
+        self.log("train_mae", self.train_mae(pred, y), on_step=True, on_epoch=True)
+        self.log("train_pearson", self.train_pearson(pred.squeeze(-1), y.squeeze(-1)), on_step=True)
+        self.train_mean.update(loss)
+        return loss
+
+    def on_train_epoch_end(self):
+        # states accumulated over the epoch's replays, read and reset outside the step
+        self.log("epoch_pearson", self.train_pearson.compute())
+        self.log("epoch_mean_loss", self.train_mean.compute())
+        self.train_pearson.reset()
+        self.train_mean.reset()
+
+
+class UpdatesAccuracy(Regressor):
+    """A classification metric updated in the step and computed at the end of the epoch."""
+
+    def __init__(self, *args, validate_args: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        from torchmetrics.classification import BinaryAccuracy
+
+        self.train_acc = BinaryAccuracy(validate_args=validate_args)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        pred = self(x)
+        loss = F.mse_loss(pred, y)
+        self.train_acc.update(pred.squeeze(-1), (y.squeeze(-1) > 0).long())
+        self.log("train_acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+
+class UpdatesListMetric(Regressor):
+    """A metric that keeps list states (Spearman's), which a graph cannot grow."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        import torchmetrics
+
+        self.train_spearman = torchmetrics.SpearmanCorrCoef()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        pred = self(x)
+        loss = F.mse_loss(pred, y)
+        self.train_spearman.update(pred.squeeze(-1), y.squeeze(-1))
+        return loss
+
+    def on_train_epoch_end(self):
+        self.log("epoch_spearman", self.train_spearman.compute())
+        self.train_spearman.reset()
 
 
 class WithBackbone(Regressor):
@@ -285,13 +354,22 @@ class ItemInValidation(Evaluated):
 
 
 class UpdatesMetricInValidation(Evaluated):
-    """The usual torchmetrics pattern: update and log the metric object in validation_step."""
+    """The usual torchmetrics pattern: update and log the metric object in validation_step
+    (and a training metric alongside, so that both steps' graphs hold metrics)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         import torchmetrics
 
         self.val_mse = torchmetrics.MeanSquaredError()
+        self.train_mse = torchmetrics.MeanSquaredError()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        pred = self(x)
+        self.train_mse(pred, y)
+        self.log("train_mse", self.train_mse, on_step=True, on_epoch=True)
+        return F.mse_loss(pred, y)
 
     def validation_step(self, batch, batch_idx):
         x, y = batch

@@ -1,0 +1,199 @@
+"""torchmetrics metrics updated inside a graphed step (lightning_graphs.metrics), on CPU.
+
+What a graph would repeat is the GPU tests' business (``test_callback_gpu.py``,
+``test_eval_graphs_gpu.py``). Here: which metrics can be graphed and why not, the
+states bound to the tensors a graph reads (after a forward, an eager step or a
+reset), the host's bookkeeping after a replay, and the callback's decisions with
+CUDA's graph API stood in for.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torchmetrics
+from lightning.pytorch.callbacks import Callback
+from torchmetrics.classification import BinaryAccuracy, BinaryPrecision
+
+import models
+from lightning_graphs import CUDAGraphCallback, GraphWarning
+from lightning_graphs.metrics import InStepMetrics, why_not_graphed
+from test_eval_graphs_cpu import cuda_on_cpu, same_batches  # noqa: F401  (a fixture)
+
+
+class MeanReducedInForward(torchmetrics.Metric):
+    """A state reduced with "mean" in a single-update forward."""
+
+    full_state_update = False
+
+    def __init__(self):
+        super().__init__()
+        self.add_state("level", torch.tensor(0.0), dist_reduce_fx="mean")
+
+    def update(self, x):
+        self.level += x.mean()
+
+    def compute(self):
+        return self.level
+
+
+@pytest.mark.parametrize("metric, needle", [
+    (torchmetrics.MeanSquaredError(), None),
+    (torchmetrics.PearsonCorrCoef(), None),  # full_state_update: two updates per forward
+    (torchmetrics.MeanMetric(nan_strategy="disable"), None),
+    (BinaryAccuracy(validate_args=False), None),
+    (torchmetrics.SpearmanCorrCoef(), "list states (`preds`, `target`)"),
+    (torchmetrics.MeanMetric(), 'pass `nan_strategy="disable"`'),
+    (BinaryAccuracy(), "pass `validate_args=False`"),
+    (torchmetrics.MeanSquaredError(dist_sync_on_step=True), "dist_sync_on_step=True"),
+    (torchmetrics.MeanSquaredError(compute_on_cpu=True), "compute_on_cpu=True"),
+    (MeanReducedInForward(), "reduces state `level` with `dim_zero_mean`"),
+])
+def test_which_metrics_can_be_graphed(metric, needle):
+    reason = why_not_graphed(metric)
+    assert (reason is None) if needle is None else (needle in reason), reason
+
+
+class Holder(torch.nn.Module):
+    def __init__(self, metric):
+        super().__init__()
+        self.metric = metric
+
+
+def test_metrics_the_step_does_not_touch_are_left_alone():
+    touched, untouched = torchmetrics.MeanSquaredError(), torchmetrics.MeanAbsoluteError()
+    metrics = InStepMetrics([Holder(touched), Holder(untouched)])
+    before = metrics.before_capture()
+    touched(torch.ones(2), torch.zeros(2))
+    metrics.end_of_step(before)
+    updates, _ = metrics.after_capture(before)
+    assert [u.metric for u in updates] == [touched]
+    untouched.reset()  # rebinds its states: not the graph's business
+    kept = untouched.total
+    metrics.bring_home()
+    assert untouched.total is kept
+
+
+def test_states_go_back_where_the_graph_reads_them():
+    metric = torchmetrics.MeanSquaredError()
+    metrics = InStepMetrics([Holder(metric)])
+    pred, target = torch.tensor([1.0, 2.0]), torch.tensor([0.0, 0.0])
+    metric(pred, target)  # an eager step first
+    before = metrics.before_capture()
+    home = metric.sum_squared_error
+    batch_value = metric(pred, target)  # forward rebinds the states to new tensors
+    assert metric.sum_squared_error is not home
+    assert metrics.end_of_step(before) is None
+    assert metric.sum_squared_error is home and float(home) == 10.0  # copied in (by the graph, on a GPU)
+    updates, problem = metrics.after_capture(before)
+    assert problem is None and [u.count for u in updates] == [1]
+    assert metric._update_count == 2  # the capture ran the step's Python once: not counted again
+    assert torch.equal(metric._forward_cache, batch_value) and metric._forward_cache is not batch_value
+
+    metric.reset()  # as Lightning does at the end of an epoch: new tensors, zero count
+    assert metric.sum_squared_error is not home
+    assert metrics.stale_reason() is None
+    metrics.bring_home()  # before the next replay
+    assert metric.sum_squared_error is home and float(home) == 0.0
+    InStepMetrics.after_replay(updates)
+    assert metric._update_count == 1 and metric._computed is None
+    assert torch.equal(metric._forward_cache, batch_value)
+
+
+def test_a_state_of_another_shape_makes_the_graphs_stale():
+    metric = torchmetrics.MeanSquaredError()
+    metrics = InStepMetrics([Holder(metric)])
+    before = metrics.before_capture()
+    metric(torch.ones(2), torch.zeros(2))
+    metrics.end_of_step(before)
+    metric.total = torch.zeros(3, dtype=torch.long)
+    assert "state `total` of the torchmetrics MeanSquaredError changed shape" in metrics.stale_reason()
+
+
+def test_a_step_resetting_its_metric_is_not_replayed():
+    metric = torchmetrics.MeanSquaredError()
+    metrics = InStepMetrics([Holder(metric)])
+    metric(torch.ones(2), torch.zeros(2))
+    before = metrics.before_capture()
+    metric.reset()
+    metrics.end_of_step(before)
+    _, problem = metrics.after_capture(before)
+    assert "resets the torchmetrics MeanSquaredError" in problem
+
+
+def test_metrics_sharing_states_in_a_collection_are_named():
+    collection = torchmetrics.MetricCollection(
+        [BinaryAccuracy(validate_args=False), BinaryPrecision(validate_args=False)]
+    )
+    metrics = InStepMetrics([collection])
+    counts = metrics.counts()
+    collection.update(torch.tensor([0.2, 0.9]), torch.tensor([0, 1]))
+    problem = metrics.unsupported_update(counts, "the training step", "on_train_batch_end")
+    assert "MetricCollection (compute groups)" in problem and "compute_groups=False" in problem
+    separate = torchmetrics.MetricCollection(
+        [BinaryAccuracy(validate_args=False), BinaryPrecision(validate_args=False)], compute_groups=False
+    )
+    metrics = InStepMetrics([separate])
+    counts = metrics.counts()
+    separate.update(torch.tensor([0.2, 0.9]), torch.tensor([0, 1]))
+    assert metrics.unsupported_update(counts, "the training step", "on_train_batch_end") is None
+
+
+# -- through the callback, CUDA's graph API stood in for --------------------------------------------------
+
+
+class MetricCounts(Callback):
+    """Each metric's update count and what was logged, after every training batch."""
+
+    def __init__(self):
+        self.counts, self.logged_keys = [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.counts.append({name: m._update_count for name, m in pl_module.named_modules()
+                            if isinstance(m, torchmetrics.Metric)})
+        self.logged_keys.append(sorted(trainer.callback_metrics))
+
+
+def _fit(make_module, graphed):
+    counts = MetricCounts()
+    callback = CUDAGraphCallback() if graphed else None
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=3, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[counts] + ([callback] if callback else []))
+    pl.seed_everything(0, verbose=False)
+    module = make_module()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", GraphWarning)
+        trainer.fit(module, same_batches(ragged=3))
+    return callback, counts, module, [str(w.message) for w in caught if issubclass(w.category, GraphWarning)]
+
+
+@pytest.mark.parametrize("make_module", [
+    lambda: models.UpdatesMetric("adamw", "lambda"),
+    lambda: models.LogsMetricValues("adamw", "lambda"),
+    lambda: models.UpdatesAccuracy("adamw", "lambda"),
+])
+def test_graphable_metrics_are_replayed_and_counted_as_eagerly(cuda_on_cpu, make_module):
+    _, eager, _, _ = _fit(make_module, graphed=False)
+    callback, graphed, module, warned = _fit(make_module, graphed=True)
+    assert not warned, warned
+    assert callback.stats.replays > 0 and callback.stats.disabled_reason is None, callback.stats.summary()
+    assert graphed.counts == eager.counts  # update counts after every step, through resets at epoch ends
+    assert graphed.logged_keys == eager.logged_keys
+
+
+@pytest.mark.parametrize("make_module, needle", [
+    (lambda: models.UpdatesListMetric("adamw", "lambda"), "updates the torchmetrics SpearmanCorrCoef `train_spearman`"),
+    (lambda: models.UpdatesAccuracy("adamw", "lambda", validate_args=True), "pass `validate_args=False`"),
+])
+def test_a_metric_that_cannot_be_graphed_trains_eagerly_naming_it(cuda_on_cpu, make_module, needle):
+    _, eager, eager_module, _ = _fit(make_module, graphed=False)
+    callback, graphed, module, warned = _fit(make_module, graphed=True)
+    assert callback.stats.replays == 0
+    assert len(warned) == 1 and needle in warned[0], warned
+    assert graphed.counts == eager.counts
+    for (name, p), q in zip(module.named_parameters(), eager_module.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)  # fell back before any capture: eager exactly
