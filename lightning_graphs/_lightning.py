@@ -526,18 +526,18 @@ class LogReplayer:
 
     The first time (and whenever Lightning's result collection is another one or
     lacks a slot) every call goes through ``LightningModule.log``, which validates
-    it and registers its result slot. Later replays put each value straight into
-    its slot doing what ``log`` does for a tensor already registered with these
-    arguments (reset at a new epoch, batch size, accumulate) and skipping what
-    cannot change between replays (argument checks, moving the slot to the
-    value's device), which costs more host time per value than a small model's
-    whole replay. The values and reductions users see are the same.
+    it and registers its result slot. Later replays put each value (a tensor or a
+    torchmetrics object) straight into its slot doing what ``log`` does for a value
+    already registered with these arguments (reset at a new epoch, batch size,
+    accumulate) and skipping what cannot change between replays (argument
+    checks, moving the slot to the value's device), which costs more host time
+    per value than a small model's whole replay. The values and reductions users see are the same.
     """
 
     def __init__(self, module: pl.LightningModule, calls: list[LogCall]) -> None:
         self.module = module
         self.calls = calls
-        self._direct = all(isinstance(call.value, torch.Tensor) for call in calls)
+        self._direct = all(isinstance(call.value, torch.Tensor) or is_metric(call.value) for call in calls)
         self._results: Any = None  # the result collection whose slots were registered
         self._keys = [f"{call.fx}.{call.name}" for call in self.calls]
 
@@ -561,8 +561,10 @@ class LogReplayer:
                     results.reset(metrics=False, fx=call.fx)  # the first batch of an epoch
                 slot = results[key]
                 batch_size = results._extract_batch_size(slot, call.kwargs.get("batch_size"), slot.meta)
-                # ``update`` stores results of its own arithmetic, never the value itself
-                results.update_metrics(key, call.value.squeeze(), batch_size)
+                # for a tensor, ``update`` stores results of its own arithmetic, never the value
+                # itself; a torchmetrics object is kept as it is (its batch value read from it)
+                value = call.value.squeeze() if isinstance(call.value, torch.Tensor) else call.value
+                results.update_metrics(key, value, batch_size)
                 connector._current_fx = call.fx
 
 

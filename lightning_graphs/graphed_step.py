@@ -65,7 +65,7 @@ from lightning_graphs.batches import BatchSignature, StaticBatch, clone_tensors,
 from lightning_graphs.capture_errors import explain_capture_error
 from lightning_graphs.compiled import is_recompile_refusal, no_compilation
 from lightning_graphs.messages import GraphCaptureError, WarnOnce
-from lightning_graphs.metrics import InStepMetrics, MetricUpdate
+from lightning_graphs.metrics import InStepMetrics, MetricUpdate, is_metric
 from lightning_graphs.optimizers import GraphSafeOptimizer
 from lightning_graphs.python_state import StateFingerprint
 
@@ -469,7 +469,7 @@ class GraphedStep:
             if not warmed:
                 return StepPlan(Action.WARMUP, signature, variant=variant)  # one eager step of it before capturing
         if self._structure != self._structure_key():  # graphs held share the structure they were captured with
-            self._drop_graphs("a parameter, a train/eval mode or a requires_grad flag changed")
+            self._drop_graphs("a parameter, a train/eval mode, a requires_grad flag or a torchmetrics metric changed")
             if self.phase is Phase.DISABLED:
                 return StepPlan(Action.EAGER, signature, "graphs disabled")
             self._warmups_left = max(self._warmups_left, 1)
@@ -535,9 +535,9 @@ class GraphedStep:
         if self._structure_check_due:
             self._structure_check_due = False
             if self._structure != self._structure_key():
-                return "a parameter, a train/eval mode or a requires_grad flag changed", True
+                return "a parameter, a train/eval mode, a requires_grad flag or a torchmetrics metric changed", True
             if self._captured_state is not None:
-                changes = self._captured_state.changes(StateFingerprint(self._watch, self._ignore), True)
+                changes = self._captured_state.changes(self._fingerprint(), True)
                 if changes:
                     # a value the step may read (and torch.compile may have specialised on) is
                     # baked into the graphs: warm up with the new value, then capture again
@@ -550,6 +550,7 @@ class GraphedStep:
         return (
             tuple(m.training for m in modules),
             tuple((id(p), p.data_ptr(), p.requires_grad) for p in params),
+            tuple(id(m) for m in modules if is_metric(m)),  # a metric replaced by a new one
         )
 
     def _find_device(self, signature: BatchSignature) -> bool:
@@ -649,7 +650,7 @@ class GraphedStep:
                 graph.capture_end()  # raises if an operation silently invalidated the capture
         except BaseException as exc:
             refused = is_recompile_refusal(exc)  # raised in Python before the compiler ran: no CUDA error
-            self._abandon_capture(saved_grads, saved_flags, failed=True, pool_broken=not refused)
+            self._abandon_capture(saved_grads, saved_flags, metrics_before, failed=True, pool_broken=not refused)
             if not isinstance(exc, Exception):
                 raise
             failure = exc
@@ -659,7 +660,7 @@ class GraphedStep:
             agreed = CaptureOutcome(agreed)
             if agreed < outcome:
                 if outcome is CaptureOutcome.CAPTURED:  # fine here, given up because of another rank
-                    self._abandon_capture(saved_grads, saved_flags, failed=False, pool_broken=False)
+                    self._abandon_capture(saved_grads, saved_flags, metrics_before, failed=False, pool_broken=False)
                 outcome, explanation = agreed, elsewhere if agreed is CaptureOutcome.FAILED else explanation
         if outcome is CaptureOutcome.DEFERRED:
             # compiling belongs in an eager step: warm up once more, capture after it
@@ -689,7 +690,7 @@ class GraphedStep:
         self._count_graphs()
         if len(self._graphs) == 1:
             self._structure = self._structure_key()
-            self._captured_state = StateFingerprint(self._watch, self._ignore)
+            self._captured_state = self._fingerprint()
             self._structure_check_due = False
         self.phase = Phase.CAPTURED
         graph.replay()
@@ -716,11 +717,14 @@ class GraphedStep:
             )
         return CaptureOutcome.FAILED, explain_capture_error(failure, self.what, self.batch_end_hook)
 
-    def _abandon_capture(self, saved_grads: list, saved_flags: list, failed: bool, pool_broken: bool) -> None:
+    def _abandon_capture(self, saved_grads: list, saved_flags: list, metrics_before: dict, failed: bool,
+                         pool_broken: bool) -> None:
         """Undo what a capture that will not be replayed left: optimizers in capture
         mode, gradients the graph allocated, ``requires_grad`` flags the step flipped
-        (toggled optimizers), a generator still capturing and, after a CUDA error, a
-        stream and memory pool that may be unusable."""
+        (toggled optimizers), torchmetrics states and counts the step's Python moved
+        on, a generator still capturing and, after a CUDA error, a stream and memory
+        pool that may be unusable."""
+        self._metrics.abandon(metrics_before)
         for optimizer in self._optimizers:
             optimizer.exit_capture()
         for p, grad in zip(self._params, saved_grads):
@@ -943,9 +947,13 @@ class GraphedStep:
             self._stream = torch.cuda.Stream(self._device)
         return self._stream
 
+    def _fingerprint(self) -> StateFingerprint:
+        self._metrics.refresh()  # which metrics' states and counts are the graphs' business
+        return StateFingerprint(self._watch, self._ignore)
+
     def _snapshot(self) -> tuple[StateFingerprint, list, dict]:
         return (
-            StateFingerprint(self._watch, self._ignore),
+            self._fingerprint(),
             [o.hyperparameters() for o in self._optimizers],
             self._metrics.counts(),
         )
@@ -961,7 +969,7 @@ class GraphedStep:
         problem = self._metrics.unsupported_update(metric_counts, self.what, self.batch_end_hook)
         if problem is not None:
             return problem
-        changes = fingerprint.changes(StateFingerprint(self._watch, self._ignore))
+        changes = fingerprint.changes(self._fingerprint())
         if changes:
             more = f" (and {len(changes) - 1} more)" if len(changes) > 1 else ""
             return (

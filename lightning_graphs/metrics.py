@@ -35,11 +35,18 @@ from typing import Any, Iterable
 
 import torch
 
+from lightning_graphs.batches import clone_tensors
+
 try:  # a dependency; guarded so that the core imports without it
+    import torchmetrics
     from torchmetrics import Metric, MetricCollection
     from torchmetrics.utilities.data import dim_zero_max, dim_zero_min, dim_zero_sum
 except ImportError:  # pragma: no cover
-    Metric = MetricCollection = None  # type: ignore[assignment,misc]
+    torchmetrics = Metric = MetricCollection = None  # type: ignore[assignment,misc]
+
+# torchmetrics before 1.6 reads inputs on the host in common updates (deciding
+# whether classification scores need a sigmoid) and lacks nan_strategy="disable"
+_OLDEST_GRAPHED = (1, 6)
 
 __all__ = ["InStepMetrics", "why_not_graphed", "is_metric"]
 
@@ -56,8 +63,21 @@ def is_metric(value: Any) -> bool:
     return Metric is not None and isinstance(value, Metric)
 
 
+def _version(text: str) -> tuple[int, ...]:
+    parts = []
+    for part in text.split(".")[:2]:
+        digits = "".join(c for c in part if c.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
 def why_not_graphed(metric: Any, in_compute_group: bool = False) -> str | None:
     """Why updates of this metric cannot be replayed, if so."""
+    if _version(torchmetrics.__version__) < _OLDEST_GRAPHED:
+        return (
+            f"torchmetrics {torchmetrics.__version__} reads metric inputs on the host; metrics are graphed with "
+            "torchmetrics 1.6 or newer"
+        )
     lists = [name for name, default in metric._defaults.items() if not isinstance(default, torch.Tensor)]
     if lists:
         return (
@@ -122,21 +142,28 @@ class InStepMetrics:
 
     def __init__(self, modules: Iterable[torch.nn.Module]) -> None:
         self._modules = list(modules)
+        # (id(metric), state name) -> the tensor the graphs read; the metrics themselves are
+        # held in _managed, so their ids stay theirs
         self._homes: dict[tuple[int, str], torch.Tensor] = {}
         self._managed: dict[int, Any] = {}  # id -> metric: those a captured step touched, homes assigned
         self._candidates: list[Any] = []  # graphable metrics during a capture
+        self._graphable: set[int] = set()  # ids of the graphable metrics, as of the last refresh()
 
     def _labelled(self) -> list[tuple[str, Any]]:
         if Metric is None:
             return []
         return [(name, m) for root in self._modules for name, m in root.named_modules() if isinstance(m, Metric)]
 
+    def refresh(self) -> None:
+        """Find the graphable metrics again (before judging side effects with :meth:`ignores`)."""
+        grouped = _in_compute_groups(self._modules)
+        self._graphable = {id(m) for _, m in self._labelled() if why_not_graphed(m, id(m) in grouped) is None}
+
     def ignores(self, obj: Any, name: str) -> bool:
         """Whether ``obj.name`` is a graphable metric's state or bookkeeping, which
-        the capture and the replays keep right (not a side effect of the step)."""
-        if not is_metric(obj) or (name not in _BOOKKEEPING and name not in obj._defaults):
-            return False
-        return why_not_graphed(obj) is None and id(obj) not in _in_compute_groups(self._modules)
+        the capture and the replays keep right (not a side effect of the step), as
+        of the last :meth:`refresh`."""
+        return id(obj) in self._graphable and (name in _BOOKKEEPING or name in obj._defaults)
 
     def counts(self) -> dict[int, int]:
         return {id(m): m._update_count for _, m in self._labelled()}
@@ -160,23 +187,42 @@ class InStepMetrics:
     def before_capture(self) -> dict[int, tuple]:
         """Bring the states of the metrics earlier graphs hold home, and note what the
         step may change of every graphable metric: its update count, cached values
-        and state tensors (which the graph will read)."""
-        grouped = _in_compute_groups(self._modules)
-        self._candidates = [m for _, m in self._labelled() if why_not_graphed(m, id(m) in grouped) is None]
+        and state tensors (which the graph will read). Pass the result to
+        :meth:`end_of_step`, :meth:`after_capture` or, if the capture is given up,
+        :meth:`abandon`."""
+        self.refresh()
+        self._candidates = [m for _, m in self._labelled() if id(m) in self._graphable]
         if self.bring_home() is not None:  # a state changed shape or device: the graphs were dropped as stale
             self._homes.clear()
             self._managed.clear()
         return {
-            id(m): (m._update_count, m._forward_cache, m._computed, {n: getattr(m, n) for n in m._defaults})
+            id(m): (m._update_count, m._forward_cache, m._computed, {n: getattr(m, n) for n in m._defaults},
+                    {n: m.__dict__[n] for n in _BOOKKEEPING if n in m.__dict__}, id(m) in self._managed)
             for m in self._candidates
         }
+
+    def abandon(self, before: dict[int, tuple]) -> None:
+        """A capture that will not be replayed ran the step's Python but none of its
+        GPU work: every metric gets back the states and bookkeeping it had before
+        (the tensors it held then were not written), so that the eager step that
+        follows counts and accumulates once."""
+        for metric in self._candidates:
+            _, _, _, states, bookkeeping, managed = before[id(metric)]
+            for name, tensor in states.items():
+                setattr(metric, name, tensor)
+            metric.__dict__.update(bookkeeping)
+            if not managed:
+                self._managed.pop(id(metric), None)
+                for name in states:
+                    self._homes.pop((id(metric), name), None)
+        self._candidates = []
 
     def end_of_step(self, before: dict[int, tuple]) -> str | None:
         """Inside the capture, after the step: each metric the step touched copies its
         states into their homes (recorded in the graph) and is bound to them again.
         A problem if a state changed shape."""
         for metric in self._candidates:
-            count, cache, computed, states = before[id(metric)]
+            count, cache, computed, states, _, _ = before[id(metric)]
             touched = (
                 metric._update_count != count or metric._forward_cache is not cache or metric._computed is not computed
                 or any(getattr(metric, n) is not t for n, t in states.items())
@@ -191,8 +237,8 @@ class InStepMetrics:
                     continue
                 if not _fits(state, home):
                     return (
-                        f"the step changes the shape of the state `{name}` of the torchmetrics "
-                        f"{type(metric).__name__} (to {tuple(state.shape)}), which a graph cannot repeat"
+                        f"the step changes the shape, dtype or device of the state `{name}` of the torchmetrics "
+                        f"{type(metric).__name__}, which a graph cannot repeat"
                     )
                 with _inference_mode_for(home):
                     home.copy_(state)
@@ -207,7 +253,7 @@ class InStepMetrics:
         for metric in self._candidates:
             if id(metric) not in self._managed:
                 continue
-            count, cache, computed, _ = before[id(metric)]
+            count, cache, _, _, _, _ = before[id(metric)]
             if metric._update_count < count:
                 return [], f"the step resets the torchmetrics {type(metric).__name__}, which a graph cannot repeat"
             batch_value = metric._forward_cache if metric._forward_cache is not cache else None
@@ -224,7 +270,10 @@ class InStepMetrics:
             for name in metric._defaults:
                 state, home = getattr(metric, name), self._homes.get((id(metric), name))
                 if home is not None and state is not home and not _fits(state, home):
-                    return f"the state `{name}` of the torchmetrics {type(metric).__name__} changed shape or device"
+                    return (
+                        f"the state `{name}` of the torchmetrics {type(metric).__name__} changed its shape, dtype or "
+                        "device"
+                    )
         return None
 
     def bring_home(self) -> str | None:
@@ -236,7 +285,10 @@ class InStepMetrics:
                 if home is None or state is home:
                     continue
                 if not _fits(state, home):
-                    return f"the state `{name}` of the torchmetrics {type(metric).__name__} changed shape"
+                    return (
+                        f"the state `{name}` of the torchmetrics {type(metric).__name__} changed its shape, dtype or "
+                        "device"
+                    )
                 with _inference_mode_for(home):
                     home.copy_(state)
                 setattr(metric, name, home)
@@ -246,12 +298,12 @@ class InStepMetrics:
     def after_replay(updates: list[MetricUpdate], counted: bool = False) -> None:
         """The Python of the captured step's metric calls, for the step just replayed."""
         for update in updates:
-            metric = update.metric
+            attributes = update.metric.__dict__  # plain attributes: nn.Module.__setattr__ is slow, and not needed
             if not counted:
-                metric._update_count += update.count
-            metric._computed = None
+                attributes["_update_count"] += update.count
+            attributes["_computed"] = None
             if update.batch_value is not None:
-                metric._forward_cache = _own_copy(update.batch_value)
+                attributes["_forward_cache"] = clone_tensors(update.batch_value)
 
 
 def _inference_mode_for(home: torch.Tensor) -> Any:
@@ -265,13 +317,3 @@ def _fits(state: Any, home: torch.Tensor) -> bool:
         isinstance(state, torch.Tensor) and state.shape == home.shape and state.dtype == home.dtype
         and state.device == home.device
     )
-
-
-def _own_copy(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
-    if isinstance(value, dict):
-        return {k: _own_copy(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_own_copy(v) for v in value)
-    return value

@@ -201,8 +201,9 @@ class UpdatesMetric(Regressor):
 
 
 class LogsMetricValues(Regressor):
-    """Metrics called in the step, their batch values logged as tensors; one of them
-    (Pearson's) updates its whole state at every step (``full_state_update``)."""
+    """A metric called in the step, its batch value logged as a tensor, and two updated
+    in the step and computed at the epoch's end; one of them (Pearson's) updates its
+    whole state at every step (``full_state_update``)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -217,7 +218,7 @@ class LogsMetricValues(Regressor):
         pred = self(x)
         loss = F.mse_loss(pred, y)
         self.log("train_mae", self.train_mae(pred, y), on_step=True, on_epoch=True)
-        self.log("train_pearson", self.train_pearson(pred.squeeze(-1), y.squeeze(-1)), on_step=True)
+        self.train_pearson.update(pred.squeeze(-1), y.squeeze(-1))
         self.train_mean.update(loss)
         return loss
 
@@ -245,6 +246,23 @@ class UpdatesAccuracy(Regressor):
         self.train_acc.update(pred.squeeze(-1), (y.squeeze(-1) > 0).long())
         self.log("train_acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
+
+
+class ForwardsPearson(Regressor):
+    """Pearson's batch value, computed in the step: its compute reads the host, so the
+    capture fails after the metric's Python already ran once."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        import torchmetrics
+
+        self.train_pearson = torchmetrics.PearsonCorrCoef()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        pred = self(x)
+        self.log("train_pearson", self.train_pearson(pred.squeeze(-1), y.squeeze(-1)), on_step=True, on_epoch=True)
+        return F.mse_loss(pred, y)
 
 
 class UpdatesListMetric(Regressor):

@@ -362,6 +362,16 @@ def test_torchmetrics_updated_in_the_step_are_replayed_with_every_value_right(mo
     assert set(epoch_values) <= set(graphed.final_metrics), graphed.final_metrics
 
 
+def test_a_capture_failing_after_a_metric_ran_leaves_the_metric_as_eager():
+    # the capture ran the metric's Python (its count, its new state tensors) but none of
+    # its GPU work: the eager step that follows must start from the metric as it was
+    eager, graphed = both(lambda: models.ForwardsPearson("adamw", "lambda"))
+    assert_same(eager, graphed)
+    assert graphed.callback.stats.replays == 0 and graphed.callback.stats.captures == 0
+    assert len(graphed.warnings) == 1 and "Could not capture" in graphed.warnings[0], graphed.warnings
+    assert_same_metric_states(eager, graphed)
+
+
 @pytest.mark.parametrize("module, needle", [
     (models.UpdatesListMetric, "list states (`preds`, `target`)"),
     (lambda *a: models.UpdatesAccuracy(*a, validate_args=True), "validate_args=False"),

@@ -98,9 +98,45 @@ def test_states_go_back_where_the_graph_reads_them():
     assert metrics.stale_reason() is None
     metrics.bring_home()  # before the next replay
     assert metric.sum_squared_error is home and float(home) == 0.0
+    metric.compute()  # cached until the next update
+    assert metric._computed is not None
     InStepMetrics.after_replay(updates)
     assert metric._update_count == 1 and metric._computed is None
     assert torch.equal(metric._forward_cache, batch_value)
+
+
+def test_a_capture_given_up_leaves_the_metric_as_before_it():
+    metric = torchmetrics.MeanSquaredError()
+    metrics = InStepMetrics([Holder(metric)])
+    metric(torch.tensor([1.0]), torch.tensor([0.0]))
+    states, count, cache = metric.sum_squared_error, metric._update_count, metric._forward_cache
+    before = metrics.before_capture()
+    metric(torch.tensor([3.0]), torch.tensor([0.0]))  # on a GPU: recorded, not run; then the step fails
+    metrics.abandon(before)
+    assert metric.sum_squared_error is states and float(states) == 1.0
+    assert metric._update_count == count and metric._forward_cache is cache
+    assert metrics.bring_home() is None and metric.sum_squared_error is states  # no home kept
+    # failing after the step (the capture's end): the same, also for the metric it touched
+    before = metrics.before_capture()
+    metric(torch.tensor([3.0]), torch.tensor([0.0]))
+    metrics.end_of_step(before)
+    metrics.abandon(before)
+    assert metric.sum_squared_error is states and metric._update_count == count
+    metric(torch.tensor([3.0]), torch.tensor([0.0]))  # eagerly
+    assert metrics.bring_home() is None and metric.sum_squared_error is not states
+
+
+def test_homes_made_under_inference_mode_take_states_outside_it():
+    metric = torchmetrics.MeanSquaredError()
+    metrics = InStepMetrics([Holder(metric)])
+    with torch.inference_mode():  # an evaluation loop
+        metric.reset()
+        before = metrics.before_capture()
+        metric(torch.tensor([2.0]), torch.tensor([0.0]))
+        metrics.end_of_step(before)
+    metric.reset()  # outside inference mode
+    metrics.bring_home()
+    assert metric.sum_squared_error.is_inference() and float(metric.sum_squared_error) == 0.0
 
 
 def test_a_state_of_another_shape_makes_the_graphs_stale():
@@ -110,7 +146,7 @@ def test_a_state_of_another_shape_makes_the_graphs_stale():
     metric(torch.ones(2), torch.zeros(2))
     metrics.end_of_step(before)
     metric.total = torch.zeros(3, dtype=torch.long)
-    assert "state `total` of the torchmetrics MeanSquaredError changed shape" in metrics.stale_reason()
+    assert "state `total` of the torchmetrics MeanSquaredError changed its shape" in metrics.stale_reason()
 
 
 def test_a_step_resetting_its_metric_is_not_replayed():
@@ -146,15 +182,18 @@ def test_metrics_sharing_states_in_a_collection_are_named():
 
 
 class MetricCounts(Callback):
-    """Each metric's update count and what was logged, after every training batch."""
+    """Each metric's update count, the identity of its state tensors and what was
+    logged, after every training batch."""
 
     def __init__(self):
-        self.counts, self.logged_keys = [], []
+        self.counts, self.logged_keys, self.state_ids, self.values = [], [], [], []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.counts.append({name: m._update_count for name, m in pl_module.named_modules()
-                            if isinstance(m, torchmetrics.Metric)})
+        metrics = [(name, m) for name, m in pl_module.named_modules() if isinstance(m, torchmetrics.Metric)]
+        self.counts.append({name: m._update_count for name, m in metrics})
+        self.state_ids.append({(name, state): id(getattr(m, state)) for name, m in metrics for state in m._defaults})
         self.logged_keys.append(sorted(trainer.callback_metrics))
+        self.values.append({k: float(v) for k, v in trainer.callback_metrics.items()})
 
 
 def _fit(make_module, graphed):
@@ -183,6 +222,61 @@ def test_graphable_metrics_are_replayed_and_counted_as_eagerly(cuda_on_cpu, make
     assert callback.stats.replays > 0 and callback.stats.disabled_reason is None, callback.stats.summary()
     assert graphed.counts == eager.counts  # update counts after every step, through resets at epoch ends
     assert graphed.logged_keys == eager.logged_keys
+    # 9 batches an epoch; the ragged ninth warms up eagerly in the first epoch and is captured in the second.
+    # From the second epoch on every step is replayed or captured, and every state stays in the tensor
+    # the graphs update, also after the resets at each epoch's end (eagerly, forward rebinds them each step)
+    assert all(ids == graphed.state_ids[9] for ids in graphed.state_ids[9:]), "states left the graphs' tensors"
+    assert graphed.state_ids[4] == graphed.state_ids[9]  # the first epoch's replays: the same tensors
+
+
+class FailsCaptureAfterItsMetric(models.UpdatesMetric):
+    capturing = False
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if self.capturing:
+            raise RuntimeError("operation not permitted when stream is capturing")  # as a host read does
+        return loss
+
+
+def test_a_capture_failing_after_a_metric_ran_leaves_the_metric_as_eager(cuda_on_cpu, monkeypatch):
+    from graph_api_stand_ins import StandInGraph
+
+    from lightning_graphs import graphed_step
+
+    monkeypatch.setattr(StandInGraph, "capture_begin", lambda self, pool=None, capture_error_mode=None: setattr(
+        FailsCaptureAfterItsMetric, "capturing", True))
+    monkeypatch.setattr(graphed_step, "_end_capture", lambda graph: setattr(
+        FailsCaptureAfterItsMetric, "capturing", False))
+    monkeypatch.setattr(graphed_step, "_release_generator_after_failed_capture", lambda device: None)
+    _, eager, eager_module, _ = _fit(lambda: FailsCaptureAfterItsMetric("adamw", "lambda"), graphed=False)
+    callback, graphed, module, warned = _fit(lambda: FailsCaptureAfterItsMetric("adamw", "lambda"), graphed=True)
+    assert callback.stats.captures == 0 and len(warned) == 1, warned
+    assert graphed.counts == eager.counts
+    assert graphed.values == eager.values  # every step eager after the failed capture: exactly eager's
+
+
+class ReplacesItsMetric(models.Regressor):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.train_mse = torchmetrics.MeanSquaredError()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        pred = self(x)
+        self.log("train_mse", self.train_mse(pred, y))
+        return torch.nn.functional.mse_loss(pred, y)
+
+    def on_train_epoch_start(self):
+        self.train_mse = torchmetrics.MeanSquaredError().to(self.device)  # instead of reset()
+
+
+def test_a_metric_replaced_between_epochs_is_captured_anew(cuda_on_cpu):
+    _, eager, _, _ = _fit(lambda: ReplacesItsMetric("adamw", "lambda"), graphed=False)
+    callback, graphed, _, warned = _fit(lambda: ReplacesItsMetric("adamw", "lambda"), graphed=True)
+    recaptures = callback.stats.recaptures
+    assert sum(recaptures.values()) == 2 and "a torchmetrics metric changed" in str(recaptures), recaptures
+    assert graphed.counts == eager.counts
 
 
 @pytest.mark.parametrize("make_module, needle", [
