@@ -19,10 +19,13 @@ Python. Three things keep a metric exact under replays:
 * **What cannot be replayed is named**: list states (appended to at every update),
   reading the input on the host (the aggregators' NaN check, the classification
   metrics' ``validate_args``), synchronising across processes at every step,
-  ``compute_on_cpu``, a ``forward``
-  that reduces with ``"mean"`` (it weighs by the host's update count) or by
-  stacking, and compute groups of a ``MetricCollection`` (they share state tensors
-  between metrics). A step updating such a metric trains eagerly, with the reason.
+  ``compute_on_cpu``, a ``forward`` that reduces with ``"mean"`` (it weighs by the
+  host's update count) or by stacking, compute groups of a ``MetricCollection``
+  (they share state tensors between metrics), and torchmetrics older than 1.6. A
+  step updating such a metric trains eagerly, with the reason.
+* **A capture given up** (a host read later in the step, say) ran the metric's
+  Python but none of its GPU work: the metric gets back the states and counts it
+  had, so that the eager step that follows counts once.
 
 Framework-free: nothing here imports Lightning.
 """
@@ -101,8 +104,7 @@ def why_not_graphed(metric: Any, in_compute_group: bool = False) -> str | None:
                 how = getattr(reduction, "__name__", repr(reduction))
                 return (
                     f"its forward reduces state `{name}` with `{how}`, which reads the host's update count or "
-                    "changes the state's shape; call `metric.update(...)` in the step and `metric.compute()` "
-                    "outside it"
+                    "changes the state's shape"
                 )
     if in_compute_group:
         return (
