@@ -3,7 +3,7 @@
 A metric's ``update`` (and its ``forward``: update, plus the value of the batch
 alone) does GPU work on the metric's state tensors and Python bookkeeping around
 it. A replay repeats the GPU work on the tensors the capture saw, and none of the
-Python. Three things keep a metric exact under replays:
+Python. What keeps a metric exact under replays:
 
 * **States stay where the graph reads them.** torchmetrics rebinds a state to a new
   tensor in ``reset`` (Lightning resets logged metrics at the end of every epoch),
