@@ -311,7 +311,9 @@ class CUDAGraphCallback(pl.Callback):
     def _unsupported(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str | None:
         """Why this fit cannot be graphed at all, if so."""
         reason = self._unsupported_setup(trainer) or self._takes_dataloader_iter(pl_module, "training_step")
-        if reason is None and not pl_module.automatic_optimization and trainer.world_size > 1:
+        if reason is None and not pl_module.automatic_optimization and (
+            trainer.world_size > 1 or internals.ddp_model(trainer) is not None
+        ):
             # the ranks would have to agree on each manual step's path, which is not built yet
             reason = f"manual optimization is not graphed under the {type(trainer.strategy).__name__} strategy yet"
         return reason

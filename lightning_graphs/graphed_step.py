@@ -637,6 +637,7 @@ class GraphedStep:
         elif self._pool is None:
             self._pool = self._given_pool if self._given_pool is not None else torch.cuda.graph_pool_handle()
         failure: Exception | None = None
+        ended_cleanly = False  # whether the capture, given up or not, was ended without a CUDA error
         try:
             with torch.cuda.device(self._device), torch.cuda.stream(stream):
                 graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
@@ -645,18 +646,24 @@ class GraphedStep:
                         outputs = fn(static.value)
                         metric_problem = self._metrics.end_of_step(metrics_before)
                 except BaseException:
-                    _end_capture(graph)
+                    ended_cleanly = _end_capture(graph)
                     raise
                 graph.capture_end()  # raises if an operation silently invalidated the capture
         except BaseException as exc:
             refused = is_recompile_refusal(exc)  # raised in Python before the compiler ran: no CUDA error
-            self._abandon_capture(saved_grads, saved_flags, metrics_before, failed=True, pool_broken=not refused)
+            self._abandon_capture(saved_grads, saved_flags, metrics_before, failed=True, pool_broken=not refused,
+                                  generator_stuck=not ended_cleanly)
             if not isinstance(exc, Exception):
                 raise
             failure = exc
         outcome, explanation = self._capture_outcome(failure)
         if self._agree_capture is not None:
-            agreed, elsewhere = self._agree_capture(outcome, explanation)
+            try:
+                agreed, elsewhere = self._agree_capture(outcome, explanation)
+            except BaseException:  # no agreement (another rank failed or is stuck): nothing of this capture stays
+                if outcome is CaptureOutcome.CAPTURED:
+                    self._abandon_capture(saved_grads, saved_flags, metrics_before, failed=False, pool_broken=False)
+                raise
             agreed = CaptureOutcome(agreed)
             if agreed < outcome:
                 if outcome is CaptureOutcome.CAPTURED:  # fine here, given up because of another rank
@@ -718,12 +725,13 @@ class GraphedStep:
         return CaptureOutcome.FAILED, explain_capture_error(failure, self.what, self.batch_end_hook)
 
     def _abandon_capture(self, saved_grads: list, saved_flags: list, metrics_before: dict, failed: bool,
-                         pool_broken: bool) -> None:
+                         pool_broken: bool, generator_stuck: bool = False) -> None:
         """Undo what a capture that will not be replayed left: optimizers in capture
         mode, gradients the graph allocated, ``requires_grad`` flags the step flipped
         (toggled optimizers), torchmetrics states and counts the step's Python moved
-        on, a generator still capturing and, after a CUDA error, a stream and memory
-        pool that may be unusable."""
+        on, a generator still capturing (``generator_stuck``: the capture could not
+        be ended) and, after a CUDA error, a stream and memory pool that may be
+        unusable."""
         self._metrics.abandon(metrics_before)
         for optimizer in self._optimizers:
             optimizer.exit_capture()
@@ -731,8 +739,12 @@ class GraphedStep:
             p.grad = grad
         for p, flag in saved_flags:
             p.requires_grad_(flag)
-        if failed:
+        if failed and generator_stuck:
+            # graphs held keep the generator state they were captured with, which the fresh one
+            # replaces: drop them, or their replays and later steps would draw the same numbers
             _release_generator_after_failed_capture(self._device)
+            if self._graphs:
+                self._drop_graphs(None)
         if pool_broken:
             self._stream = None  # a failed capture can leave the stream routed to the pool
             self._pool = None
@@ -1014,10 +1026,12 @@ def _release_generator_after_failed_capture(device: torch.device) -> None:
         generator.graphsafe_set_state(generator.clone_state())
 
 
-def _end_capture(graph: torch.cuda.CUDAGraph) -> None:
-    """End a capture that the step's own error interrupted; its error is the one that matters."""
+def _end_capture(graph: torch.cuda.CUDAGraph) -> bool:
+    """End a capture that the step's own error interrupted (its error is the one that
+    matters); whether it ended cleanly."""
     try:
         graph.capture_end()
     except Exception:
-        pass
+        return False
+    return True
 

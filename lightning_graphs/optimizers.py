@@ -432,6 +432,8 @@ class GraphSafeOptimizer:
 
     def restore(self) -> None:
         """Undo every change: state where it was, group settings as the user made them."""
+        if self._while_capturing:  # a capture an exception left unfinished
+            self.exit_capture()
         for state, key, device in self._moved_state:
             value = state.get(key)
             if isinstance(value, torch.Tensor):

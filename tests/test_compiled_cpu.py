@@ -69,8 +69,8 @@ def test_a_guard_failing_inside_no_compilation_is_refused_not_compiled():
 def test_capture_is_put_off_when_the_compiler_would_compile(graph_api_on_cpu, monkeypatch):
     from lightning_graphs import graphed_step
 
-    # the CUDA generator a real failed capture releases does not exist here
-    monkeypatch.setattr(graphed_step, "_release_generator_after_failed_capture", lambda device: None)
+    released = []  # a refusal ends its capture cleanly: the generator, which graphs held read, stays
+    monkeypatch.setattr(graphed_step, "_release_generator_after_failed_capture", released.append)
     torch._dynamo.reset()
     model = torch.nn.Linear(3, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -90,7 +90,7 @@ def test_capture_is_put_off_when_the_compiler_would_compile(graph_api_on_cpu, mo
     with pytest.raises(CaptureDeferred):
         step.capture(plan, lambda static: step_fn(*static))
     assert step.stats.deferred_captures == 1 and step.stats.captures == 0
-    assert pool.generation == 0, "nothing reached CUDA: the shared pool is kept"
+    assert pool.generation == 0 and not released, "nothing reached CUDA: the shared pool and generator are kept"
     assert _drive(step, step_fn, 3) == "WCR"  # the warm-up compiles; the capture finds it compiled
 
 

@@ -119,3 +119,57 @@ def test_a_capture_failing_midway_puts_back_the_requires_grad_flags_the_step_fli
         step.capture(plan, lambda static: toggles_then_fails(*static))
     assert all(p.requires_grad for p in head.parameters())
     assert not any(p.requires_grad for p in backbone.parameters())
+
+
+def test_a_capture_that_cannot_be_ended_releases_the_generator_and_drops_the_graphs_held(graph_api_on_cpu,
+                                                                                         monkeypatch):
+    from graph_api_stand_ins import StandInGraph
+
+    from lightning_graphs import graphed_step
+
+    released = []
+    monkeypatch.setattr(graphed_step, "_release_generator_after_failed_capture", released.append)
+    model, _, optimizer, step_fn = _finetuning()
+    step = GraphedStep(None, warmup_steps=1, optimizers=[optimizer], modules=[model], device="cuda")
+    assert _drive(step, step_fn, 3) == "WCR"
+
+    def fails_when_captured(x):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    # a step failing inside a capture that ends cleanly (as a compile refusal does): the generator is fine
+    plan = step.plan((torch.ones(5, 3),))
+    step.warmup(lambda: step_fn(torch.ones(5, 3)), plan)
+    plan = step.plan((torch.ones(5, 3),))
+    with pytest.raises(graphed_step.CaptureFailed):
+        step.capture(plan, lambda static: fails_when_captured(*static))
+    assert released == [] and len(step.graphs) == 1
+    # one whose capture cannot be ended (the error invalidated it): the generator may still believe it is
+    # captured, and the fresh state it gets is not the one the graph held reads
+    monkeypatch.setattr(StandInGraph, "capture_end", lambda self: (_ for _ in ()).throw(RuntimeError("invalidated")))
+    plan = step.plan((torch.ones(5, 3),))
+    with pytest.raises(graphed_step.CaptureFailed):
+        step.capture(plan, lambda static: fails_when_captured(*static))
+    assert len(released) == 1 and step.graphs == ()
+
+
+def test_no_agreement_after_a_capture_leaves_the_optimizer_as_the_user_set_it(graph_api_on_cpu):
+    model, _, _, _ = _finetuning()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step_fn(x):
+        optimizer.zero_grad()
+        model(x).sum().backward()
+        optimizer.step()
+
+    def other_rank_is_gone(outcome, explanation):
+        raise TimeoutError("no answer from rank 1")
+
+    step = GraphedStep(None, warmup_steps=1, optimizers=[optimizer], modules=[model], device="cuda",
+                       agree_capture=other_rank_is_gone)
+    assert _drive(step, step_fn, 1) == "W"
+    plan = step.plan((torch.ones(8, 3),))
+    with pytest.raises(TimeoutError):
+        step.capture(plan, lambda static: step_fn(*static))
+    group = optimizer.param_groups[0]
+    assert isinstance(group["lr"], float) and isinstance(group["betas"][0], float)
+    assert "step" not in optimizer.__dict__ and "zero_grad" not in optimizer.__dict__
