@@ -1,10 +1,12 @@
 """torchmetrics metrics updated inside a graphed step (lightning_graphs.metrics), on CPU.
 
-What a graph would repeat is the GPU tests' business (``test_callback_gpu.py``,
-``test_eval_graphs_gpu.py``). Here: which metrics can be graphed and why not, the
-states bound to the tensors a graph reads (after a forward, an eager step or a
-reset), the host's bookkeeping after a replay, and the callback's decisions with
-CUDA's graph API stood in for.
+Which metrics can be graphed and why not, the states bound to the tensors a graph
+reads (after a forward, an eager step or a reset), the host's bookkeeping after a
+replay, and the callback's decisions with CUDA's graph API stood in for; and,
+with a stand-in graph that replays what it captured (``replaying_graph.py``),
+every logged value, state and count against eager training. The GPU tests
+(``test_callback_gpu.py``, ``test_eval_graphs_gpu.py``) do the same with real
+CUDA graphs.
 """
 
 from __future__ import annotations
@@ -291,3 +293,37 @@ def test_a_metric_that_cannot_be_graphed_trains_eagerly_naming_it(cuda_on_cpu, m
     assert graphed.counts == eager.counts
     for (name, p), q in zip(module.named_parameters(), eager_module.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)  # fell back before any capture: eager exactly
+
+
+# -- values, with a stand-in graph that replays what it captured ----------------------------------------------
+
+
+@pytest.fixture
+def replaying_cuda_on_cpu(cuda_on_cpu, monkeypatch):
+    from replaying_graph import ReplayingGraph
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", ReplayingGraph)
+
+
+def _metric_states(module):
+    return {(name, state): getattr(m, state).clone() for name, m in module.named_modules()
+            if isinstance(m, torchmetrics.Metric) for state in m._defaults}
+
+
+@pytest.mark.parametrize("make_module", [
+    lambda: models.UpdatesMetric("adamw", "lambda"),
+    lambda: models.LogsMetricValues("adamw", "lambda"),
+    # (not the classification metric: on the CPU torchmetrics decides on the host whether scores need a sigmoid)
+])
+def test_replayed_metrics_log_and_accumulate_as_eagerly(replaying_cuda_on_cpu, make_module):
+    _, eager, eager_module, _ = _fit(make_module, graphed=False)
+    callback, graphed, module, warned = _fit(make_module, graphed=True)
+    assert not warned and callback.stats.replays > 0, (warned, callback.stats.summary())
+    assert graphed.counts == eager.counts
+    assert [sorted(v) for v in graphed.values] == [sorted(v) for v in eager.values]
+    for step, (got, want) in enumerate(zip(graphed.values, eager.values)):
+        for key in want:  # each step's logged values, epoch values included
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (step, key)
+    states, eager_states = _metric_states(module), _metric_states(eager_module)
+    for key, value in eager_states.items():
+        torch.testing.assert_close(states[key], value, rtol=1e-5, atol=1e-6, msg=str(key))
