@@ -1,18 +1,23 @@
 """Kernel by kernel: the step CUDAGraphCallback captures against a hand-written
 whole-step graph of the same workload.
 
-    python benchmarks/compare_graphs.py --workload rollout
+    python benchmarks/compare_graphs.py --workload rollout [--dump DIR]
 
 Each graph is replayed under the PyTorch profiler; the table lists, per kernel
 name, how many times it runs in one replay and its GPU time, for both graphs,
 largest differences first. It answers where the callback's replay spends GPU time
-that the hand-written one does not (or the other way round). Needs a CUDA GPU.
+that the hand-written one does not (or the other way round). ``--dump DIR`` also
+writes both graphs' topology (CUDA's DOT dump) and counts their nodes by kind
+(kernels, copies, memsets, events, host calls) and their edges: idle time between
+kernels with the same kernels on both sides comes from there. Needs a CUDA GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -57,7 +62,43 @@ def replay_wall_us(graph, replays: int = 50) -> float:
     return start.elapsed_time(end) * 1e3 / replays
 
 
-def hand_written_profile(workload, replays: int) -> tuple[Profile, float]:
+# node kinds as CUDA's graph DOT dump names them
+_NODE_KINDS = ("KERNEL", "MEMCPY", "MEMSET", "HOST", "EVENT_RECORD", "WAIT_EVENT", "EMPTY", "MEM_ALLOC", "MEM_FREE",
+               "GRAPH", "CONDITIONAL", "BATCH_MEM_OP", "EXT_SEMAS")
+
+
+def graph_shape(dot: str) -> Counter:
+    """Nodes by kind, and edges, of a graph dumped by ``CUDAGraph.debug_dump`` (a
+    node's attributes may span several lines)."""
+    shape: Counter = Counter()
+    node: list[str] | None = None
+    for line in dot.splitlines():
+        if node is None and re.match(r'\s*"[^"]+"\s*->', line):
+            shape["edges"] += 1
+        elif node is None and re.match(r'\s*"[^"]+"\s*\[', line):
+            node = [line]
+        elif node is not None:
+            node.append(line)
+        if node is not None and node[-1].rstrip().endswith("];"):
+            words = set(re.findall(r"[A-Z_]+", " ".join(node)))
+            shape[next((k for k in _NODE_KINDS if k in words), "other")] += 1
+            node = None
+    return shape
+
+
+def _debug_graphs():
+    """Have every CUDAGraph made from now on keep its topology for ``debug_dump``."""
+    import torch
+
+    class DebugGraph(torch.cuda.CUDAGraph):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.enable_debug_mode()
+
+    torch.cuda.CUDAGraph = DebugGraph
+
+
+def hand_written_profile(workload, replays: int, keep: list | None = None) -> tuple[Profile, float]:
     """A whole-step graph as users write it by hand (AdamW with capturable=True)."""
     import torch
 
@@ -81,10 +122,12 @@ def hand_written_profile(workload, replays: int) -> tuple[Profile, float]:
     optimizer.zero_grad(set_to_none=True)
     with torch.cuda.graph(graph):
         step()
+    if keep is not None:
+        keep.append(graph)
     return profile_replays(graph, replays), replay_wall_us(graph)
 
 
-def callback_profile(workload, replays: int, at_step: int = 10) -> tuple[Profile, float]:
+def callback_profile(workload, replays: int, at_step: int = 10, keep: list | None = None) -> tuple[Profile, float]:
     """The graph CUDAGraphCallback captured for the workload's LightningModule."""
     import lightning.pytorch as pl
 
@@ -99,6 +142,8 @@ def callback_profile(workload, replays: int, at_step: int = 10) -> tuple[Profile
             if batch_idx == at_step:
                 graph = captured_graph(graphs)
                 found["kernels"], found["wall"] = profile_replays(graph, replays), replay_wall_us(graph)
+                if keep is not None:
+                    keep.append(graph)
 
     pl.seed_everything(0, verbose=False)
     graphs = CUDAGraphCallback(verbose=False)
@@ -128,10 +173,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workload", default="rollout", choices=sorted(WORKLOADS))
     parser.add_argument("--replays", type=int, default=20)
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--dump", type=Path, help="write both graphs' DOT topology here and count their nodes")
     args = parser.parse_args(argv)
     workload = WORKLOADS[args.workload]()
-    theirs, theirs_wall = hand_written_profile(workload, args.replays)
-    ours, ours_wall = callback_profile(workload, args.replays)
+    if args.dump:
+        _debug_graphs()
+    kept_theirs, kept_ours = [], []
+    theirs, theirs_wall = hand_written_profile(workload, args.replays, kept_theirs)
+    ours, ours_wall = callback_profile(workload, args.replays, keep=kept_ours)
+    if args.dump:
+        args.dump.mkdir(parents=True, exist_ok=True)
+        shapes = {}
+        for name, graph in (("callback", kept_ours[0]), ("hand_written", kept_theirs[0])):
+            path = args.dump / f"{args.workload}_{name}.dot"
+            graph.debug_dump(str(path))
+            shapes[name] = graph_shape(path.read_text())
+        kinds = sorted(set(shapes["callback"]) | set(shapes["hand_written"]))
+        print("graph topology (nodes by kind, edges): " + ", ".join(
+            f"{k} {shapes['callback'][k]} | {shapes['hand_written'][k]}" for k in kinds) + "  (callback | hand-written)")
     print(f"wall time per replay, back to back: CUDAGraphCallback {ours_wall:.0f} us, "
           f"hand-written {theirs_wall:.0f} us")
     print(f"GPU time per replay: CUDAGraphCallback {sum(v[1] for v in ours.values()):.0f} us, "

@@ -20,21 +20,20 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
-def _written(func: Any, args: tuple, kwargs: dict) -> list[torch.Tensor]:
-    """The tensors an operation writes in place (its ``Tensor(a!)`` arguments)."""
-    written = []
-    for index, argument in enumerate(func._schema.arguments):
-        if argument.alias_info is None or not argument.alias_info.is_write:
-            continue
-        value = kwargs.get(argument.name, args[index] if index < len(args) and not argument.kwarg_only else None)
+def _tensor_arguments(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """Every tensor an operation is given: any may be written in place (some
+    operations write more than their schema says, batch norm's running statistics)."""
+    found = []
+    for value in list(args) + list(kwargs.values()):
         values = value if isinstance(value, (list, tuple)) else [value]
-        written.extend(v for v in values if isinstance(v, torch.Tensor))
-    return written
+        found.extend(v for v in values if isinstance(v, torch.Tensor))
+    return found
 
 
 class _Recorder(TorchDispatchMode):
-    """Records operations; keeps what they write of tensors made before the capture
-    so that the capture itself changes nothing (a CUDA capture runs no kernel)."""
+    """Records operations; keeps the data of every tensor made before the capture
+    that they touch, so that the capture itself changes nothing (a CUDA capture
+    runs no kernel)."""
 
     def __init__(self, ops: list) -> None:
         super().__init__()
@@ -46,7 +45,7 @@ class _Recorder(TorchDispatchMode):
         kwargs = kwargs or {}
         if func is torch.ops.aten._local_scalar_dense.default:
             raise RuntimeError("operation not permitted when stream is capturing (a host read)")
-        for tensor in _written(func, args, kwargs):
+        for tensor in _tensor_arguments(args, kwargs):
             storage = tensor.untyped_storage()
             pointer = storage.data_ptr()
             if pointer not in self.created and pointer not in self.saved:

@@ -81,3 +81,24 @@ def test_kernel_comparison_orders_by_time_difference():
     rows = compare(ours, theirs)
     assert [row[0] for row in rows] == ["adam_scalar", "lerp", "copy", "gemm"]
     assert rows[1] == ("lerp", 0.0, 1.0, 0.0, 5.0)
+
+
+def test_graph_topology_counts_nodes_by_kind_and_edges():
+    from benchmarks.compare_graphs import graph_shape
+
+    dot = """digraph dot {
+subgraph cluster_1 {
+label="graph_1" graph[style="dashed"];
+"graph_1_node_0"[style="solid" shape="rectangle" label="0\nKERNEL\nvoid gemm(...)\n"];
+"graph_1_node_1"[style="solid" shape="record" label="{
+MEMSET
+| {{ID | node handle} | {1 | 0x1}}
+}"];
+"graph_1_node_2"[style="solid" shape="rectangle" label="2\nKERNEL\nvoid add(...)\n"];
+"graph_1_node_3"[style="solid" shape="rectangle" label="3\nEVENT_RECORD\n"];
+"graph_1_node_0" -> "graph_1_node_1";
+"graph_1_node_1" -> "graph_1_node_2";
+"graph_1_node_2" -> "graph_1_node_3";
+}
+}"""
+    assert graph_shape(dot) == {"KERNEL": 2, "MEMSET": 1, "EVENT_RECORD": 1, "edges": 3}
