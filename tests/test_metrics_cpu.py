@@ -327,3 +327,21 @@ def test_replayed_metrics_log_and_accumulate_as_eagerly(replaying_cuda_on_cpu, m
     states, eager_states = _metric_states(module), _metric_states(eager_module)
     for key, value in eager_states.items():
         torch.testing.assert_close(states[key], value, rtol=1e-5, atol=1e-6, msg=str(key))
+
+
+def test_metrics_in_graphed_training_and_validation_steps(replaying_cuda_on_cpu):
+    from parity import assert_same, fit, loader, regression_data
+
+    def run(graphed):
+        return fit(lambda: models.UpdatesMetricInValidation("adamw", "lambda", epochs=3), graphed=graphed,
+                   accelerator="cpu", max_epochs=3, callback_kwargs={"graph_evaluation": True},
+                   val_loader=lambda: loader(regression_data(n=37, seed=1)))
+
+    eager, graphed = run(False), run(True)
+    assert_same(eager, graphed)  # per-step and epoch values of both metrics, parameters
+    assert not graphed.warnings, graphed.warnings
+    assert graphed.callback.stats.replays > 0 and graphed.callback.evaluation_stats["validation"].replays > 0
+    assert "val_mse" in graphed.final_metrics and "train_mse_epoch" in graphed.final_metrics
+    states, eager_states = _metric_states(graphed.module), _metric_states(eager.module)
+    for key, value in eager_states.items():
+        torch.testing.assert_close(states[key], value, rtol=1e-5, atol=1e-6, msg=str(key))
