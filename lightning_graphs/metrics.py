@@ -27,6 +27,11 @@ Python. What keeps a metric exact under replays:
   Python but none of its GPU work: the metric gets back the states and counts it
   had, so that the eager step that follows counts once.
 
+Not followed: a step that reads a metric's state tensors without calling or
+updating the metric (a later reset rebinds them where the graph does not look),
+and the update count of a step that resets its own metric before updating it
+(the values are right; the count after a replay is not the eager one).
+
 Framework-free: nothing here imports Lightning.
 """
 
