@@ -1,0 +1,103 @@
+"""A CPU stand-in for ``torch.cuda.CUDAGraph`` that replays what it captured.
+
+Capture records every ATen operation the step runs (below autograd, so backward
+and optimizer operations too) with the tensors it read and wrote; a replay runs
+the same operations again on the same tensors: results of out-of-place operations
+are copied into the tensors the capture produced, in-place operations and views
+act on the tensors themselves. Python in the step does not run again, and
+numbers it read then stay baked in: the semantics of a CUDA graph, without its
+memory pool (tensors freed during capture are not reused) and with the CPU's
+random generator (a replay draws new numbers, not the ones an eager step would).
+
+A host read inside a capture (``.item()``) raises, as CUDA does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+def _tensor_arguments(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """Every tensor an operation is given: any may be written in place (some
+    operations write more than their schema says, batch norm's running statistics)."""
+    found = []
+    for value in list(args) + list(kwargs.values()):
+        values = value if isinstance(value, (list, tuple)) else [value]
+        found.extend(v for v in values if isinstance(v, torch.Tensor))
+    return found
+
+
+class _Recorder(TorchDispatchMode):
+    """Records operations; keeps the data of every tensor made before the capture
+    that they touch, so that the capture itself changes nothing (a CUDA capture
+    runs no kernel)."""
+
+    def __init__(self, ops: list) -> None:
+        super().__init__()
+        self.ops = ops
+        self.saved: dict[int, tuple[Any, Any]] = {}  # storage pointer -> (storage, its data before the capture)
+        self.created: set[int] = set()  # storages of tensors the capture made
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default:
+            raise RuntimeError("operation not permitted when stream is capturing (a host read)")
+        for tensor in _tensor_arguments(args, kwargs):
+            storage = tensor.untyped_storage()
+            pointer = storage.data_ptr()
+            if pointer not in self.created and pointer not in self.saved:
+                self.saved[pointer] = (storage, storage.clone())
+        out = func(*args, **kwargs)
+        for tensor in _copied_outputs(func, out):
+            self.created.add(tensor.untyped_storage().data_ptr())
+        self.ops.append((func, args, kwargs, out))
+        return out
+
+    def undo(self) -> None:
+        for storage, before in self.saved.values():
+            storage.copy_(before)
+
+
+def _copied_outputs(func: Any, out: Any) -> list[torch.Tensor]:
+    """The outputs a replay must refresh: new tensors, not aliases of the inputs."""
+    returns = func._schema.returns
+    outs = out if isinstance(out, (tuple, list)) and len(returns) > 1 else (out,)
+    fresh = []
+    for ret, value in zip(returns, outs):
+        if ret.alias_info is not None:
+            continue  # a view or the input written in place: the replay acts on it directly
+        values = value if isinstance(value, (list, tuple)) else [value]
+        fresh.extend(v for v in values if isinstance(v, torch.Tensor))
+    return fresh
+
+
+class ReplayingGraph:
+    """Stands in for ``torch.cuda.CUDAGraph`` (see the module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._ops: list = []
+        self._recorder: _Recorder | None = None
+
+    def capture_begin(self, pool: Any = None, capture_error_mode: Any = None) -> None:
+        self._ops = []
+        self._recorder = _Recorder(self._ops)
+        self._recorder.__enter__()
+
+    def capture_end(self) -> None:
+        if self._recorder is not None:
+            self._recorder.__exit__(None, None, None)
+            self._recorder.undo()
+            self._recorder = None
+
+    def replay(self) -> None:
+        with torch.no_grad():
+            for func, args, kwargs, out in self._ops:
+                again = func(*args, **kwargs)
+                for target, value in zip(_copied_outputs(func, out), _copied_outputs(func, again)):
+                    target.copy_(value)
+
+    def reset(self) -> None:
+        self._ops = []

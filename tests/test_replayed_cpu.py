@@ -1,0 +1,120 @@
+"""Eager vs graphed training on CPU, with a stand-in graph that replays what it captured.
+
+``replaying_graph.ReplayingGraph`` records a captured step's ATen operations and
+reruns them on the same tensors at every replay, none of the step's Python: the
+semantics of a CUDA graph, on the CPU. The fits below are the GPU parity tests'
+(``test_callback_gpu.py``, ``test_manual_gpu.py``, ``test_eval_graphs_gpu.py``)
+on a machine without a GPU, so that CI checks numbers too: per-step losses,
+logged values, learning rates, ``global_step``, counters and final parameters.
+What the stand-in cannot show (CUDA's memory pool, its random numbers, real
+kernels) stays the GPU tests' business; models here draw no random numbers.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import models
+from lightning_graphs import GraphedStep
+from parity import assert_same, fit, loader, regression_data
+from replaying_graph import ReplayingGraph
+from test_eval_graphs_cpu import cuda_on_cpu  # noqa: F401  (a fixture)
+
+
+@pytest.fixture
+def replaying(cuda_on_cpu, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", ReplayingGraph)
+
+
+def both(make_module, **kwargs):
+    kwargs = {"accelerator": "cpu", **kwargs}
+    return fit(make_module, graphed=False, **kwargs), fit(make_module, graphed=True, **kwargs)
+
+
+def replayed(run, eager_steps=None):
+    stats = run.callback.stats
+    assert stats.captures >= 1 and stats.replays > 0 and stats.disabled_reason is None, stats.summary()
+    if eager_steps is not None:
+        assert stats.eager_steps == eager_steps, stats.summary()
+
+
+@pytest.mark.parametrize("optimizer, scheduler, epochs", [
+    ("adamw", "lambda", 3),  # the ragged last batch gets a graph of its own
+    ("adamw", "onecycle", 2),  # betas cycled by the scheduler
+    ("sgd", "step_epoch", 3),
+    ("adam_two_groups", "cosine", 2),
+    # (not RMSprop: its capturable mode, which the library uses, refuses CPU tensors)
+])
+def test_optimizers_and_schedulers(replaying, optimizer, scheduler, epochs):
+    eager, graphed = both(lambda: models.Regressor(optimizer, scheduler, epochs=epochs), max_epochs=epochs)
+    assert_same(eager, graphed)
+    replayed(graphed, eager_steps=0)
+
+
+@pytest.mark.parametrize("every", [2, 3])
+def test_gradient_accumulation(replaying, every):
+    eager, graphed = both(lambda: models.Regressor("adamw", "lambda", epochs=3), max_epochs=3,
+                          accumulate_grad_batches=every, train_loader=lambda: loader(regression_data(n=67)))
+    assert_same(eager, graphed)
+    replayed(graphed, eager_steps=0)
+
+
+def test_clipping_batchnorm_and_logging_from_an_in_step_hook(replaying):
+    eager, graphed = both(lambda: models.LogsGradNorm("sgd", None, batchnorm=True), gradient_clip_val=0.5)
+    assert_same(eager, graphed)
+    replayed(graphed)
+
+
+def test_manual_optimization(replaying):
+    eager, graphed = both(lambda: models.ManualRegressor("adamw", "lambda"))
+    assert_same(eager, graphed)
+    replayed(graphed)
+
+
+def test_evaluation_graphs(replaying):
+    eager, graphed = both(lambda: models.Evaluated("adamw", "lambda"), callback_kwargs={"graph_evaluation": True},
+                          val_loader=lambda: loader(regression_data(n=37, seed=1)))
+    assert_same(eager, graphed)
+    replayed(graphed)
+    assert graphed.callback.evaluation_stats["validation"].replays > 0
+
+
+def test_a_replay_that_did_nothing_would_be_caught(replaying, monkeypatch):
+    # the stand-in of the other CPU tests replays nothing: these comparisons must see it
+    monkeypatch.setattr(ReplayingGraph, "replay", lambda self: None)
+    eager, graphed = both(lambda: models.Regressor("adamw", "lambda"))
+    with pytest.raises(AssertionError):
+        assert_same(eager, graphed)
+
+
+def test_graphed_step_in_a_plain_loop(graph_api_on_cpu, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", ReplayingGraph)
+
+    def train(graphed):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.GELU(),
+                                    torch.nn.Linear(8, 1))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+        def step(x, y):
+            optimizer.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            optimizer.step()
+            return loss.detach()
+
+        run = GraphedStep(step, warmup_steps=2, optimizers=[optimizer], modules=[model], device="cuda") \
+            if graphed else step
+        generator = torch.Generator().manual_seed(1)
+        batches = [(torch.randn(16, 4, generator=generator), torch.randn(16, 1, generator=generator))
+                   for _ in range(10)]
+        losses = [float(run(x, y)) for x, y in batches]
+        return losses, list(model.parameters()), run
+
+    eager_losses, eager_params, _ = train(graphed=False)
+    losses, params, step = train(graphed=True)
+    assert step.stats.replays == 7, step.stats.summary()
+    assert losses == pytest.approx(eager_losses, rel=1e-6, abs=1e-6)
+    for p, q in zip(params, eager_params):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
