@@ -66,6 +66,32 @@ def test_clipping_batchnorm_and_logging_from_an_in_step_hook(replaying):
     replayed(graphed)
 
 
+def test_an_accumulation_schedule_and_backbone_finetuning_capture_anew(replaying):
+    from lightning.pytorch.callbacks import BackboneFinetuning, GradientAccumulationScheduler
+
+    eager, graphed = both(
+        lambda: models.WithBackbone("adamw", None), max_epochs=3,
+        extra_callbacks=lambda: [GradientAccumulationScheduler({0: 1, 1: 2}),
+                                 BackboneFinetuning(unfreeze_backbone_at_epoch=1, verbose=False)],
+    )
+    assert_same(eager, graphed)
+    replayed(graphed)
+    assert graphed.callback.stats.recaptures, graphed.callback.stats.summary()
+
+
+def test_resuming_from_a_checkpoint_saved_while_graphed(replaying, tmp_path):
+    make = lambda: models.Regressor("adamw", "lambda", epochs=4)  # noqa: E731
+    straight = fit(make, graphed=True, accelerator="cpu", max_epochs=4)
+    first = fit(make, graphed=True, accelerator="cpu", max_epochs=2)
+    path = tmp_path / "mid.ckpt"
+    first.trainer.save_checkpoint(path)
+    resumed = fit(make, graphed=True, accelerator="cpu", max_epochs=4, ckpt_path=str(path))
+    replayed(resumed)
+    for name in straight.state:
+        torch.testing.assert_close(resumed.state[name], straight.state[name], rtol=1e-6, atol=1e-6)
+    assert resumed.global_step == straight.global_step
+
+
 def test_manual_optimization(replaying):
     eager, graphed = both(lambda: models.ManualRegressor("adamw", "lambda"))
     assert_same(eager, graphed)
