@@ -96,7 +96,9 @@ class CUDAGraphCallback(pl.Callback):
             before raising :class:`~lightning_graphs.distributed.RankAgreementError`
             (another rank failed or is stuck). It bounds the longest stretch
             between two agreements on another rank: a first ``torch.compile``
-            counts.
+            counts, and so does anything one rank does alone between two batches
+            (a checkpoint rank zero saves), since Lightning's per-batch SIGTERM
+            check is asked over the same group.
 
     Raises:
         ValueError: for a negative ``warmup_steps``, or a ``compile`` dict asking

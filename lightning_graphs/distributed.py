@@ -178,7 +178,7 @@ class RankAgreement:
 
     def _error(self, topic: str) -> RankAgreementError:
         what = {"plan": "the path through", "capture": "the outcome of a capture of"}.get(
-            topic, "whether to stop (SIGTERM) before"
+            topic, "Lightning's per-batch SIGTERM check before"
         )
         return RankAgreementError(
             f"CUDAGraphCallback: rank {self.rank} waited up to {self.timeout:.0f} s for the other ranks to agree on "

@@ -56,13 +56,16 @@ class DistributedRegressor(models.Regressor):
 
 
 class SigtermOnRankZero(pl.Callback):
-    """Rank zero notes a SIGTERM (as Lightning's signal handler does) after a given step."""
+    """Rank zero notes a SIGTERM (as Lightning's signal handler does) as an epoch
+    starts: the per-batch check at that epoch's first batch must stop every rank.
+    (Noted after a batch, Lightning's own end-of-batch check would stop rank zero
+    alone, eagerly too.)"""
 
-    def __init__(self, step: int) -> None:
-        self.step = step
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_rank == 0 and trainer.global_step == self.step:
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.global_rank == 0 and trainer.current_epoch == self.epoch:
             trainer._signal_connector.received_sigterm = True
 
 
@@ -93,7 +96,7 @@ def main() -> None:
     parser.add_argument("--shape-change-at", type=int, help="rank 1's batch at this index has another shape")
     parser.add_argument("--rank-agreement", default="auto")
     parser.add_argument("--batchnorm", action="store_true", help="BatchNorm: DDP broadcasts its buffers in the step")
-    parser.add_argument("--sigterm-at", type=int, help="rank zero receives SIGTERM after this global step")
+    parser.add_argument("--sigterm-at-epoch", type=int, help="rank zero receives SIGTERM as this epoch starts")
     parser.add_argument("--stack-dump-after", type=float, help="seconds: print every thread's stack and exit")
     args = parser.parse_args()
     if args.stack_dump_after:
@@ -115,7 +118,7 @@ def main() -> None:
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
         use_distributed_sampler=args.shape_change_at is None,
         callbacks=[recorder] + ([callback] if callback else [])
-        + ([SigtermOnRankZero(args.sigterm_at)] if args.sigterm_at is not None else []),
+        + ([SigtermOnRankZero(args.sigterm_at_epoch)] if args.sigterm_at_epoch is not None else []),
     )
     if args.shape_change_at is None:
         loader = DataLoader(regression_data(n=args.samples), batch_size=8, shuffle=True)

@@ -154,11 +154,12 @@ def test_a_shape_change_on_one_rank_runs_that_step_eagerly_on_every_rank(tmp_pat
 def test_sigterm_on_rank_zero_stops_every_rank_after_the_same_step_as_eager(tmp_path):
     # Lightning's per-batch SIGTERM check is asked over the callback's Gloo group, not read from
     # an NCCL broadcast: every rank must still stop before the same batch as eagerly
-    eager, graphed = both(tmp_path, "--sigterm-at", "14", "--epochs", "4")
+    # 9 batches an epoch on each rank; graphs replay from step 12 on; rank zero is signalled as epoch 2 starts
+    eager, graphed = both(tmp_path, "--sigterm-at-epoch", "2", "--epochs", "4")
     graphs_used(graphed)
     for rank, (e, g) in enumerate(zip(eager, graphed)):
         assert e["stopped_by_sigterm"] and g["stopped_by_sigterm"], f"rank {rank}"
-        assert g["global_steps"] == e["global_steps"] and e["global_steps"][-1] == 14, f"rank {rank}"
+        assert g["global_steps"] == e["global_steps"] and e["global_steps"][-1] == 18, f"rank {rank}"
         close(g["losses"], e["losses"], f"rank {rank}: per-step loss")
 
 
