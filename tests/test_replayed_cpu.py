@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, StochasticWeightAveraging
 
 import models
 from lightning_graphs import GraphedStep
@@ -144,3 +145,64 @@ def test_graphed_step_in_a_plain_loop(graph_api_on_cpu, monkeypatch):
     assert losses == pytest.approx(eager_losses, rel=1e-6, abs=1e-6)
     for p, q in zip(params, eager_params):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+
+
+# -- setups users write every day --------------------------------------------------------------------------------
+
+
+class PlateauOnValidationLoss(models.Evaluated):
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.parameters(), lr=1e-2)
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=0)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val_loss"}}
+
+
+class WarmupThenDecayEveryThreeSteps(models.Regressor):
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam(self.parameters(), lr=1e-2)
+        warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.1, total_iters=3)
+        decay = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.9)
+        scheduler = torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, decay], milestones=[3])
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 3}}
+
+
+class ReturnsADict(models.Regressor):
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        pred = self(x)
+        loss = torch.nn.functional.mse_loss(pred, y)
+        self.log_dict({"loss_seen": loss, "pred_mean": pred.mean()}, prog_bar=True)
+        return {"loss": loss, "preds": pred.detach()}
+
+
+_VALIDATION = lambda: loader(regression_data(n=37, seed=1))  # noqa: E731
+_SETUPS = {
+    "ReduceLROnPlateau on val_loss": (lambda: PlateauOnValidationLoss("adamw", None),
+                                      dict(val_loader=_VALIDATION, max_epochs=4)),
+    "SequentialLR every 3 steps": (lambda: WarmupThenDecayEveryThreeSteps("adamw", None), {}),
+    "a dict returned, log_dict on the progress bar": (lambda: ReturnsADict("adamw", "lambda"), {}),
+    "StochasticWeightAveraging": (lambda: models.Regressor("adamw", None, epochs=4), dict(
+        max_epochs=4, extra_callbacks=lambda: [StochasticWeightAveraging(swa_lrs=1e-3, swa_epoch_start=2)])),
+    "EarlyStopping": (lambda: models.Evaluated("adamw", "lambda", epochs=5), dict(
+        val_loader=_VALIDATION, max_epochs=5, extra_callbacks=lambda: [EarlyStopping("val_loss", patience=0)])),
+    "LearningRateMonitor": (lambda: models.Regressor("adamw", "onecycle"), dict(
+        extra_callbacks=lambda: [LearningRateMonitor(logging_interval="step")])),
+    "clipping by value": (lambda: models.Regressor("adamw", None), dict(
+        gradient_clip_val=0.01, gradient_clip_algorithm="value")),
+}
+
+
+@pytest.mark.parametrize("setup", sorted(_SETUPS))
+def test_common_lightning_setups(replaying, setup):
+    make_module, options = _SETUPS[setup]
+    eager, graphed = both(make_module, **options)
+    assert_same(eager, graphed)
+    replayed(graphed, eager_steps=0)
+    assert not graphed.warnings, graphed.warnings
+
+
+def test_bf16_mixed(replaying):
+    eager, graphed = both(lambda: models.Regressor("adamw", "lambda"), precision="bf16-mixed")
+    assert_same(eager, graphed, rtol=2e-2, atol=2e-2)  # a last-bit difference can flip a bf16 rounding
+    replayed(graphed, eager_steps=0)
