@@ -93,10 +93,37 @@ def test_resuming_from_a_checkpoint_saved_while_graphed(replaying, tmp_path):
     assert resumed.global_step == straight.global_step
 
 
-def test_manual_optimization(replaying):
-    eager, graphed = both(lambda: models.ManualRegressor("adamw", "lambda"))
+class ZeroGradAfterTheStep(models.ManualRegressor):
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self(x), y)
+        self.manual_backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        self.log("loss", loss, prog_bar=True)
+
+
+class SchedulerStepsEachEpoch(models.ManualRegressor):
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self(x), y)
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        self.clip_gradients(optimizer, gradient_clip_val=0.5, gradient_clip_algorithm="norm")
+        optimizer.step()
+        self.log("loss", loss)
+
+    def on_train_epoch_end(self):
+        self.lr_schedulers().step()
+
+
+@pytest.mark.parametrize("module", [models.ManualRegressor, ZeroGradAfterTheStep, SchedulerStepsEachEpoch])
+def test_manual_optimization(replaying, module):
+    eager, graphed = both(lambda: module("adamw", "lambda"), max_epochs=3)
     assert_same(eager, graphed)
-    replayed(graphed)
+    replayed(graphed, eager_steps=0)
 
 
 def test_evaluation_graphs(replaying):
