@@ -246,21 +246,11 @@ class CUDAGraphCallback(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._teardown_training(trainer)
         if not self._on_cuda(pl_module):
-            self._warn_once(
-                "no-cuda",
-                f"CUDAGraphCallback: the model is on {pl_module.device} and CUDA graphs need a CUDA device. "
-                "Training runs eagerly, unchanged.",
-            )
+            self._off_cuda(pl_module, "Training")
             return
         reason = self._unsupported(trainer, pl_module) or self._graphed_by_the_compiler(pl_module)
         if reason is not None:
-            if self.strict:
-                raise GraphCaptureError(f"CUDAGraphCallback: {reason}.")
-            self._warn_once(
-                "unsupported",
-                f"CUDAGraphCallback: {reason}. Training runs eagerly, unchanged "
-                "(without the whole-step graph speed-up).",
-            )
+            self._refuse("unsupported", reason, "Training")
             return
         self._trainer = trainer
         if self.compile:
@@ -306,6 +296,21 @@ class CUDAGraphCallback(pl.Callback):
     @staticmethod
     def _on_cuda(pl_module: pl.LightningModule) -> bool:
         return torch.cuda.is_available() and pl_module.device.type == "cuda"
+
+    def _off_cuda(self, pl_module: pl.LightningModule, activity: str) -> None:
+        self._warn_once(
+            "no-cuda",
+            f"CUDAGraphCallback: the model is on {pl_module.device} and CUDA graphs need a CUDA device. "
+            f"{activity} runs eagerly, unchanged.",
+        )
+
+    def _refuse(self, key: str, reason: str, activity: str) -> None:
+        """What cannot be graphed at all: raise with ``strict``, else warn once."""
+        if self.strict:
+            raise GraphCaptureError(f"CUDAGraphCallback: {reason}.")
+        self._warn_once(
+            key, f"CUDAGraphCallback: {reason}. {activity} runs eagerly, unchanged (without the CUDA graph speed-up)."
+        )
 
     def _unsupported(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str | None:
         """Why this fit cannot be graphed at all, if so."""
@@ -473,13 +478,8 @@ class CUDAGraphCallback(pl.Callback):
             return
         evaluation = self._evaluation.get(stage)
         if evaluation is None:
-            what = stage.capitalize()
             if not self._on_cuda(pl_module):
-                self._warn_once(
-                    "no-cuda",
-                    f"CUDAGraphCallback: the model is on {pl_module.device} and CUDA graphs need a CUDA device. "
-                    f"{what} runs eagerly, unchanged.",
-                )
+                self._off_cuda(pl_module, stage.capitalize())
                 return
             reason = (
                 self._unsupported_setup(trainer, training=False)
@@ -487,12 +487,7 @@ class CUDAGraphCallback(pl.Callback):
                 or self._graphed_by_the_compiler(pl_module)
             )
             if reason is not None:
-                if self.strict:
-                    raise GraphCaptureError(f"CUDAGraphCallback: {reason}.")
-                self._warn_once(
-                    f"{stage}:unsupported",
-                    f"CUDAGraphCallback: {reason}. {what} runs eagerly, unchanged (no CUDA graph speed-up).",
-                )
+                self._refuse(f"{stage}:unsupported", reason, stage.capitalize())
                 return
             evaluation = self._evaluation[stage] = EvaluationGraphs(
                 stage, lambda dataloader_idx: self._evaluation_engine(stage, pl_module)
