@@ -24,6 +24,10 @@ on (Lightning 2.4 to 2.6):
   (built under a side stream, as capture asks), ``_ddp_comm_hook`` and
   ``_model_averager`` hold a communication hook and post-local-SGD averaging, and
   ``trainer.num_training_batches`` is the same on every rank.
+* with several ranks, ``trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor()``
+  runs at the start of every training batch: rank zero's "received SIGTERM" flag
+  is broadcast over NCCL and read on the host, and if set every rank passes a
+  barrier and raises ``SIGTERMException``.
 * the evaluation and prediction loops run each step through
   ``getattr(trainer.strategy, "validation_step")(*step_args)`` (likewise
   ``test_step`` and ``predict_step``), with ``step_args`` of ``(batch[, batch_idx]
@@ -34,6 +38,7 @@ on (Lightning 2.4 to 2.6):
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import numbers
 from collections import OrderedDict
@@ -86,6 +91,28 @@ def patch_step_runner(trainer: pl.Trainer, runner: Callable[..., Any]) -> Callab
     original = loop.run
     loop.run = runner
     return original
+
+
+def patch_sigterm_broadcast(trainer: pl.Trainer, rank_zero_flag: Callable[[bool], bool]) -> None:
+    """Under several ranks, decide Lightning's per-batch "did rank zero receive
+    SIGTERM" with ``rank_zero_flag`` (the callback: an all-reduce over Gloo, on the
+    host) instead of an NCCL broadcast read back on the host, which waits for every
+    step the GPU has queued: the host could never run ahead of the GPU. Every rank
+    stops as Lightning's own check stops it."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    def broadcast_sigterm() -> None:
+        if rank_zero_flag(bool(getattr(trainer, "received_sigterm", False))):
+            with contextlib.suppress(Exception):
+                torch.distributed.barrier()  # as Lightning does: every rank gets here before any exits
+            raise SIGTERMException()
+
+    trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = broadcast_sigterm
+
+
+def unpatch_sigterm_broadcast(trainer: pl.Trainer) -> None:
+    """Give the epoch loop its own SIGTERM broadcast back. Safe to call twice."""
+    trainer.fit_loop.epoch_loop.__dict__.pop("_broadcast_sigterm_tensor", None)
 
 
 def unpatch_step_runner(trainer: pl.Trainer) -> None:

@@ -97,7 +97,9 @@ class CUDAGraphCallback(pl.Callback):
             before raising :class:`~lightning_graphs.distributed.RankAgreementError`
             (another rank failed or is stuck). It bounds the longest stretch
             between two agreements on another rank: a first ``torch.compile``
-            counts.
+            counts, and so does anything one rank does alone between two batches
+            (a checkpoint rank zero saves), since Lightning's per-batch SIGTERM
+            check is asked over the same group.
 
     Raises:
         ValueError: for a negative ``warmup_steps``, or a ``compile`` dict asking
@@ -376,6 +378,9 @@ class CUDAGraphCallback(pl.Callback):
         self._schedule = AgreementSchedule(self.rank_agreement != "boundaries")
         self._ranks = RankAgreement(self.agreement_timeout)
         self._agreement_stats = None
+        # Lightning's own per-batch SIGTERM check reads an NCCL broadcast on the host, which
+        # waits for the GPU at every step: asked over the agreement's Gloo group instead
+        internals.patch_sigterm_broadcast(trainer, self._ranks.rank_zero_flag)
 
     def _agree_on_capture(self, outcome: CaptureOutcome, explanation: str | None) -> tuple[CaptureOutcome, str | None]:
         """After a capture on every rank: the outcome all act on. A capture that left
@@ -607,6 +612,7 @@ class CUDAGraphCallback(pl.Callback):
         if self._original_run is not None:
             internals.unpatch_step_runner(self._trainer or trainer)
             self._original_run = None
+        internals.unpatch_sigterm_broadcast(self._trainer or trainer)
         self._manual = None
         if self._engine is not None:
             self._last_stats = self._engine.stats

@@ -150,6 +150,11 @@ class RankAgreement:
                 explanation = f"the capture failed on rank {rank}: {text}"
         return agreed, explanation, neg_unfinished < 0
 
+    def rank_zero_flag(self, flag: bool) -> bool:
+        """Rank zero's ``flag``, on every rank (a flag the other ranks pass is ignored)."""
+        (neg_flag,) = self._min([-int(flag and self.rank == 0)], "flag")
+        return neg_flag < 0
+
     def close(self) -> None:
         """Release the Gloo group this agreement made."""
         if self._own_group and self.group is not None and dist.is_initialized():
@@ -172,7 +177,9 @@ class RankAgreement:
             raise self._error("capture") from error
 
     def _error(self, topic: str) -> RankAgreementError:
-        what = "the path through" if topic == "plan" else "the outcome of a capture of"
+        what = {"plan": "the path through", "capture": "the outcome of a capture of"}.get(
+            topic, "Lightning's per-batch SIGTERM check before"
+        )
         return RankAgreementError(
             f"CUDAGraphCallback: rank {self.rank} waited up to {self.timeout:.0f} s for the other ranks to agree on "
             f"{what} {self.what}, and they did not come (or their connection broke): another rank failed or is "

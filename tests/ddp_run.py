@@ -26,6 +26,7 @@ import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
+from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 import models  # noqa: E402
@@ -52,6 +53,20 @@ class DistributedRegressor(models.Regressor):
         self.log("batch_mean", x.mean(), on_step=True, on_epoch=True, sync_dist=True, reduce_fx="mean")
         self.log("pred_max", pred.max(), on_step=True, on_epoch=False, sync_dist=True, reduce_fx="max")
         return loss
+
+
+class SigtermOnRankZero(pl.Callback):
+    """Rank zero notes a SIGTERM (as Lightning's signal handler does) as an epoch
+    starts: the per-batch check at that epoch's first batch must stop every rank.
+    (Noted after a batch, Lightning's own end-of-batch check would stop rank zero
+    alone, eagerly too.)"""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.global_rank == 0 and trainer.current_epoch == self.epoch:
+            trainer._signal_connector.received_sigterm = True
 
 
 def per_rank_loader(rank: int, changed_at: int | None, batch_size: int = 8) -> DataLoader:
@@ -81,6 +96,7 @@ def main() -> None:
     parser.add_argument("--shape-change-at", type=int, help="rank 1's batch at this index has another shape")
     parser.add_argument("--rank-agreement", default="auto")
     parser.add_argument("--batchnorm", action="store_true", help="BatchNorm: DDP broadcasts its buffers in the step")
+    parser.add_argument("--sigterm-at-epoch", type=int, help="rank zero receives SIGTERM as this epoch starts")
     parser.add_argument("--stack-dump-after", type=float, help="seconds: print every thread's stack and exit")
     args = parser.parse_args()
     if args.stack_dump_after:
@@ -101,15 +117,20 @@ def main() -> None:
         accumulate_grad_batches=args.accumulate, logger=logger, log_every_n_steps=1, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
         use_distributed_sampler=args.shape_change_at is None,
-        callbacks=[recorder] + ([callback] if callback else []),
+        callbacks=[recorder] + ([callback] if callback else [])
+        + ([SigtermOnRankZero(args.sigterm_at_epoch)] if args.sigterm_at_epoch is not None else []),
     )
     if args.shape_change_at is None:
         loader = DataLoader(regression_data(n=args.samples), batch_size=8, shuffle=True)
     else:
         loader = per_rank_loader(int(os.environ.get("LOCAL_RANK", 0)), args.shape_change_at)
+    stopped = False
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", GraphWarning)
-        trainer.fit(module, train_dataloaders=loader)
+        try:
+            trainer.fit(module, train_dataloaders=loader)
+        except SIGTERMException:
+            stopped = True  # every rank stops at the next batch's SIGTERM check
     stats = callback.stats if callback is not None else None
     args.out.mkdir(parents=True, exist_ok=True)
     torch.save(
@@ -128,6 +149,7 @@ def main() -> None:
             },
             "agreement_stats": callback.agreement_stats if callback is not None else None,
             "warnings": [str(w.message) for w in caught if issubclass(w.category, GraphWarning)],
+            "stopped_by_sigterm": stopped,
         },
         args.out / f"rank{trainer.global_rank}.pt",
     )

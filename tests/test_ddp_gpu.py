@@ -151,6 +151,18 @@ def test_a_shape_change_on_one_rank_runs_that_step_eagerly_on_every_rank(tmp_pat
     assert graphed[0]["stats"]["replays"] == graphed[1]["stats"]["replays"]
 
 
+def test_sigterm_on_rank_zero_stops_every_rank_after_the_same_step_as_eager(tmp_path):
+    # Lightning's per-batch SIGTERM check is asked over the callback's Gloo group, not read from
+    # an NCCL broadcast: every rank must still stop before the same batch as eagerly
+    # 9 batches an epoch on each rank; graphs replay from step 12 on; rank zero is signalled as epoch 2 starts
+    eager, graphed = both(tmp_path, "--sigterm-at-epoch", "2", "--epochs", "4")
+    graphs_used(graphed)
+    for rank, (e, g) in enumerate(zip(eager, graphed)):
+        assert e["stopped_by_sigterm"] and g["stopped_by_sigterm"], f"rank {rank}"
+        assert g["global_steps"] == e["global_steps"] and e["global_steps"][-1] == 18, f"rank {rank}"
+        close(g["losses"], e["losses"], f"rank {rank}: per-step loss")
+
+
 @pytest.mark.parametrize("strategy, named", [("fsdp", "FSDPStrategy"),
                                              ("ddp_find_unused_parameters_true", "find_unused_parameters")])
 def test_strategies_that_cannot_be_graphed_train_eagerly_with_one_warning(tmp_path, strategy, named):

@@ -275,3 +275,12 @@ def test_a_step_taken_without_agreement_that_cannot_replay_raises_instead_of_han
     assert agree_on_plan(None, schedule, replay, batch_idx=5, batches_in_epoch=10) is replay
     with pytest.raises(RankAgreementError, match="every_step"):
         agree_on_plan(None, schedule, StepPlan(Action.WARMUP, None), batch_idx=6, batches_in_epoch=10)
+
+
+def _rank_zero_flags(rank):
+    ranks = RankAgreement(timeout=10.0)
+    return [ranks.rank_zero_flag(flag) for flag in ((rank == 0), (rank == 1), False)]
+
+
+def test_every_rank_learns_rank_zeros_flag_and_only_its():
+    assert run_ranks(_rank_zero_flags) == [[True, False, False], [True, False, False]]

@@ -76,3 +76,25 @@ def test_manual_optimization_under_ddp_trains_eagerly_and_says_why(one_rank_grou
     automatic = Manual()
     automatic.automatic_optimization = True
     assert CUDAGraphCallback()._unsupported(trainer, automatic) is None
+
+
+def test_the_sigterm_check_asks_the_given_agreement_and_stops_as_lightning_does():
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    epoch_loop = SimpleNamespace()
+    trainer = SimpleNamespace(fit_loop=SimpleNamespace(epoch_loop=epoch_loop), received_sigterm=False)
+    asked = []
+
+    def rank_zero_flag(flag):
+        asked.append(flag)
+        return flag
+
+    internals.patch_sigterm_broadcast(trainer, rank_zero_flag)
+    epoch_loop._broadcast_sigterm_tensor()  # nothing received: training goes on
+    trainer.received_sigterm = True
+    with pytest.raises(SIGTERMException):
+        epoch_loop._broadcast_sigterm_tensor()
+    assert asked == [False, True]
+    internals.unpatch_sigterm_broadcast(trainer)
+    internals.unpatch_sigterm_broadcast(trainer)  # twice is fine
+    assert not hasattr(epoch_loop, "_broadcast_sigterm_tensor")
