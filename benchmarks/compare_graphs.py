@@ -91,8 +91,10 @@ def _debug_graphs():
     import torch
 
     class DebugGraph(torch.cuda.CUDAGraph):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
+        # keep_graph=True: otherwise the end of capture frees the topology once the
+        # graph is instantiated, and debug_dump has nothing left to write
+        def __init__(self, keep_graph: bool = False):
+            super().__init__(True)
             self.enable_debug_mode()
 
     torch.cuda.CUDAGraph = DebugGraph
@@ -187,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, graph in (("callback", kept_ours[0]), ("hand_written", kept_theirs[0])):
             path = args.dump / f"{args.workload}_{name}.dot"
             graph.debug_dump(str(path))
+            if not path.exists():
+                print(f"this torch build wrote no DOT dump for the {name} graph ({path}); no topology to compare")
+                return 1
             shapes[name] = graph_shape(path.read_text())
         kinds = sorted(set(shapes["callback"]) | set(shapes["hand_written"]))
         print("graph topology (nodes by kind, edges): " + ", ".join(
