@@ -52,7 +52,7 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch.nn.parallel import DistributedDataParallel
 
-from lightning_graphs.batches import clone_tensors, flatten
+from lightning_graphs.batches import clone_tensors, flatten, unflatten
 from lightning_graphs.graphed_step import ignore_torch_attribute
 from lightning_graphs.metrics import is_metric, why_not_graphed
 from lightning_graphs.python_state import WatchedInt
@@ -518,21 +518,45 @@ class StepProbe:
         setattr(owner, name, property(read))
         return owner, name, original
 
+    def _watch_counter_arguments(self, hook: str) -> bool:
+        """A user's ``optimizer_step`` or ``optimizer_zero_grad`` gets its ``epoch`` and
+        ``batch_idx`` as :class:`WatchedInt`: one that skips or delays steps by them
+        takes a path a replay cannot follow."""
+        if getattr(type(self.module), hook) is getattr(pl.LightningModule, hook):
+            return False  # Lightning's own passes them along unread
+        original = getattr(self.module, hook)
+        probe = self
+
+        def watched(epoch: Any, batch_idx: Any, *args: Any, **kwargs: Any) -> Any:
+            def reads(argument: str) -> Callable[[], None]:
+                return lambda: probe.note(
+                    f"`{hook}` reads its `{argument}` argument (to branch, count or log). A CUDA graph would "
+                    "replay the captured step's decisions at every step"
+                )
+
+            return original(WatchedInt(epoch, reads("epoch")), WatchedInt(batch_idx, reads("batch_idx")), *args,
+                            **kwargs)
+
+        self.module.__dict__[hook] = watched
+        return True
+
     @contextmanager
     def active(self) -> Iterator[StepProbe]:
         """Install the stand-ins; everything is restored on exit, also on errors."""
         saved_fx = self.module._current_fx_name
-        patched = []
+        patched, wrapped = [], []
         self.module.log = self._logged
         try:
             for name in self._WATCHED_PROPERTIES:
                 patched.append(self._watch_property(pl.LightningModule, name, module_level=True))
                 patched.append(self._watch_property(pl.Trainer, name, module_level=False))
+            wrapped = [hook for hook in ("optimizer_step", "optimizer_zero_grad") if self._watch_counter_arguments(hook)]
             yield self
         finally:
             for owner, name, original in (p for p in reversed(patched) if p is not None):
                 setattr(owner, name, original)
-            self.module.__dict__.pop("log", None)
+            for name in ["log", *wrapped]:
+                self.module.__dict__.pop(name, None)
             self.module._current_fx_name = saved_fx
 
 
@@ -593,6 +617,19 @@ class LogReplayer:
                 value = call.value.squeeze() if isinstance(call.value, torch.Tensor) else call.value
                 results.update_metrics(key, value, batch_size)
                 connector._current_fx = call.fx
+
+
+def replayed_outputs(outputs: Any, batch_idx: Any) -> Any:
+    """A replayed step's outputs as a value of their own: tensors cloned (the next
+    replay overwrites graph memory), containers new (callbacks may write into the
+    ``outputs`` they are given), and this batch's index where the captured step
+    returned its own (``{"loss": loss, "idx": batch_idx}``), which a graph cannot
+    replay."""
+    leaves, tree = flatten(outputs)
+    return unflatten(tree, [
+        batch_idx if isinstance(leaf, WatchedInt) else leaf.detach().clone() if isinstance(leaf, torch.Tensor) else leaf
+        for leaf in leaves
+    ])
 
 
 def finish_capture(engine: Any, plan: Any, probe: StepProbe, outputs: Any) -> Any:

@@ -11,7 +11,6 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_graphs import _lightning as internals
-from lightning_graphs.batches import clone_tensors
 from lightning_graphs.compiled import compile_children, compiled_parts, own_graphs, own_graphs_requested
 from lightning_graphs.distributed import AgreementSchedule, RankAgreement, agree_on_plan
 from lightning_graphs.evaluation import STAGE_HOOKS, EvaluationGraphs
@@ -418,7 +417,7 @@ class CUDAGraphCallback(pl.Callback):
             outputs = engine.replay(plan)
             internals.count_replayed_step(trainer, batch_idx)
             plan.graph.notes["logs"]()
-            return clone_tensors(outputs)
+            return internals.replayed_outputs(outputs, batch_idx)
         if plan.action is Action.WARMUP:
             probe = internals.StepProbe(trainer.lightning_module, capturing=False)
             with probe.active():

@@ -22,7 +22,6 @@ from typing import Any, Callable
 import lightning.pytorch as pl
 
 from lightning_graphs import _lightning as internals
-from lightning_graphs.batches import clone_tensors
 from lightning_graphs.graphed_step import Action, CaptureDeferred, CaptureFailed, GraphedStep, GraphStats, StepPlan
 
 __all__ = ["EvaluationGraphs", "STAGE_HOOKS"]
@@ -108,7 +107,7 @@ class EvaluationGraphs:
         if plan.action is Action.REPLAY:
             outputs = engine.replay(plan)
             plan.graph.notes["logs"]()
-            return clone_tensors(outputs)
+            return internals.replayed_outputs(outputs, call.batch_idx)
         # the sanity check only warms up: graphs captured before the training step's
         # first capture would be retired by it (see the callback's shared memory pool)
         if plan.action is Action.WARMUP or (plan.action is Action.CAPTURE and trainer.sanity_checking):

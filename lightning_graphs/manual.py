@@ -230,12 +230,12 @@ class ManualSteps:
         """One manual training step, as Lightning's ``run(kwargs)`` returns it."""
         engine, trainer = self.engine, self.trainer
         plan = engine.plan(kwargs["batch"])
+        batch_idx = kwargs.get("batch_idx", trainer.fit_loop.epoch_loop.batch_idx)
         if plan.action is Action.REPLAY:
             outputs = engine.replay(plan)
             plan.graph.notes["manual"](trainer)
             plan.graph.notes["logs"]()
-            return _own_copy(outputs)
-        batch_idx = kwargs.get("batch_idx", trainer.fit_loop.epoch_loop.batch_idx)
+            return internals.replayed_outputs(outputs, batch_idx)
         if plan.action is Action.WARMUP:
             probe = internals.StepProbe(trainer.lightning_module, capturing=False)
             calls = _StepCalls(self, capturing=False, on_problem=engine.disable)

@@ -21,6 +21,38 @@ _PLAIN = (bool, int, complex, str, bytes, type(None))
 _SIZED = (list, dict, set, frozenset, tuple, bytearray)
 
 
+_DIGEST_DEPTH, _DIGEST_ITEMS = 4, 256
+
+
+def _plain(value: Any) -> Any:
+    return ("nan",) if isinstance(value, float) and math.isnan(value) else value
+
+
+def _digest(value: Any, depth: int = 0, budget: list[int] | None = None) -> Any:
+    """The plain values in a container of plain values (settings: ``self.hparams``, a
+    dict of weights, a list of coefficients), nested a few levels, as one comparable
+    value; None for a container holding anything else (tensors, objects: outputs
+    collected by a hook), or too big or deep to compare cheaply."""
+    budget = [_DIGEST_ITEMS] if budget is None else budget
+    if isinstance(value, (float, *_PLAIN)):
+        return _plain(value)
+    if depth >= _DIGEST_DEPTH or not isinstance(value, _SIZED) or isinstance(value, bytearray):
+        return None
+    budget[0] -= len(value)
+    if budget[0] < 0:
+        return None
+    if isinstance(value, dict):
+        items = [(_digest(k, depth + 1, budget), _digest(v, depth + 1, budget)) for k, v in value.items()]
+        flat = [part for item in items for part in item]
+    else:
+        flat = items = [_digest(v, depth + 1, budget) for v in value]
+    if any(part is None for part in flat):
+        return None
+    if isinstance(value, (set, frozenset)):
+        return (type(value).__name__, frozenset(items))
+    return (type(value).__name__, tuple(items))
+
+
 def _value_key(value: Any) -> tuple:
     """What about an attribute value must stay the same across a step."""
     if isinstance(value, float):
@@ -28,7 +60,7 @@ def _value_key(value: Any) -> tuple:
     if isinstance(value, _PLAIN):
         return ("number", value)
     if isinstance(value, _SIZED):
-        return ("container", id(value), len(value))
+        return ("container", id(value), len(value), _digest(value))
     if isinstance(value, torch.Tensor):
         return ("tensor", id(value))
     # tensors included: in-place updates are replayed by the graph, rebinding is not
@@ -40,9 +72,12 @@ def _describe(name: str, before: tuple, after: tuple | None, value: Any) -> str:
         return f"deletes `{name}`"
     if before is None:
         return f"sets a new attribute `{name}`"
-    if before[0] == "container" and after[0] == "container" and before[1] == after[1]:
+    if before[0] == "container" and after[0] == "container" and before[2] != after[2] and before[1] == after[1]:
         verb = "grows" if after[2] > before[2] else "shrinks"
         return f"{verb} `{name}` (a {type(value).__name__}: {before[2]} -> {after[2]} items)"
+    if before[0] == "container" and after[0] == "container" and before[3] != after[3] and after[3] is not None:
+        how = "changes a value in" if before[1] == after[1] else "rebinds"
+        return f"{how} `{name}` (a {type(value).__name__} of plain values)"
     if before[0] == "number" and after[0] == "number":
         return f"changes `{name}` from {before[1]!r} to {after[1]!r}"
     if isinstance(value, torch.Tensor):
@@ -90,31 +125,47 @@ class StateFingerprint:
         ``read_by_step_only`` compares only what a captured step bakes in and code
         outside the step may change between steps: public attributes holding plain
         values (a temperature, a flag, a mode string) or tensors (a graph reads the
-        tensor it was captured with, not one assigned later), and which tensors are
-        registered as parameters and buffers. Containers, private attributes and
-        other objects are left out: outside the step they are bookkeeping (outputs
-        collected in a hook) that a step seldom reads."""
+        tensor it was captured with, not one assigned later), containers of plain
+        values whose values change at the same length (``self.hparams.beta``
+        annealed, a dict of loss weights), and which tensors are registered as
+        parameters and buffers. A private attribute behind a public property counts
+        as public (Lightning's ``_hparams`` behind ``hparams``). Containers that grow
+        or shrink or hold tensors, other private attributes and other objects are
+        left out: outside the step they are bookkeeping (outputs collected in a
+        hook) that a step seldom reads."""
         found = []
         for key in list(self._entries) + [k for k in after._entries if k not in self._entries]:
             before_key, after_key = self._entries.get(key), after._entries.get(key)
             if before_key == after_key:
                 continue
             label, name = key
-            if read_by_step_only and not _read_by_step(name, before_key, after_key):
-                continue
             obj = after._objects.get(label, self._objects.get(label))
+            if read_by_step_only and not _read_by_step(obj, name, before_key, after_key):
+                continue
             value = getattr(obj, name, None) if obj is not None else None
             if value is None and isinstance(obj, torch.nn.Module):
                 value = obj._parameters.get(name, obj._buffers.get(name))
+            if _behind_property(obj, name):
+                name = name.lstrip("_")
             found.append(_describe(f"{label}.{name}" if label else name, before_key, after_key, value))
         return found
 
 
-def _read_by_step(name: str, before: tuple | None, after: tuple | None) -> bool:
+def _behind_property(obj: Any, name: str) -> bool:
+    """A private attribute that a public property of the same name reads (``_hparams``)."""
+    return name.startswith("_") and isinstance(getattr(type(obj), name.lstrip("_"), None), property)
+
+
+def _read_by_step(obj: Any, name: str, before: tuple | None, after: tuple | None) -> bool:
     kinds = {entry[0] for entry in (before, after) if entry is not None}
     if "slot" in kinds:
         return True
-    return not name.startswith("_") and kinds <= {"number", "tensor"}
+    if name.startswith("_") and not _behind_property(obj, name):
+        return False
+    if kinds == {"container"} and before is not None and after is not None:
+        # settings changed in place or rebound with new values; not a collection growing
+        return before[2] == after[2] and None not in (before[3], after[3]) and before[3] != after[3]
+    return kinds <= {"number", "tensor"}
 
 
 _INT_OPERATIONS = (

@@ -79,3 +79,50 @@ def test_watched_int_behaves_as_an_int():
     assert [0, 1, 2, 3][index] == 3
     assert {3: "x"}[index] == "x"
     assert str(index) == "3" and repr(index) == "3"
+
+
+# -- between steps: what code outside the step changed that a graph baked in -------------------------------------
+
+
+class Settings(Net):
+    def __init__(self):
+        super().__init__()
+        self.weights = {"mse": 1.0, "l2": [0.1, 0.2]}
+        self.coefficients = [1.0, 2.0]
+        self.tensors = [torch.zeros(1)]
+        self._hparams = {"beta": 0.5}  # as Lightning keeps `hparams`
+
+    @property
+    def hparams(self):
+        return self._hparams
+
+
+def _outside(net, change):
+    before = _fp(net)
+    change(net)
+    return before.changes(_fp(net), read_by_step_only=True)
+
+
+def test_settings_changed_in_place_or_rebound_with_new_values_are_named():
+    (change,) = _outside(Settings(), lambda net: net.weights["l2"].__setitem__(1, 0.3))
+    assert "changes a value in `self.weights`" in change
+    (change,) = _outside(Settings(), lambda net: setattr(net, "coefficients", [1.0, 3.0]))
+    assert "rebinds `self.coefficients`" in change
+    (change,) = _outside(Settings(), lambda net: net.hparams.__setitem__("beta", 0.75))
+    assert "`self.hparams`" in change  # named as users write it
+
+
+def test_collections_and_unchanged_settings_between_steps_are_not():
+    assert _outside(Settings(), lambda net: net.outputs.append(0.5)) == []  # a hook collecting values
+    assert _outside(Settings(), lambda net: setattr(net, "outputs", [])) == []
+    assert _outside(Settings(), lambda net: setattr(net, "coefficients", [1.0, 2.0])) == []  # same values
+    assert _outside(Settings(), lambda net: setattr(net, "tensors", [torch.ones(1)])) == []  # not plain values
+    assert _outside(Settings(), lambda net: net.weights.__setitem__("new", 1.0)) == []  # no step read it before
+
+
+def test_a_step_counting_in_a_dict_is_a_side_effect():
+    net = Settings()
+    before = _fp(net)
+    net.weights["mse"] += 1
+    (change,) = before.changes(_fp(net))
+    assert "changes a value in `self.weights`" in change

@@ -12,6 +12,7 @@ kernels) stays the GPU tests' business; models here draw no random numbers.
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, StochasticWeightAveraging
@@ -233,3 +234,87 @@ def test_bf16_mixed(replaying):
     eager, graphed = both(lambda: models.Regressor("adamw", "lambda"), precision="bf16-mixed")
     assert_same(eager, graphed, rtol=2e-2, atol=2e-2)  # a last-bit difference can flip a bf16 rounding
     replayed(graphed, eager_steps=0)
+
+
+# -- Python values around the step ---------------------------------------------------------------------------------
+
+
+class AnnealsBetaInHparams(models.Regressor):
+    def __init__(self, beta: float = 0.25):
+        super().__init__("adamw", None, epochs=3)
+        self.save_hyperparameters()
+
+    def on_train_epoch_start(self):
+        self.hparams.beta = self.hparams.beta + 0.25
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        pred = self(x)
+        loss = torch.nn.functional.mse_loss(pred, y) + self.hparams.beta * pred.pow(2).mean()
+        self.log("train_loss", loss)
+        return loss
+
+
+class LossWeightsInADict(models.Regressor):
+    def __init__(self):
+        super().__init__("adamw", None, epochs=3)
+        self.loss_weights = {"mse": 1.0}
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self(x), y) * self.loss_weights["mse"]
+        self.log("train_loss", loss)
+        return loss
+
+
+class WeightsDoubledEachEpoch(pl.Callback):
+    def on_train_epoch_start(self, trainer, module):
+        module.loss_weights["mse"] *= 2
+
+
+class ReturnsItsBatchIndex(models.Regressor):
+    def __init__(self):
+        super().__init__("adamw", None)
+        self.indices_seen = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return {"loss": torch.nn.functional.mse_loss(self(x), y), "batch_idx": batch_idx}
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.indices_seen.append(outputs["batch_idx"])
+
+
+class StepsOnOddBatches(models.Regressor):
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure):
+        if batch_idx % 2:
+            optimizer.step(closure=optimizer_closure)
+        else:
+            optimizer_closure()
+
+
+@pytest.mark.parametrize("make_module, options", [
+    (AnnealsBetaInHparams, dict(max_epochs=3)),
+    (LossWeightsInADict, dict(max_epochs=3, extra_callbacks=lambda: [WeightsDoubledEachEpoch()])),
+], ids=["self.hparams annealed each epoch", "a dict of loss weights changed by a callback"])
+def test_settings_in_containers_changed_between_epochs_are_captured_anew(replaying, make_module, options):
+    eager, graphed = both(make_module, **options)
+    assert_same(eager, graphed)
+    replayed(graphed, eager_steps=0)
+    assert graphed.callback.stats.captures >= 4, graphed.callback.stats.summary()  # each epoch's value, twice
+    assert not graphed.warnings, graphed.warnings
+
+
+def test_a_returned_batch_index_is_each_batchs_own(replaying):
+    eager, graphed = both(ReturnsItsBatchIndex)
+    assert_same(eager, graphed)
+    replayed(graphed, eager_steps=0)
+    assert graphed.module.indices_seen == eager.module.indices_seen == list(range(9)) * 2
+
+
+def test_an_optimizer_step_deciding_on_its_batch_index_trains_eagerly_with_one_warning(replaying):
+    eager, graphed = both(lambda: StepsOnOddBatches("adamw", None))
+    assert_same(eager, graphed)
+    assert graphed.callback.stats.replays == 0, graphed.callback.stats.summary()
+    (warning,) = graphed.warnings
+    assert "`optimizer_step` reads its `batch_idx` argument" in warning
