@@ -246,8 +246,18 @@ def describe_mismatch(expected: BatchSignature, got: BatchSignature, root: str =
         return f"{root} has a different structure than the captured one"
     for path, a, b in zip(leaf_paths(expected.tree, root), expected.specs, got.specs):
         if a != b:
-            return f"{path} has {_describe_leaf(b, a)}; the captured graph expects {_describe_leaf(a, b)}"
+            text = f"{path} has {_describe_leaf(b, a)}; the captured graph expects {_describe_leaf(a, b)}"
+            if not _is_tensor_spec(a) and not _is_tensor_spec(b):
+                text += (
+                    " (values that are not tensors are part of a batch's signature, as a graph replays the "
+                    "captured ones: pass what changes from batch to batch as tensors)"
+                )
+            return text
     return f"{root} differs from the captured one"
+
+
+def _is_tensor_spec(spec: Any) -> bool:
+    return isinstance(spec, tuple) and len(spec) == 7
 
 
 class StaticBatch:

@@ -23,7 +23,7 @@ from lightning_graphs.messages import GraphCaptureError, GraphWarning, WarnOnce
 __all__ = ["CUDAGraphCallback"]
 
 _SUPPORTED_PRECISION = ("32-true", "32", "bf16-mixed", "16-mixed")
-_RAGGED_ADVICE = " A DataLoader with drop_last=True avoids a ragged last batch."
+_RAGGED_ADVICE = " If this is an epoch's smaller last batch, a DataLoader with drop_last=True avoids it."
 _RANK_AGREEMENT = ("auto", "every_step", "boundaries")
 # eager DDP iterations before a capture: DDP times its first 10 iterations with CUDA
 # events that the following iteration reads on the host, which a capture cannot hold

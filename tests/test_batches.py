@@ -94,11 +94,13 @@ def test_describe_mismatch_names_the_path_and_both_shapes():
     message = describe_mismatch(expected, got)
     assert "batch['x']" in message
     assert "(17, 64)" in message and "(32, 64)" in message
+    assert "not tensors" not in message
 
 
-def test_describe_mismatch_names_a_changed_string():
+def test_describe_mismatch_names_a_changed_string_and_what_to_pass_instead():
     message = describe_mismatch(signature_of(_batch()), signature_of(_batch(names=("a", "z"))))
     assert "batch['sample'].names[1]" in message and "'z'" in message
+    assert "pass what changes from batch to batch as tensors" in message
 
 
 def test_static_batch_copies_in_place_without_new_storage():
