@@ -252,6 +252,43 @@ def ignore_torch_attribute(obj: Any, name: str) -> bool:
     return False
 
 
+class _ClosureVariables:
+    """The variables a function closes over, as the attributes of an object (what
+    :class:`~lightning_graphs.python_state.StateFingerprint` compares)."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self._cells = dict(zip(fn.__code__.co_freevars, fn.__closure__ or ()))
+
+    @property
+    def __dict__(self) -> dict[str, Any]:  # type: ignore[override]
+        values = {}
+        for name, cell in self._cells.items():
+            try:
+                values[name] = cell.cell_contents
+            except ValueError:  # a variable not bound yet
+                continue
+        return values
+
+    def __getattr__(self, name: str) -> Any:
+        values = self.__dict__
+        if name in values:
+            return values[name]
+        raise AttributeError(name)
+
+
+def _what_fn_reads(fn: Callable[..., Any] | None) -> list[tuple[str, Any]]:
+    """``(label, object)`` pairs for the object a bound-method step belongs to and for
+    the variables a closure step closes over: Python state a replay bakes in."""
+    found: list[tuple[str, Any]] = []
+    owner = getattr(fn, "__self__", None)
+    if owner is not None and not isinstance(owner, type) and hasattr(owner, "__dict__"):
+        found.append(("self", owner))
+    function = getattr(fn, "__func__", fn)
+    if getattr(function, "__closure__", None):
+        found.append((getattr(function, "__name__", "step"), _ClosureVariables(function)))
+    return found
+
+
 class GraphedStep:
     """A step function captured as one CUDA graph and replayed, with eager fallback.
 
@@ -272,7 +309,10 @@ class GraphedStep:
         modules: modules used inside ``fn``; a change of their parameters, train/eval
             modes or ``requires_grad`` flags makes the graph stale.
         watch: ``(label, object)`` pairs whose Python attributes the step must not
-            change; modules not listed are watched under their class name.
+            change (and which code outside the step may change, see
+            :meth:`request_structure_check`); modules not listed are watched under
+            their class name, and so are the object ``fn`` is a bound method of and
+            the variables ``fn`` closes over.
         strict: raise :class:`GraphCaptureError` instead of falling back to eager.
         warn: ``warn(key, message)`` for user-facing warnings (default: once per key).
         ignore_attribute: ``ignore_attribute(obj, name)`` excludes framework-managed
@@ -364,8 +404,9 @@ class GraphedStep:
             if found is not None and all(found is not s for s in scalers):
                 scalers.append(found)
         self._grad_scalers = scalers
+        watch = list(watch) + [pair for pair in _what_fn_reads(fn) if all(pair[1] is not obj for _, obj in watch)]
         watched = {id(obj) for _, obj in watch}
-        self._watch = list(watch) + [(type(m).__name__, m) for m in self._modules if id(m) not in watched]
+        self._watch = watch + [(type(m).__name__, m) for m in self._modules if id(m) not in watched]
         self._watch += [(type(o.optimizer).__name__, o.optimizer) for o in self._optimizers]
         self._params = self._optimized_params()
         self._warmups_left = self.warmup_steps

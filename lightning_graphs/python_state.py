@@ -29,13 +29,16 @@ def _plain(value: Any) -> Any:
 
 
 def _digest(value: Any, depth: int = 0, budget: list[int] | None = None) -> Any:
-    """The plain values in a container of plain values (settings: ``self.hparams``, a
-    dict of weights, a list of coefficients), nested a few levels, as one comparable
-    value; None for a container holding anything else (tensors, objects: outputs
-    collected by a hook), or too big or deep to compare cheaply."""
+    """The values in a container of plain values and tensors (settings:
+    ``self.hparams``, a dict of weights, a list of coefficients, a dict of state
+    tensors), nested a few levels, as one comparable value (tensors by identity);
+    None for a container holding anything else (other objects), or too big or deep
+    to compare cheaply."""
     budget = [_DIGEST_ITEMS] if budget is None else budget
     if isinstance(value, (float, *_PLAIN)):
         return _plain(value)
+    if isinstance(value, torch.Tensor):
+        return ("tensor", id(value))  # a graph reads the tensor it was captured with
     if depth >= _DIGEST_DEPTH or not isinstance(value, _SIZED) or isinstance(value, bytearray):
         return None
     budget[0] -= len(value)
@@ -77,7 +80,7 @@ def _describe(name: str, before: tuple, after: tuple | None, value: Any) -> str:
         return f"{verb} `{name}` (a {type(value).__name__}: {before[2]} -> {after[2]} items)"
     if before[0] == "container" and after[0] == "container" and before[3] != after[3] and after[3] is not None:
         how = "changes a value in" if before[1] == after[1] else "rebinds"
-        return f"{how} `{name}` (a {type(value).__name__} of plain values)"
+        return f"{how} `{name}` (a {type(value).__name__} of plain values or tensors)"
     if before[0] == "number" and after[0] == "number":
         return f"changes `{name}` from {before[1]!r} to {after[1]!r}"
     if isinstance(value, torch.Tensor):
@@ -126,12 +129,13 @@ class StateFingerprint:
         outside the step may change between steps: public attributes holding plain
         values (a temperature, a flag, a mode string) or tensors (a graph reads the
         tensor it was captured with, not one assigned later), containers of plain
-        values whose values change at the same length (``self.hparams.beta``
-        annealed, a dict of loss weights), and which tensors are registered as
-        parameters and buffers. A private attribute behind a public property counts
-        as public (Lightning's ``_hparams`` behind ``hparams``). Containers that grow
-        or shrink or hold tensors, other private attributes and other objects are
-        left out: outside the step they are bookkeeping (outputs collected in a
+        values and tensors whose values change at the same length
+        (``self.hparams.beta`` annealed, a dict of loss weights, a state tensor in a
+        dict replaced), and which tensors are registered as parameters and buffers.
+        A private attribute behind a public property counts as public (Lightning's
+        ``_hparams`` behind ``hparams``). Containers that grow or shrink or hold
+        other objects, other private attributes and other objects are left out:
+        outside the step they are bookkeeping (outputs collected in a
         hook) that a step seldom reads."""
         found = []
         for key in list(self._entries) + [k for k in after._entries if k not in self._entries]:

@@ -110,13 +110,15 @@ def test_settings_changed_in_place_or_rebound_with_new_values_are_named():
     assert "rebinds `self.coefficients`" in change
     (change,) = _outside(Settings(), lambda net: net.hparams.__setitem__("beta", 0.75))
     assert "`self.hparams`" in change  # named as users write it
+    (change,) = _outside(Settings(), lambda net: net.tensors.__setitem__(0, torch.ones(1)))  # a graph read the old one
+    assert "changes a value in `self.tensors`" in change
+    assert _outside(Settings(), lambda net: net.tensors[0].add_(1)) == []  # updated in place: the graph reads it
 
 
 def test_collections_and_unchanged_settings_between_steps_are_not():
     assert _outside(Settings(), lambda net: net.outputs.append(0.5)) == []  # a hook collecting values
     assert _outside(Settings(), lambda net: setattr(net, "outputs", [])) == []
     assert _outside(Settings(), lambda net: setattr(net, "coefficients", [1.0, 2.0])) == []  # same values
-    assert _outside(Settings(), lambda net: setattr(net, "tensors", [torch.ones(1)])) == []  # not plain values
     assert _outside(Settings(), lambda net: net.weights.__setitem__("new", 1.0)) == []  # no step read it before
 
 

@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, StochasticWeightAveraging
 
 import models
-from lightning_graphs import GraphedStep
+from lightning_graphs import GraphedStep, GraphWarning
 from parity import assert_same, fit, loader, regression_data
 from replaying_graph import ReplayingGraph
 from test_eval_graphs_cpu import cuda_on_cpu  # noqa: F401  (a fixture)
@@ -173,6 +173,68 @@ def test_graphed_step_in_a_plain_loop(graph_api_on_cpu, monkeypatch):
     assert losses == pytest.approx(eager_losses, rel=1e-6, abs=1e-6)
     for p, q in zip(params, eager_params):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+
+
+class Oscillators:
+    """A simulation as users write one: state and settings on an object, stepped by a method."""
+
+    def __init__(self, count_time=False):
+        self.position = torch.linspace(-1, 1, 32)
+        self.velocity = torch.zeros(32)
+        self.dt = 0.01
+        self.time = 0.0
+        self.count_time = count_time
+
+    def advance(self):
+        self.velocity.add_(-self.dt * self.position)
+        self.position.add_(self.dt * self.velocity)
+        if self.count_time:
+            self.time += self.dt  # Python a replay would not run
+
+
+def _simulate(graphed, change):
+    sim = Oscillators(count_time=change == "a counter in the step")
+    settings = {"damping": 1.0, "state": torch.ones(32)}
+
+    def damp():
+        settings["state"].mul_(0.99).add_(settings["damping"] * sim.position)
+
+    steps = [GraphedStep(f, warmup_steps=1, device="cuda") if graphed else f for f in (sim.advance, damp)]
+    trace = []
+    for i in range(12):
+        for step in steps:
+            step()
+        if i == 5:
+            if change == "dt set on the object":
+                sim.dt = 0.02
+            elif change == "a closed-over dict's setting":
+                settings["damping"] = 0.5
+            elif change == "a closed-over dict's tensor replaced":
+                settings["state"] = settings["state"] * 2
+            for step in steps if graphed else ():
+                step.request_structure_check()
+        trace.append((float((sim.position ** 2).sum()), float(settings["state"].sum()), sim.time))
+    return torch.tensor(trace, dtype=torch.float64), steps
+
+
+@pytest.mark.parametrize("change", ["dt set on the object", "a closed-over dict's setting",
+                                   "a closed-over dict's tensor replaced"])
+def test_a_graphed_step_follows_what_its_object_and_closure_hold(graph_api_on_cpu, monkeypatch, change):
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", ReplayingGraph)
+    eager, _ = _simulate(False, change)
+    graphed, steps = _simulate(True, change)
+    torch.testing.assert_close(graphed, eager, rtol=1e-6, atol=1e-6)
+    assert all(step.stats.replays > 0 for step in steps), [step.stats.summary() for step in steps]
+    assert sum(step.stats.captures for step in steps) == 3, [step.stats.summary() for step in steps]
+
+
+def test_a_graphed_step_counting_on_its_object_runs_eagerly_with_a_warning(graph_api_on_cpu, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", ReplayingGraph)
+    eager, _ = _simulate(False, "a counter in the step")
+    with pytest.warns(GraphWarning, match="changes `self.time`"):
+        graphed, (advance, _) = _simulate(True, "a counter in the step")
+    torch.testing.assert_close(graphed, eager, rtol=1e-6, atol=1e-6)
+    assert advance.stats.replays == 0, advance.stats.summary()
 
 
 # -- setups users write every day --------------------------------------------------------------------------------
