@@ -436,6 +436,8 @@ class GraphedStep:
         for optimizer in self._optimizers:
             if optimizer.unsupported:
                 self.disable(f"{type(optimizer.optimizer).__name__} cannot be captured: {optimizer.unsupported}")
+            elif optimizer.plan.rounding is not None:
+                self._warn(f"rounding:{type(optimizer.optimizer).__name__}", optimizer.plan.rounding + ".")
         for optimizer in self._optimizers if scalers else ():
             reason = optimizer.skip_on_device_unsupported()
             if reason is not None:

@@ -3,6 +3,7 @@ import dataclasses
 import pytest
 import torch
 
+from lightning_graphs import GraphedStep
 from lightning_graphs.optimizers import GraphSafeOptimizer, plan_for
 
 
@@ -273,3 +274,20 @@ def test_device_scalar_adam_step_follows_pytorchs_adam(monkeypatch, cls, kwargs,
     for a, b in zip(ours, theirs):
         for key in ("exp_avg", "exp_avg_sq", "step"):
             torch.testing.assert_close(opt_ours.state[a][key], opt_theirs.state[b][key], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("cls", [torch.optim.RAdam, torch.optim.NAdam])
+def test_optimizers_whose_capturable_step_rounds_differently_are_named_once(cls):
+    params = [torch.nn.Parameter(torch.randn(3))]
+    warned = []
+    GraphedStep(lambda: None, optimizers=[cls(params, lr=1e-2)], warn=lambda key, message: warned.append(message))
+    (message,) = warned
+    assert f"capturable {cls.__name__}" in message and "by rounding" in message
+
+
+@pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop, torch.optim.Adamax])
+def test_optimizers_graphed_like_their_eager_step_say_nothing(cls):
+    warned = []
+    GraphedStep(lambda: None, optimizers=[cls([torch.nn.Parameter(torch.randn(3))], lr=1e-2)],
+                warn=lambda key, message: warned.append(message))
+    assert warned == []
