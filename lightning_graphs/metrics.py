@@ -21,8 +21,10 @@ Python. What keeps a metric exact under replays:
   metrics' ``validate_args``), synchronising across processes at every step,
   ``compute_on_cpu``, a ``forward`` that reduces with ``"mean"`` (it weighs by the
   host's update count) or by stacking, compute groups of a ``MetricCollection``
-  (they share state tensors between metrics), and torchmetrics older than 1.6. A
-  step updating such a metric trains eagerly, with the reason.
+  (they share state tensors between metrics; torchmetrics forms them at the
+  collection's first ``update()``, so a collection only called as ``forward`` has
+  none, and one that forms them later makes the graphs stale), and torchmetrics
+  older than 1.6. A step updating such a metric trains eagerly, with the reason.
 * **A capture given up** (a host read later in the step, say) ran the metric's
   Python but none of its GPU work: the metric gets back the states and counts it
   had, so that the eager step that follows counts once.
@@ -119,18 +121,27 @@ def why_not_graphed(metric: Any, in_compute_group: bool = False) -> str | None:
     return None
 
 
+def _collections(modules: Iterable[torch.nn.Module]) -> list[Any]:
+    """The MetricCollections under ``modules`` that may form compute groups."""
+    if MetricCollection is None:
+        return []
+    return [
+        module for root in modules for module in root.modules()
+        if isinstance(module, MetricCollection) and module._enable_compute_groups
+    ]
+
+
+def _shares_states(collection: Any) -> bool:
+    """Whether a collection's metrics share state tensors: torchmetrics forms compute
+    groups at the collection's first ``update()`` (or takes them as given); called
+    as ``forward`` only, every metric keeps states of its own."""
+    groups = getattr(collection, "_groups", {}) or {}
+    return bool(getattr(collection, "_groups_checked", False)) and any(len(g) > 1 for g in groups.values())
+
+
 def _in_compute_groups(modules: Iterable[torch.nn.Module]) -> set[int]:
     """ids of the metrics whose collection shares states between them."""
-    shared: set[int] = set()
-    if MetricCollection is None:
-        return shared
-    for root in modules:
-        for module in root.modules():
-            if isinstance(module, MetricCollection) and module._enable_compute_groups:
-                groups = getattr(module, "_groups", {}) or {}
-                if not getattr(module, "_groups_checked", False) or any(len(g) > 1 for g in groups.values()):
-                    shared.update(id(m) for m in module.values(copy_state=False))
-    return shared
+    return {id(m) for c in _collections(modules) if _shares_states(c) for m in c.values(copy_state=False)}
 
 
 @dataclass(eq=False)
@@ -155,6 +166,7 @@ class InStepMetrics:
         self._managed: dict[int, Any] = {}  # id -> metric: those a captured step touched, homes assigned
         self._candidates: list[Any] = []  # graphable metrics during a capture
         self._graphable: set[int] = set()  # ids of the graphable metrics, as of the last refresh()
+        self._ungrouped: list[Any] = []  # collections that may yet form compute groups, as of the last refresh()
 
     def _labelled(self) -> list[tuple[str, Any]]:
         if Metric is None:
@@ -165,6 +177,7 @@ class InStepMetrics:
         """Find the graphable metrics again (before judging side effects with :meth:`ignores`)."""
         grouped = _in_compute_groups(self._modules)
         self._graphable = {id(m) for _, m in self._labelled() if why_not_graphed(m, id(m) in grouped) is None}
+        self._ungrouped = [c for c in _collections(self._modules) if not _shares_states(c)]
 
     def ignores(self, obj: Any, name: str) -> bool:
         """Whether ``obj.name`` is a graphable metric's state or bookkeeping, which
@@ -273,6 +286,9 @@ class InStepMetrics:
 
     def stale_reason(self) -> str | None:
         """Why the homes the graphs read can no longer take the metrics' states, if so."""
+        for collection in self._ungrouped:
+            if _shares_states(collection):  # its update() was called since: some metrics now share states
+                return f"the MetricCollection {type(collection).__name__} formed compute groups"
         for metric in self._managed.values():
             for name in metric._defaults:
                 state, home = getattr(metric, name), self._homes.get((id(metric), name))

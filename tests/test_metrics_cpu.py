@@ -180,6 +180,21 @@ def test_metrics_sharing_states_in_a_collection_are_named():
     assert metrics.unsupported_update(counts, "the training step", "on_train_batch_end") is None
 
 
+
+def test_a_collection_called_only_as_forward_shares_nothing_until_an_update_groups_it():
+    collection = torchmetrics.MetricCollection(
+        [BinaryAccuracy(validate_args=False), BinaryPrecision(validate_args=False)]  # default compute groups
+    )
+    metrics = InStepMetrics([collection])
+    metrics.refresh()
+    counts = metrics.counts()
+    collection(torch.tensor([0.2, 0.9]), torch.tensor([0, 1]))  # forward forms no groups
+    assert metrics.unsupported_update(counts, "the training step", "on_train_batch_end") is None
+    assert metrics.stale_reason() is None
+    collection.update(torch.tensor([0.2, 0.9]), torch.tensor([0, 1]))  # the first update() groups the two
+    assert "formed compute groups" in metrics.stale_reason()
+
+
 # -- through the callback, CUDA's graph API stood in for --------------------------------------------------
 
 
@@ -341,3 +356,30 @@ def test_metrics_in_graphed_training_and_validation_steps(replaying_cuda_on_cpu)
     states, eager_states = _metric_states(graphed.module), _metric_states(eager.module)
     for key, value in eager_states.items():
         torch.testing.assert_close(states[key], value, rtol=1e-5, atol=1e-6, msg=str(key))
+
+
+class CollectionCalledInTheStep(models.Regressor):
+    """A MetricCollection as tutorials write it: default compute groups, called, logged with log_dict."""
+
+    def __init__(self):
+        super().__init__("adamw", "lambda")
+        self.train_metrics = torchmetrics.MetricCollection(
+            [torchmetrics.MeanSquaredError(), torchmetrics.MeanAbsoluteError()], prefix="train_"
+        )
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        pred = self(x)
+        self.train_metrics(pred, y)
+        self.log_dict(self.train_metrics, on_step=True, on_epoch=True)
+        return torch.nn.functional.mse_loss(pred, y)
+
+
+def test_a_collection_called_in_the_step_is_graphed(replaying_cuda_on_cpu):
+    from parity import assert_same, fit
+
+    eager, graphed = (fit(CollectionCalledInTheStep, graphed=g, accelerator="cpu") for g in (False, True))
+    assert_same(eager, graphed)
+    assert not graphed.warnings, graphed.warnings
+    assert graphed.callback.stats.replays > 0 and graphed.callback.stats.eager_steps == 0
+    assert "train_MeanSquaredError_epoch" in graphed.final_metrics
