@@ -465,7 +465,8 @@ class StepProbe:
             batch_idx,
             lambda: self.note(
                 f"{self.what} reads `batch_idx` (to branch, count or log). A CUDA graph would replay the path "
-                "of the captured batch for every batch"
+                f"of the captured batch for every batch. Do what depends on it in `{self.batch_end_hook}`, which "
+                "gets `batch_idx` at every step (and accumulate gradients with `Trainer(accumulate_grad_batches=N)`)"
             ),
         )
 
@@ -511,7 +512,9 @@ class StepProbe:
                 where = "self" if module_level else "self.trainer"
                 probe.note(
                     f"{probe.what} reads `{where}.{name}`; a CUDA graph would replay the captured step's "
-                    "Python decisions at every step"
+                    f"Python decisions at every step. Do what depends on it in `{probe.batch_end_hook}` or at the "
+                    "epoch's end" + (" (a scheduler stepped per epoch: `interval: \"epoch\"`, or in "
+                                     "`on_train_epoch_end`)" if probe.batch_end_hook == "on_train_batch_end" else "")
                 )
             return original.fget(instance)
 
@@ -531,7 +534,8 @@ class StepProbe:
             def reads(argument: str) -> Callable[[], None]:
                 return lambda: probe.note(
                     f"`{hook}` reads its `{argument}` argument (to branch, count or log). A CUDA graph would "
-                    "replay the captured step's decisions at every step"
+                    "replay the captured step's decisions at every step. To step every N batches, use "
+                    "`Trainer(accumulate_grad_batches=N)`"
                 )
 
             return original(WatchedInt(epoch, reads("epoch")), WatchedInt(batch_idx, reads("batch_idx")), *args,

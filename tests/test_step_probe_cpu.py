@@ -42,7 +42,7 @@ def test_python_numbers_and_batch_idx_reads_are_problems():
     with probe.active():
         index = probe.watched_index(4)
         _ = index % 2
-    assert "batch_idx" in probe.problem
+    assert "batch_idx" in probe.problem and "accumulate_grad_batches" in probe.problem  # with the fix
 
 
 def test_reading_current_epoch_inside_the_step_is_a_problem_and_properties_are_restored():
@@ -52,6 +52,7 @@ def test_reading_current_epoch_inside_the_step_is_a_problem_and_properties_are_r
     with probe.active():
         _ = module.current_epoch
     assert "current_epoch" in probe.problem
+    assert "Do what depends on it in `on_train_batch_end` or at the epoch's end" in probe.problem  # the fix
     assert pl.LightningModule.__dict__["current_epoch"] is original
     assert pl.Trainer.__dict__["global_step"].fget.__qualname__.startswith("Trainer")
 
