@@ -15,7 +15,7 @@ from lightning_graphs.compiled import compile_children, compiled_parts, own_grap
 from lightning_graphs.distributed import AgreementSchedule, RankAgreement, agree_on_plan
 from lightning_graphs.evaluation import STAGE_HOOKS, EvaluationGraphs
 from lightning_graphs.graphed_step import (
-    Action, CaptureDeferred, CaptureFailed, CaptureOutcome, GraphedStep, GraphStats, SharedPool,
+    Action, CaptureDeferred, CaptureFailed, CaptureOutcome, GraphedStep, GraphStats, SharedPool, check_count,
 )
 from lightning_graphs.manual import ManualSteps
 from lightning_graphs.messages import GraphCaptureError, GraphWarning, WarnOnce
@@ -172,10 +172,17 @@ class CUDAGraphCallback(pl.Callback):
         rank_agreement: str = "auto",
         agreement_timeout: float = 900.0,
     ) -> None:
-        if warmup_steps < 0:
-            raise ValueError(f"`warmup_steps` must be >= 0, got {warmup_steps}")
-        if max_graphs < 1:
-            raise ValueError(f"`max_graphs` must be >= 1, got {max_graphs}")
+        check_count("warmup_steps", warmup_steps, 0)
+        check_count("max_graphs", max_graphs, 1)
+        for name, flag in (("strict", strict), ("verbose", verbose), ("log_stats", log_stats), ("nvtx", nvtx),
+                           ("graph_evaluation", graph_evaluation)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"`{name}` must be True or False, got {type(flag).__name__} {flag!r}")
+        if not isinstance(compile, (bool, dict)):
+            raise TypeError(
+                f"`compile` takes True (torch.compile's default mode) or a dict of torch.compile arguments, such as "
+                f'{{"mode": "max-autotune-no-cudagraphs"}}; got {type(compile).__name__} {compile!r}'
+            )
         if isinstance(compile, dict) and own_graphs_requested(compile):
             raise ValueError(
                 f"`compile={compile!r}` asks torch.compile for CUDA graphs of its own, which cannot run inside the "

@@ -252,6 +252,24 @@ def ignore_torch_attribute(obj: Any, name: str) -> bool:
     return False
 
 
+def check_count(name: str, value: Any, minimum: int) -> None:
+    """A whole number of at least ``minimum``, or a clear error naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{name}` must be a whole number, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}, got {value}")
+
+
+def _as_list(name: str, value: Any) -> list:
+    """``optimizers`` and ``modules`` as lists; one optimizer or module alone is taken as a list of it."""
+    if isinstance(value, (torch.optim.Optimizer, torch.nn.Module)) or hasattr(value, "optimizer"):
+        return [value]  # (Lightning and Fabric wrap optimizers: they have `.optimizer`)
+    try:
+        return list(value)
+    except TypeError:
+        raise TypeError(f"`{name}` must be a list, got {type(value).__name__}: pass [{name[:-1]}]") from None
+
+
 class _ClosureVariables:
     """The variables a function closes over, as the attributes of an object (what
     :class:`~lightning_graphs.python_state.StateFingerprint` compares)."""
@@ -376,10 +394,11 @@ class GraphedStep:
         activity: str = "Training",
         agree_capture: Callable[[CaptureOutcome, str | None], tuple[CaptureOutcome, str | None]] | None = None,
     ) -> None:
-        if warmup_steps < 0:
-            raise ValueError(f"`warmup_steps` must be >= 0, got {warmup_steps}")
-        if max_graphs < 1:
-            raise ValueError(f"`max_graphs` must be >= 1, got {max_graphs}")
+        check_count("warmup_steps", warmup_steps, 0)
+        check_count("max_graphs", max_graphs, 1)
+        if fn is not None and not callable(fn):
+            raise TypeError(f"`fn` must be the step function (or None), got {type(fn).__name__} {fn!r}")
+        optimizers, modules = _as_list("optimizers", optimizers), _as_list("modules", modules)
         self.fn = fn
         self.max_graphs = max_graphs
         self.nvtx = nvtx
@@ -410,11 +429,14 @@ class GraphedStep:
         self._watch += [(type(o.optimizer).__name__, o.optimizer) for o in self._optimizers]
         self._params = self._optimized_params()
         self._warmups_left = self.warmup_steps
-        self._device: torch.device | None = torch.device("cuda", device) if isinstance(device, int) else (
-            torch.device(device) if device is not None else None
-        )
+        try:
+            self._device: torch.device | None = torch.device("cuda", device) if isinstance(device, int) else (
+                torch.device(device) if device is not None else None
+            )
+        except (RuntimeError, TypeError) as error:
+            raise ValueError(f'`device` must name a CUDA device ("cuda", "cuda:1" or 1), got {device!r}') from error
         if self._device is not None and self._device.type != "cuda":
-            raise ValueError(f"`device` must be a CUDA device, got {self._device}")
+            raise ValueError(f'`device` must name a CUDA device ("cuda", "cuda:1" or 1), got {device!r}')
         self._stream: torch.cuda.Stream | None = None  # side stream for warm-up and capture
         self._pool: Any = None  # memory pool shared by every capture of this step
         self._given_pool: Any = pool  # a pool shared with other steps' graphs, if the caller gave one

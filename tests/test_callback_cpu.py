@@ -1,5 +1,6 @@
 """The callback on a machine (or a model) without CUDA: one warning, training untouched."""
 
+import re
 import subprocess
 import sys
 import warnings
@@ -60,6 +61,37 @@ def test_max_graphs_below_one_is_rejected():
         CUDAGraphCallback(max_graphs=0)
     with pytest.raises(ValueError, match="max_graphs"):
         GraphedStep(lambda: None, max_graphs=0)
+
+
+
+@pytest.mark.parametrize("kwargs, error, needle", [
+    ({"warmup_steps": 2.5}, TypeError, "`warmup_steps` must be a whole number"),
+    ({"max_graphs": True}, TypeError, "`max_graphs` must be a whole number"),
+    ({"graph_evaluation": "yes"}, TypeError, "`graph_evaluation` must be True or False"),
+    ({"compile": "max-autotune"}, TypeError, "a dict of torch.compile arguments"),
+    ({"compile": {"mode": "reduce-overhead"}}, ValueError, "CUDA graphs of its own"),
+])
+def test_callback_arguments_of_the_wrong_kind_are_named(kwargs, error, needle):
+    with pytest.raises(error, match=re.escape(needle)):
+        CUDAGraphCallback(**kwargs)
+
+
+def test_graphed_step_arguments_of_the_wrong_kind_are_named():
+    with pytest.raises(TypeError, match="`fn` must be the step function"):
+        GraphedStep(42)
+    with pytest.raises(ValueError, match="`device` must name a CUDA device"):
+        GraphedStep(lambda: None, device="gpu")
+    with pytest.raises(ValueError, match="`device` must name a CUDA device"):
+        GraphedStep(lambda: None, device="cpu")
+    with pytest.raises(TypeError, match=re.escape("`modules` must be a list, got int: pass [module]")):
+        GraphedStep(lambda: None, modules=3)
+
+
+def test_one_optimizer_or_module_alone_is_taken_as_a_list_of_it():
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = GraphedStep(lambda: None, optimizers=optimizer, modules=model)
+    assert [o.optimizer for o in step._optimizers] == [optimizer] and step._modules == [model]
 
 
 def test_stats_as_metrics_are_numbers_under_one_prefix():
