@@ -554,13 +554,20 @@ class StepProbe:
             for name in self._WATCHED_PROPERTIES:
                 patched.append(self._watch_property(pl.LightningModule, name, module_level=True))
                 patched.append(self._watch_property(pl.Trainer, name, module_level=False))
-            wrapped = [hook for hook in ("optimizer_step", "optimizer_zero_grad") if self._watch_counter_arguments(hook)]
+            for hook in ("optimizer_step", "optimizer_zero_grad"):
+                own = self.module.__dict__.get(hook, _MISSING)  # a user's own instance attribute, kept
+                if self._watch_counter_arguments(hook):
+                    wrapped.append((hook, own))
             yield self
         finally:
             for owner, name, original in (p for p in reversed(patched) if p is not None):
                 setattr(owner, name, original)
-            for name in ["log", *wrapped]:
-                self.module.__dict__.pop(name, None)
+            self.module.__dict__.pop("log", None)
+            for hook, own in wrapped:
+                if own is _MISSING:
+                    self.module.__dict__.pop(hook, None)
+                else:
+                    self.module.__dict__[hook] = own
             self.module._current_fx_name = saved_fx
 
 

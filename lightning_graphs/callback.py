@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -16,6 +17,7 @@ from lightning_graphs.distributed import AgreementSchedule, RankAgreement, agree
 from lightning_graphs.evaluation import STAGE_HOOKS, EvaluationGraphs
 from lightning_graphs.graphed_step import (
     Action, CaptureDeferred, CaptureFailed, CaptureOutcome, GraphedStep, GraphStats, SharedPool, check_count,
+    check_flag,
 )
 from lightning_graphs.manual import ManualSteps
 from lightning_graphs.messages import GraphCaptureError, GraphWarning, WarnOnce
@@ -172,13 +174,16 @@ class CUDAGraphCallback(pl.Callback):
         rank_agreement: str = "auto",
         agreement_timeout: float = 900.0,
     ) -> None:
-        check_count("warmup_steps", warmup_steps, 0)
-        check_count("max_graphs", max_graphs, 1)
-        for name, flag in (("strict", strict), ("verbose", verbose), ("log_stats", log_stats), ("nvtx", nvtx),
-                           ("graph_evaluation", graph_evaluation)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"`{name}` must be True or False, got {type(flag).__name__} {flag!r}")
-        if not isinstance(compile, (bool, dict)):
+        warmup_steps = check_count("warmup_steps", warmup_steps, 0)
+        max_graphs = check_count("max_graphs", max_graphs, 1)
+        strict, verbose, log_stats, nvtx, graph_evaluation = (
+            check_flag(name, flag) for name, flag in (("strict", strict), ("verbose", verbose),
+                                                      ("log_stats", log_stats), ("nvtx", nvtx),
+                                                      ("graph_evaluation", graph_evaluation))
+        )
+        if isinstance(compile, Mapping):
+            compile = dict(compile)  # (an OmegaConf DictConfig from a config file, say)
+        elif not isinstance(compile, bool):
             raise TypeError(
                 f"`compile` takes True (torch.compile's default mode) or a dict of torch.compile arguments, such as "
                 f'{{"mode": "max-autotune-no-cudagraphs"}}; got {type(compile).__name__} {compile!r}'

@@ -53,6 +53,7 @@ find host synchronisations in general, run one eager step under
 from __future__ import annotations
 
 import contextlib
+import operator
 import time
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
@@ -252,12 +253,24 @@ def ignore_torch_attribute(obj: Any, name: str) -> bool:
     return False
 
 
-def check_count(name: str, value: Any, minimum: int) -> None:
-    """A whole number of at least ``minimum``, or a clear error naming the argument."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"`{name}` must be a whole number, got {type(value).__name__} {value!r}")
-    if value < minimum:
+def check_count(name: str, value: Any, minimum: int) -> int:
+    """A whole number of at least ``minimum`` (NumPy's included), or a clear error naming the argument."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        count = operator.index(value)
+    except TypeError:
+        raise TypeError(f"`{name}` must be a whole number, got {type(value).__name__} {value!r}") from None
+    if count < minimum:
         raise ValueError(f"`{name}` must be >= {minimum}, got {value}")
+    return count
+
+
+def check_flag(name: str, value: Any) -> bool:
+    """True or False (NumPy's included), or a clear error naming the argument."""
+    if isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")):
+        return bool(value)
+    raise TypeError(f"`{name}` must be True or False, got {type(value).__name__} {value!r}")
 
 
 def _as_list(name: str, value: Any) -> list:
@@ -287,8 +300,16 @@ class _ClosureVariables:
                 continue
         return values
 
+    def __copy__(self) -> _ClosureVariables:
+        copy = object.__new__(_ClosureVariables)
+        copy._cells = self._cells
+        return copy
+
+    def __deepcopy__(self, memo: dict) -> _ClosureVariables:
+        return self.__copy__()  # a view of the same function's variables
+
     def __getattr__(self, name: str) -> Any:
-        values = self.__dict__
+        values = self.__dict__ if not name.startswith("_") else {}
         if name in values:
             return values[name]
         raise AttributeError(name)
@@ -394,8 +415,8 @@ class GraphedStep:
         activity: str = "Training",
         agree_capture: Callable[[CaptureOutcome, str | None], tuple[CaptureOutcome, str | None]] | None = None,
     ) -> None:
-        check_count("warmup_steps", warmup_steps, 0)
-        check_count("max_graphs", max_graphs, 1)
+        warmup_steps = check_count("warmup_steps", warmup_steps, 0)
+        max_graphs = check_count("max_graphs", max_graphs, 1)
         if fn is not None and not callable(fn):
             raise TypeError(f"`fn` must be the step function (or None), got {type(fn).__name__} {fn!r}")
         optimizers, modules = _as_list("optimizers", optimizers), _as_list("modules", modules)

@@ -166,6 +166,7 @@ class InStepMetrics:
         self._managed: dict[int, Any] = {}  # id -> metric: those a captured step touched, homes assigned
         self._candidates: list[Any] = []  # graphable metrics during a capture
         self._graphable: set[int] = set()  # ids of the graphable metrics, as of the last refresh()
+        self._all: set[int] = set()  # ids of all metrics, as of the last refresh()
         self._ungrouped: list[Any] = []  # collections that may yet form compute groups, as of the last refresh()
 
     def _labelled(self) -> list[tuple[str, Any]]:
@@ -176,14 +177,18 @@ class InStepMetrics:
     def refresh(self) -> None:
         """Find the graphable metrics again (before judging side effects with :meth:`ignores`)."""
         grouped = _in_compute_groups(self._modules)
-        self._graphable = {id(m) for _, m in self._labelled() if why_not_graphed(m, id(m) in grouped) is None}
+        labelled = self._labelled()
+        self._graphable = {id(m) for _, m in labelled if why_not_graphed(m, id(m) in grouped) is None}
+        self._all = {id(m) for _, m in labelled}
         self._ungrouped = [c for c in _collections(self._modules) if not _shares_states(c)]
 
     def ignores(self, obj: Any, name: str) -> bool:
-        """Whether ``obj.name`` is a graphable metric's state or bookkeeping, which
-        the capture and the replays keep right (not a side effect of the step), as
-        of the last :meth:`refresh`."""
-        return id(obj) in self._graphable and (name in _BOOKKEEPING or name in obj._defaults)
+        """Whether ``obj.name`` is a metric's state or bookkeeping, as of the last
+        :meth:`refresh`: not a side effect of the step (a graphable metric's are kept
+        right by the capture and the replays; a step updating another metric is
+        named by :meth:`unsupported_update` first), nor a value the step bakes in (a
+        validation metric updated between training steps)."""
+        return id(obj) in self._all and (name in _BOOKKEEPING or name in obj._defaults)
 
     def counts(self) -> dict[int, int]:
         return {id(m): m._update_count for _, m in self._labelled()}

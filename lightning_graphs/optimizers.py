@@ -99,7 +99,7 @@ def plan_for(optimizer: torch.optim.Optimizer) -> OptimizerPlan:
                 f"{name} is graphed through PyTorch's capturable {name}, which computes its step-dependent "
                 f"factors in float32 tensors on the device where eager {name} uses Python floats: parameters "
                 f"differ from eager training's by rounding (about 1e-5 after 25 steps of a small model), and the "
-                "difference can grow with training. Adam and AdamW are graphed without this difference"
+                "difference can grow with training"
             )
         return OptimizerPlan(while_capturing={"capturable": True}, scalar_state_on_device=True, rounding=rounding)
 

@@ -22,38 +22,49 @@ _SIZED = (list, dict, set, frozenset, tuple, bytearray)
 
 
 _DIGEST_DEPTH, _DIGEST_ITEMS = 4, 256
+_UNCOMPARABLE = object()  # a container too big to compare at every check
 
 
-def _plain(value: Any) -> Any:
-    return ("nan",) if isinstance(value, float) and math.isnan(value) else value
-
-
-def _digest(value: Any, depth: int = 0, budget: list[int] | None = None) -> Any:
-    """The values in a container of plain values and tensors (settings:
-    ``self.hparams``, a dict of weights, a list of coefficients, a dict of state
-    tensors), nested a few levels, as one comparable value (tensors by identity);
-    None for a container holding anything else (other objects), or too big or deep
+def _digest(value: Any) -> tuple[Any, Any] | object:
+    """A container's contents as ``(values, sizes)``: ``values`` nests its plain
+    values (a setting in ``self.hparams``, a loss weight in a dict), the identities
+    of its tensors (a graph reads the tensor it was captured with) and of other
+    objects; ``sizes`` nests the lengths of it and its inner containers, so that a
+    list growing inside a dict tells apart from a value changing; containers nested
+    deeper than a few levels by identity. ``_UNCOMPARABLE`` for a container too big
     to compare cheaply."""
-    budget = [_DIGEST_ITEMS] if budget is None else budget
-    if isinstance(value, (float, *_PLAIN)):
-        return _plain(value)
-    if isinstance(value, torch.Tensor):
-        return ("tensor", id(value))  # a graph reads the tensor it was captured with
-    if depth >= _DIGEST_DEPTH or not isinstance(value, _SIZED) or isinstance(value, bytearray):
-        return None
-    budget[0] -= len(value)
-    if budget[0] < 0:
-        return None
-    if isinstance(value, dict):
-        items = [(_digest(k, depth + 1, budget), _digest(v, depth + 1, budget)) for k, v in value.items()]
-        flat = [part for item in items for part in item]
-    else:
-        flat = items = [_digest(v, depth + 1, budget) for v in value]
-    if any(part is None for part in flat):
-        return None
-    if isinstance(value, (set, frozenset)):
-        return (type(value).__name__, frozenset(items))
-    return (type(value).__name__, tuple(items))
+    budget = [_DIGEST_ITEMS]
+
+    def walk(item: Any, depth: int) -> tuple[Any, Any]:
+        if isinstance(item, float) and math.isnan(item):
+            return ("nan",), None
+        if isinstance(item, (float, *_PLAIN)):
+            return item, None
+        if isinstance(item, torch.Tensor):
+            return ("tensor", id(item)), None
+        if not isinstance(item, _SIZED) or isinstance(item, bytearray):
+            return ("object", id(item)), None
+        if depth >= _DIGEST_DEPTH:
+            return ("nested", id(item)), None  # deeper than settings go: by identity
+        budget[0] -= len(item)
+        if budget[0] < 0:
+            raise OverflowError
+        if isinstance(item, dict):
+            pairs = [(walk(k, depth + 1), walk(v, depth + 1)) for k, v in item.items()]
+            values = tuple((k[0], v[0]) for k, v in pairs)
+            sizes = (len(item), tuple(v[1] for _, v in pairs))
+        else:
+            walked = [walk(v, depth + 1) for v in item]
+            values = tuple(v for v, _ in walked)
+            sizes = (len(item), tuple(size for _, size in walked))
+        if isinstance(item, (set, frozenset)):
+            return (type(item).__name__, frozenset(values)), len(item)
+        return (type(item).__name__, values), sizes
+
+    try:
+        return walk(value, 0)
+    except (OverflowError, TypeError):  # (TypeError: an unhashable value in a set's digest)
+        return _UNCOMPARABLE
 
 
 def _value_key(value: Any) -> tuple:
@@ -63,7 +74,7 @@ def _value_key(value: Any) -> tuple:
     if isinstance(value, _PLAIN):
         return ("number", value)
     if isinstance(value, _SIZED):
-        return ("container", id(value), len(value), _digest(value))
+        return ("container", id(value), len(value), _digest(value))  # contents: (values, sizes)
     if isinstance(value, torch.Tensor):
         return ("tensor", id(value))
     # tensors included: in-place updates are replayed by the graph, rebinding is not
@@ -78,9 +89,11 @@ def _describe(name: str, before: tuple, after: tuple | None, value: Any) -> str:
     if before[0] == "container" and after[0] == "container" and before[2] != after[2] and before[1] == after[1]:
         verb = "grows" if after[2] > before[2] else "shrinks"
         return f"{verb} `{name}` (a {type(value).__name__}: {before[2]} -> {after[2]} items)"
-    if before[0] == "container" and after[0] == "container" and before[3] != after[3] and after[3] is not None:
+    if before[0] == "container" and after[0] == "container" and _UNCOMPARABLE not in (before[3], after[3]):
+        if before[3][1] != after[3][1]:
+            return f"changes the size of a container inside `{name}` (a {type(value).__name__})"
         how = "changes a value in" if before[1] == after[1] else "rebinds"
-        return f"{how} `{name}` (a {type(value).__name__} of plain values or tensors)"
+        return f"{how} `{name}` (a {type(value).__name__})"
     if before[0] == "number" and after[0] == "number":
         return f"changes `{name}` from {before[1]!r} to {after[1]!r}"
     if isinstance(value, torch.Tensor):
@@ -149,7 +162,8 @@ class StateFingerprint:
             value = getattr(obj, name, None) if obj is not None else None
             if value is None and isinstance(obj, torch.nn.Module):
                 value = obj._parameters.get(name, obj._buffers.get(name))
-            if _behind_property(obj, name):
+            if _behind_property(obj, name) and "container" in {before_key[0] if before_key else None,
+                                                               after_key[0] if after_key else None}:
                 name = name.lstrip("_")
             found.append(_describe(f"{label}.{name}" if label else name, before_key, after_key, value))
         return found
@@ -164,12 +178,15 @@ def _read_by_step(obj: Any, name: str, before: tuple | None, after: tuple | None
     kinds = {entry[0] for entry in (before, after) if entry is not None}
     if "slot" in kinds:
         return True
-    if name.startswith("_") and not _behind_property(obj, name):
-        return False
     if kinds == {"container"} and before is not None and after is not None:
+        if name.startswith("_") and not _behind_property(obj, name):
+            return False
         # settings changed in place or rebound with new values; not a collection growing
-        return before[2] == after[2] and None not in (before[3], after[3]) and before[3] != after[3]
-    return kinds <= {"number", "tensor"}
+        return (
+            before[2] == after[2] and _UNCOMPARABLE not in (before[3], after[3])
+            and before[3][1] == after[3][1] and before[3][0] != after[3][0]
+        )
+    return not name.startswith("_") and kinds <= {"number", "tensor"}
 
 
 _INT_OPERATIONS = (

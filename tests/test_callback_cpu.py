@@ -147,3 +147,26 @@ def test_stats_summary_reads_well():
     graphed.stats.eager_reasons["batch[0] has shape (3, 8)"] = 2
     text = graphed.stats.summary()
     assert "1 capture" in text and "90 replays" in text and "2 x batch[0] has shape (3, 8)" in text
+
+
+def test_numpy_counts_and_flags_and_a_mapping_for_compile_are_taken():
+    np = pytest.importorskip("numpy")
+    from types import MappingProxyType
+
+    callback = CUDAGraphCallback(warmup_steps=np.int64(2), graph_evaluation=np.True_,
+                                 compile=MappingProxyType({"dynamic": False}))
+    assert callback.warmup_steps == 2 and callback.graph_evaluation is True and callback.compile == {"dynamic": False}
+
+
+def test_the_closure_view_of_a_step_can_be_copied():
+    import copy
+
+    from lightning_graphs.graphed_step import _what_fn_reads
+
+    dt = 0.1
+
+    def step():
+        return dt
+
+    ((_, variables),) = _what_fn_reads(step)
+    assert copy.copy(variables).__dict__ == {"dt": 0.1}

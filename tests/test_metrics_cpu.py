@@ -383,3 +383,30 @@ def test_a_collection_called_in_the_step_is_graphed(replaying_cuda_on_cpu):
     assert not graphed.warnings, graphed.warnings
     assert graphed.callback.stats.replays > 0 and graphed.callback.stats.eager_steps == 0
     assert "train_MeanSquaredError_epoch" in graphed.final_metrics
+
+
+class MetricUpdatedOutsideTheStep(models.Regressor):
+    """A metric the step does not touch (one that could not be graphed), fed in a hook."""
+
+    def __init__(self):
+        super().__init__("adamw", None, epochs=4)
+        self.accuracy = BinaryAccuracy()  # validate_args: not graphable, and not in the step
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        x, y = batch
+        with torch.no_grad():
+            self.accuracy.update(torch.sigmoid(self(x)).squeeze(1), (y.squeeze(1) > 0).long())
+
+    def on_train_epoch_end(self):
+        self.log("accuracy", self.accuracy.compute())
+        self.accuracy.reset()
+
+
+def test_a_metric_updated_outside_the_step_does_not_make_the_graphs_stale(replaying_cuda_on_cpu):
+    from parity import assert_same, fit
+
+    eager, graphed = (fit(MetricUpdatedOutsideTheStep, graphed=g, accelerator="cpu", max_epochs=4)
+                      for g in (False, True))
+    assert_same(eager, graphed)
+    assert not graphed.warnings, graphed.warnings
+    assert graphed.callback.stats.captures == 2, graphed.callback.stats.summary()  # a full and a ragged batch

@@ -128,3 +128,31 @@ def test_a_step_counting_in_a_dict_is_a_side_effect():
     net.weights["mse"] += 1
     (change,) = before.changes(_fp(net))
     assert "changes a value in `self.weights`" in change
+
+
+def test_settings_are_compared_beside_none_objects_and_deep_nesting():
+    net = Settings()
+    net.hparams.update({"scheduler": None, "mode": torch.float32, "deep": {"a": {"b": {"c": {"d": [1]}}}}})
+    (change,) = _outside(net, lambda n: n.hparams.__setitem__("beta", 0.75))
+    assert "`self.hparams`" in change
+
+
+def test_a_list_growing_inside_a_dict_is_bookkeeping_not_a_setting():
+    net = Settings()
+    net.history = {"val_loss": []}
+    assert _outside(net, lambda n: n.history["val_loss"].append(0.5)) == []
+    before = _fp(net)
+    net.history["val_loss"].append(0.25)  # inside a step: a side effect all the same
+    (change,) = before.changes(_fp(net))
+    assert "changes the size of a container inside `self.history`" in change
+
+
+def test_private_numbers_behind_properties_stay_private():
+    class Counted(Net):
+        @property
+        def update_count(self):
+            return self._update_count
+
+    net = Counted()
+    net._update_count = 0
+    assert _outside(net, lambda n: setattr(n, "_update_count", 5)) == []  # (torchmetrics' counter)
