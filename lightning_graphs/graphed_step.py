@@ -68,7 +68,7 @@ from lightning_graphs.compiled import is_recompile_refusal, no_compilation
 from lightning_graphs.messages import GraphCaptureError, WarnOnce
 from lightning_graphs.metrics import InStepMetrics, MetricUpdate, is_metric
 from lightning_graphs.optimizers import GraphSafeOptimizer
-from lightning_graphs.python_state import StateFingerprint
+from lightning_graphs.python_state import StateFingerprint, StepReads
 
 __all__ = [
     "GraphedStep", "Phase", "Action", "StepPlan", "GraphStats", "CapturedGraph", "CaptureFailed", "CaptureDeferred",
@@ -449,6 +449,7 @@ class GraphedStep:
         self._watch = watch + [(type(m).__name__, m) for m in self._modules if id(m) not in watched]
         self._watch += [(type(o.optimizer).__name__, o.optimizer) for o in self._optimizers]
         self._params = self._optimized_params()
+        self._reads = StepReads(self._ignore)  # what the captured steps read, checked before every replay
         self._warmups_left = self.warmup_steps
         try:
             self._device: torch.device | None = torch.device("cuda", device) if isinstance(device, int) else (
@@ -618,6 +619,9 @@ class GraphedStep:
         reason = self._metrics.stale_reason()
         if reason is not None:
             return reason, False
+        changed = self._reads.changed()
+        if changed is not None:  # a value the step read, changed by a hook or a callback since
+            return f"code outside {self.what} {changed} since the capture", True
         if self._structure_check_due:
             self._structure_check_due = False
             if self._structure != self._structure_key():
@@ -728,7 +732,8 @@ class GraphedStep:
             with torch.cuda.device(self._device), torch.cuda.stream(stream):
                 graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
                 try:
-                    with no_compilation(), graph_safe_grad_scalers(self._grad_scalers, self._step_unless_found_inf):
+                    with no_compilation(), graph_safe_grad_scalers(self._grad_scalers, self._step_unless_found_inf), \
+                            self._reads.recording(self._watch):
                         outputs = fn(static.value)
                         metric_problem = self._metrics.end_of_step(metrics_before)
                 except BaseException:
@@ -974,6 +979,7 @@ class GraphedStep:
         torch.cuda.synchronize(self._device)  # the last replay may still be running
         self._retired.extend(self._graphs)
         self._graphs = []
+        self._reads.clear()
         self._short_evictions = 0
         self._count_graphs()
         for optimizer in self._optimizers:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-__all__ = ["StateFingerprint", "WatchedInt"]
+__all__ = ["StateFingerprint", "StepReads", "WatchedInt"]
 
 _PLAIN = (bool, int, complex, str, bytes, type(None))
 _SIZED = (list, dict, set, frozenset, tuple, bytearray)
@@ -229,3 +229,105 @@ def _watching(name: str) -> Callable:
 for _name in _INT_OPERATIONS:
     setattr(WatchedInt, _name, _watching(_name))
 del _name
+
+
+_UNTRACKED_PACKAGES = ("torch.", "torchmetrics.", "lightning.", "pytorch_lightning.", "lightning_graphs.")
+
+
+class StepReads:
+    """The attributes a captured step read (on the watched objects and their
+    submodules, of classes outside PyTorch, Lightning and torchmetrics), with their
+    values then; before every replay :meth:`changed` says whether code outside the
+    step (a hook, a callback) has changed any of them since. A graph bakes in what
+    the step read: a replay after such a change would use the old value.
+
+    Reads are recorded only while capturing, by standing in for the classes'
+    ``__getattribute__`` (put back at once); checking costs a dictionary lookup per
+    attribute read."""
+
+    def __init__(self, ignore: Callable[[Any, str], bool]) -> None:
+        self._ignore = ignore
+        self._read: dict[tuple[int, str], tuple[Any, str, tuple]] = {}
+
+    def clear(self) -> None:
+        self._read.clear()
+
+    def recording(self, objects: Iterable[tuple[str, Any]]) -> Any:
+        return _Recording(self, [obj for _, obj in _with_submodules(objects)])
+
+    def _keep(self, obj: Any, name: str) -> None:
+        value = obj.__dict__.get(name, _ABSENT) if isinstance(getattr(obj, "__dict__", None), dict) else _ABSENT
+        if value is _ABSENT or self._ignore(obj, name):
+            return
+        key = _value_key(value)
+        if key[0] not in ("number", "tensor", "container"):
+            return
+        if name.startswith("_") and not (key[0] == "container" and _behind_property(obj, name)):
+            return
+        self._read[(id(obj), name)] = (obj, name, key)
+
+    def changed(self) -> str | None:
+        """The first attribute the step read that holds another value now, described."""
+        for obj, name, key in self._read.values():
+            value = obj.__dict__.get(name, _ABSENT)
+            now = _value_key(value) if value is not _ABSENT else None
+            if now != key:
+                shown = name.lstrip("_") if _behind_property(obj, name) else name
+                return _describe(f"{type(obj).__name__}.{shown}", key, now, value)
+        return None
+
+
+_ABSENT = object()
+
+
+def _not_traced(fn: Callable) -> Callable:
+    """``fn`` as a function torch.compile leaves alone (compiled code may look up attributes through it)."""
+    disable = getattr(getattr(torch, "_dynamo", None), "disable", None)
+    return disable(fn) if disable is not None else fn
+
+
+class _Recording:
+    """Stands in for ``__getattribute__`` of the objects' classes while a step is captured."""
+
+    def __init__(self, reads: StepReads, objects: list[Any]) -> None:
+        self._reads = reads
+        self._objects = {id(obj): obj for obj in objects}
+        self._classes = []
+        for obj in objects:
+            cls = type(obj)
+            if cls.__module__.startswith(_UNTRACKED_PACKAGES) or cls in self._classes:
+                continue
+            self._classes.append(cls)
+        self._saved: list[tuple[type, Any]] = []
+
+    def __enter__(self) -> _Recording:
+        objects, reads = self._objects, self._reads
+        for cls in self._classes:
+            own = cls.__dict__.get("__getattribute__", _ABSENT)
+            inherited = cls.__getattribute__
+
+            def recorded(obj: Any, name: str, _get: Any = inherited) -> Any:
+                value = _get(obj, name)
+                if id(obj) in objects and not name.startswith("__"):
+                    reads._keep(obj, name)
+                return value
+
+            try:
+                cls.__getattribute__ = _not_traced(recorded)
+            except TypeError:  # a class that takes no new attributes: its reads go unrecorded
+                continue
+            self._saved.append((cls, own))
+        # closure variables (no attribute access to watch): all of them are read
+        for obj in self._objects.values():
+            if type(obj).__name__ == "_ClosureVariables":
+                for name in obj.__dict__:
+                    reads._keep(obj, name)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for cls, own in reversed(self._saved):
+            if own is _ABSENT:
+                del cls.__getattribute__
+            else:
+                cls.__getattribute__ = own
+        self._saved = []

@@ -14,6 +14,7 @@ from lightning_graphs.compiled import (
     no_compilation,
     own_graphs,
 )
+from test_eval_graphs_cpu import cuda_on_cpu  # noqa: F401  (a fixture)
 from test_first_capture_cpu import _drive
 
 
@@ -118,3 +119,57 @@ def test_a_compile_option_asking_for_graphs_of_its_own_is_refused():
             CUDAGraphCallback(compile=options)
     CUDAGraphCallback(compile={"mode": "max-autotune-no-cudagraphs"})
     CUDAGraphCallback(compile=True)
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.hidden, self.out, self.scale = torch.nn.Linear(8, 32), torch.nn.Linear(32, 1), 0.5
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.hidden(x))) * self.scale
+
+
+@torch.compile(backend="eager", dynamic=False)
+def _predict(model, x):
+    return model.net(x) * model.gain
+
+
+def _compiled_in_place():
+    import models
+
+    module = models.Regressor("adamw", None)
+    module.net = _Net()
+    module.net.compile(backend="eager", dynamic=False)
+    return module
+
+
+def _compiled_submodule():
+    import models
+
+    module = models.Regressor("adamw", None)
+    module.net = torch.compile(_Net(), backend="eager", dynamic=False)
+    return module
+
+
+def _compiled_function_of_the_module():
+    import models
+
+    class Predicted(models.Regressor):
+        def forward(self, x):
+            return _predict(self, x)
+
+    module = Predicted("adamw", None)
+    module.net, module.gain = _Net(), 1.0
+    return module
+
+
+@pytest.mark.parametrize("make_module", [_compiled_in_place, _compiled_submodule, _compiled_function_of_the_module])
+def test_compiled_code_reading_the_modules_attributes_is_captured_once_compiled(cuda_on_cpu, make_module):
+    # the capture records which attributes the step reads: compiled code must not take that for a change
+    from parity import fit
+
+    torch._dynamo.reset()
+    run = fit(make_module, graphed=True, accelerator="cpu")
+    stats = run.callback.stats
+    assert stats.captures >= 1 and stats.replays > 0 and stats.disabled_reason is None, stats.summary()

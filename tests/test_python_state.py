@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from lightning_graphs.graphed_step import ignore_torch_attribute
@@ -156,3 +157,61 @@ def test_private_numbers_behind_properties_stay_private():
     net = Counted()
     net._update_count = 0
     assert _outside(net, lambda n: setattr(n, "_update_count", 5)) == []  # (torchmetrics' counter)
+
+
+# -- what a captured step read ---------------------------------------------------------------------------------
+
+
+class Physics(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.dt = 0.1
+        self.unread = 1.0
+        self.weights = {"a": 1.0}
+
+    def forward(self, x):
+        return x * self.dt * self.weights["a"]
+
+
+class Wrapper(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.physics = Physics()
+        self.scale = 2.0
+
+    def forward(self, x):
+        return self.physics(x) * self.scale
+
+
+def test_the_attributes_a_step_read_are_followed_and_no_others():
+    from lightning_graphs.python_state import StepReads
+
+    model = Wrapper()
+    reads = StepReads(ignore_torch_attribute)
+    with reads.recording([("model", model)]):
+        model(torch.ones(2))
+    assert reads.changed() is None
+    model.physics.unread = 5.0  # never read by the step
+    assert reads.changed() is None
+    model.physics.weights["a"] = 3.0
+    assert "Physics.weights" in reads.changed()
+    model.physics.weights["a"] = 1.0
+    model.scale = 4.0
+    assert "changes `Wrapper.scale` from 2.0 to 4.0" in reads.changed()
+
+
+def test_recording_puts_every_class_back_also_when_the_step_raises():
+    from lightning_graphs.python_state import StepReads
+
+    class OwnLookup(torch.nn.Module):
+        def __getattribute__(self, name):
+            return super().__getattribute__(name)
+
+    model, own = Wrapper(), OwnLookup()
+    reads = StepReads(ignore_torch_attribute)
+    original = OwnLookup.__dict__["__getattribute__"]
+    with pytest.raises(RuntimeError):
+        with reads.recording([("model", model), ("own", own)]):
+            raise RuntimeError("boom")
+    assert "__getattribute__" not in Wrapper.__dict__ and "__getattribute__" not in Physics.__dict__
+    assert OwnLookup.__dict__["__getattribute__"] is original
