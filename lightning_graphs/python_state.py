@@ -302,14 +302,19 @@ class _Recording:
 
     def __enter__(self) -> _Recording:
         objects, reads = self._objects, self._reads
+        keeping = [False]  # while a read is kept: the reads that takes itself (a metric's `_defaults`) are not
         for cls in self._classes:
             own = cls.__dict__.get("__getattribute__", _ABSENT)
             inherited = cls.__getattribute__
 
             def recorded(obj: Any, name: str, _get: Any = inherited) -> Any:
                 value = _get(obj, name)
-                if id(obj) in objects and not name.startswith("__"):
-                    reads._keep(obj, name)
+                if not keeping[0] and id(obj) in objects and not name.startswith("__"):
+                    keeping[0] = True
+                    try:
+                        reads._keep(obj, name)
+                    finally:
+                        keeping[0] = False
                 return value
 
             try:

@@ -410,3 +410,45 @@ def test_a_metric_updated_outside_the_step_does_not_make_the_graphs_stale(replay
     assert_same(eager, graphed)
     assert not graphed.warnings, graphed.warnings
     assert graphed.callback.stats.captures == 2, graphed.callback.stats.summary()  # a full and a ragged batch
+
+
+class SumOfSquares(torchmetrics.Metric):
+    """A metric of the user's own: its class is one whose reads the capture records."""
+
+    full_state_update = False
+
+    def __init__(self):
+        super().__init__()
+        self.add_state("total", torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0), dist_reduce_fx="sum")
+        self.scale = 1.0
+
+    def update(self, x):
+        self.total = self.total + (x ** 2).sum() * self.scale
+        self.count = self.count + x.numel()
+
+    def compute(self):
+        return self.total / self.count
+
+
+class UpdatesItsOwnMetric(models.Regressor):
+    def __init__(self):
+        super().__init__("adamw", "lambda")
+        self.squares = SumOfSquares()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        pred = self(x)
+        self.squares(pred - y)
+        self.log("squares", self.squares, on_step=True, on_epoch=True)
+        return torch.nn.functional.mse_loss(pred, y)
+
+
+def test_a_metric_of_the_users_own_class_is_graphed(replaying_cuda_on_cpu):
+    from parity import assert_same, fit
+
+    eager, graphed = (fit(UpdatesItsOwnMetric, graphed=g, accelerator="cpu", max_epochs=3) for g in (False, True))
+    assert_same(eager, graphed)
+    assert not graphed.warnings, graphed.warnings
+    assert graphed.callback.stats.captures == 2 and graphed.callback.stats.eager_steps == 0, (
+        graphed.callback.stats.summary())
