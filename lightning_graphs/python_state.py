@@ -264,16 +264,43 @@ class StepReads:
             return
         if name.startswith("_") and not (key[0] == "container" and _behind_property(obj, name)):
             return
-        self._read[(id(obj), name)] = (obj, name, key)
+        # a container of plain values only (settings) is compared with a copy, at C speed
+        copy = _plain_copy(value) if key[0] == "container" else None
+        self._read[(id(obj), name)] = (obj, name, key, copy)
 
     def changed(self) -> str | None:
         """The first attribute the step read that holds another value now, described."""
-        for obj, name, key in self._read.values():
+        for obj, name, key, copy in self._read.values():
             value = obj.__dict__.get(name, _ABSENT)
+            if copy is not None and id(value) == key[1] and type(value) is type(copy) and value == copy:
+                continue
             now = _value_key(value) if value is not _ABSENT else None
             if now != key:
                 shown = name.lstrip("_") if _behind_property(obj, name) else name
                 return _describe(f"{type(obj).__name__}.{shown}", key, now, value)
+        return None
+
+
+def _plain_copy(value: Any, depth: int = 0) -> Any:
+    """A deep copy of a container holding only plain values (a few levels deep), else None."""
+    if isinstance(value, (float, *_PLAIN)):
+        return value
+    if depth >= _DIGEST_DEPTH or not isinstance(value, (list, tuple, dict)) or len(value) > _DIGEST_ITEMS:
+        return None
+    if isinstance(value, dict):
+        items = {k: _plain_copy(v, depth + 1) for k, v in value.items()}
+        if any(v is None and value[k] is not None for k, v in items.items()) or \
+                any(not isinstance(k, (float, *_PLAIN)) for k in items):
+            return None
+        copy = dict(items)
+    else:
+        copied = [_plain_copy(v, depth + 1) for v in value]
+        if any(c is None and v is not None for c, v in zip(copied, value)):
+            return None
+        copy = copied if isinstance(value, list) else tuple(copied)
+    try:
+        return type(value)(copy) if type(value) not in (list, tuple, dict) else copy
+    except Exception:  # a container type that cannot be rebuilt from a plain one
         return None
 
 
