@@ -70,9 +70,9 @@ def _digest(value: Any) -> tuple[Any, Any] | object:
 def _value_key(value: Any) -> tuple:
     """What about an attribute value must stay the same across a step."""
     if isinstance(value, float):
-        return ("number", "nan" if math.isnan(value) else value)
+        return ("number", "nan" if math.isnan(value) else value, float)
     if isinstance(value, _PLAIN):
-        return ("number", value)
+        return ("number", value, type(value))  # (1 and 1.0 and True are equal, yet a graph bakes in the type)
     if isinstance(value, _SIZED):
         return ("container", id(value), len(value), _digest(value))  # contents: (values, sizes)
     if isinstance(value, torch.Tensor):
@@ -262,8 +262,6 @@ class StepReads:
         key = _value_key(value)
         if key[0] not in ("number", "tensor", "container"):
             return
-        if name.startswith("_") and not (key[0] == "container" and _behind_property(obj, name)):
-            return
         # a container of plain values only (settings) is compared with a copy, at C speed
         copy = _plain_copy(value) if key[0] == "container" else None
         self._read[(id(obj), name)] = (obj, name, key, copy)
@@ -328,6 +326,13 @@ class _Recording:
         self._saved: list[tuple[type, Any]] = []
 
     def __enter__(self) -> _Recording:
+        try:
+            return self._install()
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def _install(self) -> _Recording:
         objects, reads = self._objects, self._reads
         keeping = [False]  # while a read is kept: the reads that takes itself (a metric's `_defaults`) are not
         for cls in self._classes:
@@ -346,7 +351,7 @@ class _Recording:
 
             try:
                 cls.__getattribute__ = _not_traced(recorded)
-            except TypeError:  # a class that takes no new attributes: its reads go unrecorded
+            except Exception:  # a class that takes no new attributes: its reads go unrecorded
                 continue
             self._saved.append((cls, own))
         # closure variables (no attribute access to watch): all of them are read

@@ -215,3 +215,46 @@ def test_recording_puts_every_class_back_also_when_the_step_raises():
             raise RuntimeError("boom")
     assert "__getattribute__" not in Wrapper.__dict__ and "__getattribute__" not in Physics.__dict__
     assert OwnLookup.__dict__["__getattribute__"] is original
+
+
+def test_a_setting_behind_a_property_is_followed():
+    from lightning_graphs.python_state import StepReads
+
+    class Annealed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self._weight = 0.5
+
+        @property
+        def weight(self):
+            return self._weight
+
+        def forward(self, x):
+            return x * self.weight
+
+    model = Annealed()
+    reads = StepReads(ignore_torch_attribute)
+    with reads.recording([("model", model)]):
+        model(torch.ones(1))
+    model._weight = 0.75
+    assert "changes `Annealed.weight` from 0.5 to 0.75" in reads.changed()
+
+
+def test_a_class_that_refuses_the_stand_in_leaves_no_other_class_patched():
+    from lightning_graphs.python_state import StepReads
+
+    class Refusing(type(torch.nn.Module)):
+        def __setattr__(cls, name, value):
+            if name == "__getattribute__":
+                raise AttributeError("no")
+            super().__setattr__(name, value)
+
+    class Locked(torch.nn.Module, metaclass=Refusing):
+        pass
+
+    first, locked = Wrapper(), Locked()
+    reads = StepReads(ignore_torch_attribute)
+    with reads.recording([("first", first), ("locked", locked)]):
+        first(torch.ones(2))  # recorded; the locked class is left as it is
+    assert "__getattribute__" not in Wrapper.__dict__ and "__getattribute__" not in Locked.__dict__
+    assert reads.changed() is None
