@@ -268,10 +268,15 @@ class StepReads:
 
     def changed(self) -> str | None:
         """The first attribute the step read that holds another value now, described."""
+        compared: set[int] = set()  # containers several modules read (a shared dict of settings): once each
         for obj, name, key, copy in self._read.values():
             value = obj.__dict__.get(name, _ABSENT)
-            if copy is not None and id(value) == key[1] and type(value) is type(copy) and value == copy:
-                continue
+            if copy is not None and id(value) == key[1]:
+                if key[1] in compared:
+                    continue
+                if type(value) is type(copy) and value == copy:
+                    compared.add(key[1])
+                    continue
             now = _value_key(value) if value is not _ABSENT else None
             if now != key:
                 shown = name.lstrip("_") if _behind_property(obj, name) else name
