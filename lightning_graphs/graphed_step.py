@@ -68,7 +68,7 @@ from lightning_graphs.compiled import is_recompile_refusal, no_compilation
 from lightning_graphs.messages import GraphCaptureError, WarnOnce
 from lightning_graphs.metrics import InStepMetrics, MetricUpdate, is_metric
 from lightning_graphs.optimizers import GraphSafeOptimizer
-from lightning_graphs.python_state import StateFingerprint, StepReads
+from lightning_graphs.python_state import StateFingerprint, StepReads, what_fn_reads
 
 __all__ = [
     "GraphedStep", "Phase", "Action", "StepPlan", "GraphStats", "CapturedGraph", "CaptureFailed", "CaptureDeferred",
@@ -283,51 +283,6 @@ def _as_list(name: str, value: Any) -> list:
         raise TypeError(f"`{name}` must be a list, got {type(value).__name__}: pass [{name[:-1]}]") from None
 
 
-class _ClosureVariables:
-    """The variables a function closes over, as the attributes of an object (what
-    :class:`~lightning_graphs.python_state.StateFingerprint` compares)."""
-
-    def __init__(self, fn: Callable[..., Any]) -> None:
-        self._cells = dict(zip(fn.__code__.co_freevars, fn.__closure__ or ()))
-
-    @property
-    def __dict__(self) -> dict[str, Any]:  # type: ignore[override]
-        values = {}
-        for name, cell in self._cells.items():
-            try:
-                values[name] = cell.cell_contents
-            except ValueError:  # a variable not bound yet
-                continue
-        return values
-
-    def __copy__(self) -> _ClosureVariables:
-        copy = object.__new__(_ClosureVariables)
-        copy._cells = self._cells
-        return copy
-
-    def __deepcopy__(self, memo: dict) -> _ClosureVariables:
-        return self.__copy__()  # a view of the same function's variables
-
-    def __getattr__(self, name: str) -> Any:
-        values = self.__dict__ if not name.startswith("_") else {}
-        if name in values:
-            return values[name]
-        raise AttributeError(name)
-
-
-def _what_fn_reads(fn: Callable[..., Any] | None) -> list[tuple[str, Any]]:
-    """``(label, object)`` pairs for the object a bound-method step belongs to and for
-    the variables a closure step closes over: Python state a replay bakes in."""
-    found: list[tuple[str, Any]] = []
-    owner = getattr(fn, "__self__", None)
-    if owner is not None and not isinstance(owner, type) and hasattr(owner, "__dict__"):
-        found.append(("self", owner))
-    function = getattr(fn, "__func__", fn)
-    if getattr(function, "__closure__", None):
-        found.append((getattr(function, "__name__", "step"), _ClosureVariables(function)))
-    return found
-
-
 class GraphedStep:
     """A step function captured as one CUDA graph and replayed, with eager fallback.
 
@@ -444,7 +399,7 @@ class GraphedStep:
             if found is not None and all(found is not s for s in scalers):
                 scalers.append(found)
         self._grad_scalers = scalers
-        watch = list(watch) + [pair for pair in _what_fn_reads(fn) if all(pair[1] is not obj for _, obj in watch)]
+        watch = list(watch) + [pair for pair in what_fn_reads(fn) if all(pair[1] is not obj for _, obj in watch)]
         watched = {id(obj) for _, obj in watch}
         self._watch = watch + [(type(m).__name__, m) for m in self._modules if id(m) not in watched]
         self._watch += [(type(o.optimizer).__name__, o.optimizer) for o in self._optimizers]

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-__all__ = ["StateFingerprint", "StepReads", "WatchedInt"]
+__all__ = ["StateFingerprint", "StepReads", "WatchedInt", "what_fn_reads"]
 
 _PLAIN = (bool, int, complex, str, bytes, type(None))
 _SIZED = (list, dict, set, frozenset, tuple, bytearray)
@@ -23,6 +23,7 @@ _SIZED = (list, dict, set, frozenset, tuple, bytearray)
 
 _DIGEST_DEPTH, _DIGEST_ITEMS = 4, 256
 _UNCOMPARABLE = object()  # a container too big to compare at every check
+_ABSENT = object()  # an attribute an object does not have
 
 
 def _digest(value: Any) -> tuple[Any, Any] | object:
@@ -231,6 +232,51 @@ for _name in _INT_OPERATIONS:
 del _name
 
 
+class _ClosureVariables:
+    """The variables a function closes over, as the attributes of an object (what
+    :class:`~lightning_graphs.python_state.StateFingerprint` compares)."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self._cells = dict(zip(fn.__code__.co_freevars, fn.__closure__ or ()))
+
+    @property
+    def __dict__(self) -> dict[str, Any]:  # type: ignore[override]
+        values = {}
+        for name, cell in self._cells.items():
+            try:
+                values[name] = cell.cell_contents
+            except ValueError:  # a variable not bound yet
+                continue
+        return values
+
+    def __copy__(self) -> _ClosureVariables:
+        copy = object.__new__(_ClosureVariables)
+        copy._cells = self._cells
+        return copy
+
+    def __deepcopy__(self, memo: dict) -> _ClosureVariables:
+        return self.__copy__()  # a view of the same function's variables
+
+    def __getattr__(self, name: str) -> Any:
+        values = self.__dict__ if not name.startswith("_") else {}
+        if name in values:
+            return values[name]
+        raise AttributeError(name)
+
+
+def what_fn_reads(fn: Callable[..., Any] | None) -> list[tuple[str, Any]]:
+    """``(label, object)`` pairs for the object a bound-method step belongs to and for
+    the variables a closure step closes over: Python state a replay bakes in."""
+    found: list[tuple[str, Any]] = []
+    owner = getattr(fn, "__self__", None)
+    if owner is not None and not isinstance(owner, type) and hasattr(owner, "__dict__"):
+        found.append(("self", owner))
+    function = getattr(fn, "__func__", fn)
+    if getattr(function, "__closure__", None):
+        found.append((getattr(function, "__name__", "step"), _ClosureVariables(function)))
+    return found
+
+
 _UNTRACKED_PACKAGES = ("torch.", "torchmetrics.", "lightning.", "pytorch_lightning.", "lightning_graphs.")
 
 
@@ -247,7 +293,7 @@ class StepReads:
 
     def __init__(self, ignore: Callable[[Any, str], bool]) -> None:
         self._ignore = ignore
-        self._read: dict[tuple[int, str], tuple[Any, str, tuple]] = {}
+        self._read: dict[tuple[int, str], tuple[Any, str, tuple, Any]] = {}  # -> (obj, name, key, copy)
 
     def clear(self) -> None:
         self._read.clear()
@@ -263,7 +309,7 @@ class StepReads:
         if key[0] not in ("number", "tensor", "container"):
             return
         # a container of plain values only (settings) is compared with a copy, at C speed
-        copy = _plain_copy(value) if key[0] == "container" else None
+        copy = _plain_copy(value) if key[0] == "container" else _UNCOMPARABLE
         self._read[(id(obj), name)] = (obj, name, key, copy)
 
     def changed(self) -> str | None:
@@ -271,7 +317,7 @@ class StepReads:
         compared: set[int] = set()  # containers several modules read (a shared dict of settings): once each
         for obj, name, key, copy in self._read.values():
             value = obj.__dict__.get(name, _ABSENT)
-            if copy is not None and id(value) == key[1]:
+            if copy is not _UNCOMPARABLE and id(value) == key[1]:
                 if key[1] in compared:
                     continue
                 if type(value) is type(copy) and value == copy:
@@ -285,29 +331,27 @@ class StepReads:
 
 
 def _plain_copy(value: Any, depth: int = 0) -> Any:
-    """A deep copy of a container holding only plain values (a few levels deep), else None."""
+    """A deep copy of a container holding only plain values (a few levels deep), else ``_UNCOMPARABLE``."""
     if isinstance(value, (float, *_PLAIN)):
         return value
     if depth >= _DIGEST_DEPTH or not isinstance(value, (list, tuple, dict)) or len(value) > _DIGEST_ITEMS:
-        return None
+        return _UNCOMPARABLE
     if isinstance(value, dict):
-        items = {k: _plain_copy(v, depth + 1) for k, v in value.items()}
-        if any(v is None and value[k] is not None for k, v in items.items()) or \
-                any(not isinstance(k, (float, *_PLAIN)) for k in items):
-            return None
-        copy = dict(items)
+        if not all(isinstance(k, (float, *_PLAIN)) for k in value):
+            return _UNCOMPARABLE
+        copy = {k: _plain_copy(v, depth + 1) for k, v in value.items()}
+        parts = copy.values()
     else:
-        copied = [_plain_copy(v, depth + 1) for v in value]
-        if any(c is None and v is not None for c, v in zip(copied, value)):
-            return None
-        copy = copied if isinstance(value, list) else tuple(copied)
+        copy = [_plain_copy(v, depth + 1) for v in value]
+        parts = copy
+    if any(part is _UNCOMPARABLE for part in parts):
+        return _UNCOMPARABLE
+    if type(value) in (list, dict):
+        return copy
     try:
-        return type(value)(copy) if type(value) not in (list, tuple, dict) else copy
+        return type(value)(copy)  # a tuple, or a subclass (Lightning's AttributeDict)
     except Exception:  # a container type that cannot be rebuilt from a plain one
-        return None
-
-
-_ABSENT = object()
+        return _UNCOMPARABLE
 
 
 def _not_traced(fn: Callable) -> Callable:
@@ -361,7 +405,7 @@ class _Recording:
             self._saved.append((cls, own))
         # closure variables (no attribute access to watch): all of them are read
         for obj in self._objects.values():
-            if type(obj).__name__ == "_ClosureVariables":
+            if isinstance(obj, _ClosureVariables):
                 for name in obj.__dict__:
                     reads._keep(obj, name)
         return self

@@ -161,12 +161,12 @@ def test_numpy_counts_and_flags_and_a_mapping_for_compile_are_taken():
 def test_the_closure_view_of_a_step_can_be_copied():
     import copy
 
-    from lightning_graphs.graphed_step import _what_fn_reads
+    from lightning_graphs.python_state import what_fn_reads
 
     dt = 0.1
 
     def step():
         return dt
 
-    ((_, variables),) = _what_fn_reads(step)
+    ((_, variables),) = what_fn_reads(step)
     assert copy.copy(variables).__dict__ == {"dt": 0.1}
