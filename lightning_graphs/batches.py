@@ -224,12 +224,16 @@ def leaf_paths(tree: Any, root: str = "batch") -> list[str]:
     return paths
 
 
+def _is_tensor_spec(spec: Any) -> bool:
+    return isinstance(spec, tuple) and len(spec) == 7  # (see _leaf_spec)
+
+
 def _describe_leaf(spec: Any, other: Any = None) -> str:
-    if isinstance(spec, tuple) and len(spec) == 7:
+    if _is_tensor_spec(spec):
         shape, dtype, device, requires_grad, _, stride, inference = spec
         grad = ", requires_grad" if requires_grad else ""
         text = f"shape {tuple(shape)}, {str(dtype).replace('torch.', '')} on {device}{grad}"
-        if isinstance(other, tuple) and len(other) == 7 and other[:5] == spec[:5]:
+        if _is_tensor_spec(other) and other[:5] == spec[:5]:
             if stride != other[5]:
                 text += f", strides {stride}"
             if inference != other[6]:
@@ -254,10 +258,6 @@ def describe_mismatch(expected: BatchSignature, got: BatchSignature, root: str =
                 )
             return text
     return f"{root} differs from the captured one"
-
-
-def _is_tensor_spec(spec: Any) -> bool:
-    return isinstance(spec, tuple) and len(spec) == 7
 
 
 class StaticBatch:

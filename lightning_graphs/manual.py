@@ -43,21 +43,13 @@ from typing import Any, Callable, Iterator
 import lightning.pytorch as pl
 
 from lightning_graphs import _lightning as internals
-from lightning_graphs.batches import BatchSignature, clone_tensors
+from lightning_graphs.batches import BatchSignature
 from lightning_graphs.graphed_step import Action, CaptureDeferred, CaptureFailed, GraphedStep
 
 __all__ = ["ManualSteps", "ManualStepProblem"]
 
 # batch signatures whose optimizer and scheduler calls are kept for comparison
 _SIGNATURES_KEPT = 32
-
-
-def _own_copy(outputs: Any) -> Any:
-    """The step's outputs as a value of their own: tensors cloned (the next replay
-    overwrites graph memory) and a dict copied even without tensors (callbacks may
-    write into the ``outputs`` they are given)."""
-    copy = clone_tensors(outputs)
-    return dict(copy) if copy is outputs and isinstance(outputs, dict) else copy
 
 
 class ManualStepProblem(Exception):
@@ -293,7 +285,7 @@ class ManualSteps:
         if problem is not None:
             engine.disable(problem)  # this step ran from the graph correctly; no replays after it
         replay_logs()
-        return _own_copy(outputs)
+        return internals.replayed_outputs(outputs, batch_idx)
 
     def _undo_capture(self, calls: _StepCalls, progress: dict, toggled: dict) -> None:
         """What a capture that failed midway left behind, undone before the step runs eagerly
