@@ -39,33 +39,15 @@ def measure(workload_name: str, variant: str) -> tuple[list[float], list[float]]
     """Steps/s of three windows of back-to-back replays, before and after the variant's loop."""
     import torch
 
-    from benchmarks.workloads import WORKLOADS
+    from benchmarks.workloads import WORKLOADS, hand_written_graph
 
     workload = WORKLOADS[workload_name]()
-    torch.manual_seed(0)
-    model = workload.make_model().cuda()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=workload.lr, capturable=True)
     batches = workload.batches(pin=True)
     static = tuple(t.cuda() for t in batches[0])
     on_device = tuple(t.cuda() for t in batches[1])
     elsewhere = tuple(torch.empty_like(t) for t in static)
     tiny = torch.zeros(1, device="cuda")
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        workload.loss(model, static).backward()
-        optimizer.step()
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    optimizer.zero_grad(set_to_none=True)
-    with torch.cuda.graph(graph):
-        step()
+    graph, *held = hand_written_graph(workload, static)  # (held: the model and optimizer the graph uses)
 
     def between(index: int) -> None:
         batch = batches[index % len(batches)]

@@ -102,30 +102,11 @@ def _debug_graphs():
 
 def hand_written_profile(workload, replays: int, keep: list | None = None) -> tuple[Profile, float]:
     """A whole-step graph as users write it by hand (AdamW with capturable=True)."""
-    import torch
+    from benchmarks.workloads import hand_written_graph
 
-    torch.manual_seed(0)
-    model = workload.make_model().cuda()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=workload.lr, capturable=True)
-    static = tuple(t.cuda() for t in workload.batches(pin=False)[0])
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        workload.loss(model, static).backward()
-        optimizer.step()
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    optimizer.zero_grad(set_to_none=True)
-    with torch.cuda.graph(graph):
-        step()
+    graph, *held = hand_written_graph(workload, tuple(t.cuda() for t in workload.batches(pin=False)[0]))
     if keep is not None:
-        keep.append(graph)
+        keep.extend([graph, *held])
     return profile_replays(graph, replays), replay_wall_us(graph)
 
 

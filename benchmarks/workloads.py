@@ -151,6 +151,33 @@ def big(tiny: bool = False) -> Workload:
 WORKLOADS: dict[str, Callable[..., Workload]] = {"mlp": mlp, "rollout": rollout, "pinn": pinn, "big": big}
 
 
+def hand_written_graph(workload: Workload, static: tuple[torch.Tensor, ...]):
+    """The whole-step graph users write by hand over the inputs ``static`` (CUDA
+    tensors): a fresh model with AdamW (``capturable=True``), three warm-up steps on a
+    side stream, then one step captured. Returns ``(graph, model, optimizer)``; keep
+    all three alive while replaying."""
+    torch.manual_seed(0)
+    model = workload.make_model().cuda()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=workload.lr, capturable=True)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        workload.loss(model, static).backward()
+        optimizer.step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        step()
+    return graph, model, optimizer
+
+
 class WorkloadModule(pl.LightningModule):
     """A workload as users would write it in Lightning: ``self.log`` of the loss every step."""
 
