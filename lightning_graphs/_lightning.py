@@ -426,8 +426,9 @@ class StepProbe:
     While active it stands in for ``LightningModule.log`` (recording calls during
     capture, forwarding them during warm-up), hands ``training_step`` a
     :class:`WatchedInt` as ``batch_idx``, and notes reads of ``self.global_step``,
-    ``self.current_epoch``, the trainer's counterparts and
-    ``self.trainer.is_last_batch`` from inside the step.
+    ``self.current_epoch``, the trainer's counterparts,
+    ``self.trainer.is_last_batch`` and the schedulers' ``get_last_lr()`` from inside
+    the step.
     ``problem`` is the first finding, as a sentence; ``what`` names the step in it
     and ``batch_end_hook`` is the hook it suggests instead.
     """
@@ -521,6 +522,39 @@ class StepProbe:
         setattr(owner, name, property(read))
         return owner, name, original
 
+    def _watch_scheduler_reads(self) -> list[tuple[type, Any]]:
+        """The classes of the fit's learning-rate schedulers get a ``get_last_lr`` that
+        notes a call on one of them from inside the step: the scheduler changes that
+        host value between steps, and a replay would keep the captured one. (On the
+        class, not the instance: a scheduler's ``state_dict`` holds its instance
+        attributes.)"""
+        trainer = getattr(self.module, "_trainer", None)
+        configs = getattr(trainer, "lr_scheduler_configs", None) or []
+        watched = {id(config.scheduler) for config in configs}
+        probe, patched = self, []
+        for cls in dict.fromkeys(type(config.scheduler) for config in configs):
+            original = getattr(cls, "get_last_lr", None)
+            if not callable(original):
+                continue
+
+            def get_last_lr(scheduler: Any, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
+                if id(scheduler) in watched and probe.module._current_fx_name in StepProbe._USER_HOOKS:
+                    probe.note(
+                        f"{probe.what} reads `get_last_lr()` of its {type(scheduler).__name__} scheduler, a host "
+                        "value the scheduler changes outside the step; a CUDA graph would keep the captured value "
+                        "at every replay. Log the learning rate with Lightning's `LearningRateMonitor` or from "
+                        f"`{probe.batch_end_hook}`"
+                    )
+                return _original(scheduler, *args, **kwargs)
+
+            own = cls.__dict__.get("get_last_lr", _MISSING)
+            try:
+                cls.get_last_lr = get_last_lr
+            except Exception:  # a class that takes no new attributes: its reads go unnoticed
+                continue
+            patched.append((cls, own))
+        return patched
+
     def _watch_counter_arguments(self, hook: str) -> bool:
         """A user's ``optimizer_step`` or ``optimizer_zero_grad`` gets its ``epoch`` and
         ``batch_idx`` as :class:`WatchedInt`: one that skips or delays steps by them
@@ -548,9 +582,10 @@ class StepProbe:
     def active(self) -> Iterator[StepProbe]:
         """Install the stand-ins; everything is restored on exit, also on errors."""
         saved_fx = self.module._current_fx_name
-        patched, wrapped = [], []
+        patched, wrapped, schedulers = [], [], []
         self.module.log = self._logged
         try:
+            schedulers = self._watch_scheduler_reads()
             for name in self._WATCHED_PROPERTIES:
                 patched.append(self._watch_property(pl.LightningModule, name, module_level=True))
                 patched.append(self._watch_property(pl.Trainer, name, module_level=False))
@@ -562,6 +597,11 @@ class StepProbe:
         finally:
             for owner, name, original in (p for p in reversed(patched) if p is not None):
                 setattr(owner, name, original)
+            for cls, own in reversed(schedulers):
+                if own is _MISSING:
+                    del cls.get_last_lr
+                else:
+                    cls.get_last_lr = own
             self.module.__dict__.pop("log", None)
             for hook, own in wrapped:
                 if own is _MISSING:

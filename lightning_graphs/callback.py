@@ -21,6 +21,7 @@ from lightning_graphs.graphed_step import (
 )
 from lightning_graphs.manual import ManualSteps
 from lightning_graphs.messages import GraphCaptureError, GraphWarning, WarnOnce
+from lightning_graphs.python_state import globals_fn_reads
 
 __all__ = ["CUDAGraphCallback"]
 
@@ -127,9 +128,10 @@ class CUDAGraphCallback(pl.Callback):
       ``.item()``, ``print(tensor)``, ``if tensor:``, ``torch.tensor(x, device=...)``.
       Log tensors with ``self.log``: their values are fed to Lightning after every
       replay, so ``on_step``/``on_epoch``/``prog_bar`` logging stays exact.
-    * no Python side effects that must happen every step, and no decisions on
-      ``batch_idx``, ``self.global_step`` or ``self.current_epoch``: a replay repeats
-      GPU work only. Append outputs in ``on_train_batch_end`` instead, which runs every
+    * no Python side effects that must happen every step (host random numbers from
+      ``random`` or ``np.random`` included: draw them with torch on the device), and no
+      decisions on ``batch_idx``, ``self.global_step`` or ``self.current_epoch``: a
+      replay repeats GPU work only. Append outputs in ``on_train_batch_end`` instead, which runs every
       step and receives ``outputs["loss"]``. torchmetrics metrics may be called,
       updated and logged in the step: their states and update counts follow every
       replay (see :mod:`lightning_graphs.metrics` for the few that cannot).
@@ -286,7 +288,7 @@ class CUDAGraphCallback(pl.Callback):
             max_graphs=self.max_graphs,
             optimizers=trainer.optimizers,
             modules=[pl_module],
-            watch=[("self", pl_module)]
+            watch=[("self", pl_module)] + _datamodule(trainer) + globals_fn_reads(type(pl_module).training_step)
             + [(f"callback {type(c).__name__}", c) for c in internals.in_step_callbacks(trainer, exclude=self)],
             strict=self.strict,
             warn=self._warn_once,
@@ -517,7 +519,7 @@ class CUDAGraphCallback(pl.Callback):
             warmup_steps=2,
             max_graphs=self.max_graphs,
             modules=[pl_module],
-            watch=[("self", pl_module)],
+            watch=[("self", pl_module)] + _datamodule(pl_module._trainer),
             strict=self.strict,
             # its own warning keys: a stage given up must not silence the training step's warning
             warn=lambda key, message: self._warn_once(f"{stage}:{key}", message),
@@ -634,3 +636,10 @@ class CUDAGraphCallback(pl.Callback):
             self._uncompile = None
         self._stop_agreement()
         self._trainer = None
+
+
+def _datamodule(trainer: pl.Trainer | None) -> list[tuple[str, Any]]:
+    """The fit's LightningDataModule, if any, to watch beside the module: a step may
+    read a setting on it (``self.trainer.datamodule.noise``) that a hook changes."""
+    datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+    return [("self.trainer.datamodule", datamodule)] if datamodule is not None else []

@@ -40,7 +40,8 @@ runs eagerly with one warning saying why):
 * no host synchronisation: no ``.item()``, ``print(tensor)``, ``if tensor:``,
   ``torch.tensor(number, device="cuda")``; data-dependent output shapes neither;
 * no Python side effects that must happen every step: the replay repeats GPU work
-  only (appending to a list, counting in an attribute, rebinding a tensor attribute);
+  only (appending to a list, counting in an attribute, rebinding a tensor attribute,
+  drawing from Python's ``random`` or ``np.random``: draw with torch on the device);
 * the optimizer's hyper-parameters are written outside the step (schedulers are);
 * Python values the step reads (an attribute holding a temperature or a flag) are
   baked in at capture: after changing one, call :meth:`request_structure_check`.
@@ -68,7 +69,13 @@ from lightning_graphs.compiled import is_recompile_refusal, no_compilation
 from lightning_graphs.messages import GraphCaptureError, WarnOnce
 from lightning_graphs.metrics import InStepMetrics, MetricUpdate, is_metric
 from lightning_graphs.optimizers import GraphSafeOptimizer
-from lightning_graphs.python_state import StateFingerprint, StepReads, what_fn_reads
+from lightning_graphs.python_state import (
+    StateFingerprint,
+    StepReads,
+    host_random_draws,
+    host_random_state,
+    what_fn_reads,
+)
 
 __all__ = [
     "GraphedStep", "Phase", "Action", "StepPlan", "GraphStats", "CapturedGraph", "CaptureFailed", "CaptureDeferred",
@@ -404,7 +411,10 @@ class GraphedStep:
         self._watch = watch + [(type(m).__name__, m) for m in self._modules if id(m) not in watched]
         self._watch += [(type(o.optimizer).__name__, o.optimizer) for o in self._optimizers]
         self._params = self._optimized_params()
-        self._reads = StepReads(self._ignore)  # what the captured steps read, checked before every replay
+        # what the captured steps read, checked before every replay (not the optimizers and scalers, which
+        # the step manages itself: their attributes are stood in for while capturing)
+        managed = {id(o.optimizer) for o in self._optimizers} | {id(s) for s in self._grad_scalers}
+        self._reads = StepReads(lambda obj, name: id(obj) in managed or self._ignore(obj, name))
         self._warmups_left = self.warmup_steps
         try:
             self._device: torch.device | None = torch.device("cuda", device) if isinstance(device, int) else (
@@ -1010,21 +1020,31 @@ class GraphedStep:
         self._metrics.refresh()  # which metrics' states and counts are the graphs' business
         return StateFingerprint(self._watch, self._ignore)
 
-    def _snapshot(self) -> tuple[StateFingerprint, list, dict]:
+    def _snapshot(self) -> tuple[StateFingerprint, list, dict, tuple]:
         return (
             self._fingerprint(),
             [o.hyperparameters() for o in self._optimizers],
             self._metrics.counts(),
+            host_random_state(),
         )
 
-    def _side_effects(self, before: tuple[StateFingerprint, list, dict] | None, hyperparameters: bool = True) -> str | None:
+    def _side_effects(self, before: tuple[StateFingerprint, list, dict, tuple] | None,
+                      hyperparameters: bool = True) -> str | None:
         """A sentence naming the first Python side effect of the step, if any.
 
         ``hyperparameters=False`` while capturing: the optimizers' own check covers them
         (their settings for capture differ from the user's on purpose)."""
         if before is None:
             return None
-        fingerprint, hyper, metric_counts = before
+        fingerprint, hyper, metric_counts, random_state = before
+        source = host_random_draws(random_state, host_random_state())
+        if source is not None:
+            return (
+                f"{self.what} draws random numbers from {source} each time it runs. A CUDA graph replays only the "
+                "GPU work, so every replay would reuse the numbers drawn while capturing. Draw them with torch on "
+                "the device instead (`torch.rand(..., device=x.device)`, `torch.randn`, `torch.randint`), which "
+                "a replay draws afresh"
+            )
         problem = self._metrics.unsupported_update(metric_counts, self.what, self.batch_end_hook)
         if problem is not None:
             return problem

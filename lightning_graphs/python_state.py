@@ -10,20 +10,79 @@ why.
 
 from __future__ import annotations
 
+import collections.abc
+import dataclasses
+import functools
 import math
+import random
+import sys
+import types
 from typing import Any, Callable, Iterable
 
 import torch
 
-__all__ = ["StateFingerprint", "StepReads", "WatchedInt", "what_fn_reads"]
+__all__ = [
+    "StateFingerprint", "StepReads", "WatchedInt", "what_fn_reads", "globals_fn_reads", "host_random_state",
+    "host_random_draws",
+]
 
 _PLAIN = (bool, int, complex, str, bytes, type(None))
 _SIZED = (list, dict, set, frozenset, tuple, bytearray)
 
 
 _DIGEST_DEPTH, _DIGEST_ITEMS = 4, 256
+_CONTAINERS = ("container", "settings")  # kinds of value keys compared by their contents
 _UNCOMPARABLE = object()  # a container too big to compare at every check
 _ABSENT = object()  # an attribute an object does not have
+_UNTRACKED_PACKAGES = ("torch.", "torchmetrics.", "lightning.", "pytorch_lightning.", "lightning_graphs.")
+_NOT_SETTINGS = (
+    torch.Tensor, torch.nn.Module, torch.optim.Optimizer, type, types.ModuleType, types.FunctionType,
+    types.MethodType, types.BuiltinFunctionType, types.BuiltinMethodType, functools.partial,
+)
+
+
+def _settings_view(value: Any) -> dict | None:
+    """The attributes of a settings object as a dict, else ``None``.
+
+    A settings object holds values a step may read: a dataclass or namespace of
+    options (``self.cfg.noise``), an object of the user's own class (a loss helper
+    with a margin, an EMA helper with its decay), a mapping that is not a dict (a
+    config library's). Modules, tensors, functions, classes and objects of PyTorch,
+    Lightning and torchmetrics are not: they are watched, compared or managed apart.
+    One with more attributes than a check can afford is not either (compared by
+    identity).
+    """
+    cls = type(value)
+    if isinstance(value, _NOT_SETTINGS) or (cls.__module__ or "").startswith(_UNTRACKED_PACKAGES):
+        return None
+    try:
+        if isinstance(value, collections.abc.Mapping):
+            return dict(value.items()) if len(value) <= _DIGEST_ITEMS else None
+        if cls.__module__ == "builtins":
+            return None  # numbers, strings and containers are compared as themselves; other builtins hold no settings
+        attributes = getattr(value, "__dict__", None)
+        view = dict(attributes) if isinstance(attributes, dict) else {}
+        for name in _slot_names(cls):
+            slot = getattr(value, name, _ABSENT)
+            if slot is not _ABSENT:
+                view[name] = slot
+        if not view and not isinstance(attributes, dict):
+            return None
+        return view if len(view) <= _DIGEST_ITEMS else None
+    except Exception:  # a mapping that cannot list its items, an object refusing the look-up
+        return None
+
+
+@functools.lru_cache(maxsize=256)
+def _slot_names(cls: type) -> tuple[str, ...]:
+    """The ``__slots__`` of a class and its bases (a dataclass with ``slots=True``, a lean helper)."""
+    names: list[str] = []
+    for klass in cls.__mro__[:-1]:
+        slots = klass.__dict__.get("__slots__", ())
+        for name in (slots,) if isinstance(slots, str) else slots:
+            if name not in ("__dict__", "__weakref__") and name not in names:
+                names.append(name)
+    return tuple(names)
 
 
 def _digest(value: Any) -> tuple[Any, Any] | object:
@@ -32,8 +91,9 @@ def _digest(value: Any) -> tuple[Any, Any] | object:
     of its tensors (a graph reads the tensor it was captured with) and of other
     objects; ``sizes`` nests the lengths of it and its inner containers, so that a
     list growing inside a dict tells apart from a value changing; containers nested
-    deeper than a few levels by identity. ``_UNCOMPARABLE`` for a container too big
-    to compare cheaply."""
+    deeper than a few levels, and inner ones past the budget of items (an EMA
+    helper's shadow weights beside its decay), by identity and length.
+    ``_UNCOMPARABLE`` for a container itself too big to compare cheaply."""
     budget = [_DIGEST_ITEMS]
 
     def walk(item: Any, depth: int) -> tuple[Any, Any]:
@@ -44,12 +104,22 @@ def _digest(value: Any) -> tuple[Any, Any] | object:
         if isinstance(item, torch.Tensor):
             return ("tensor", id(item)), None
         if not isinstance(item, _SIZED) or isinstance(item, bytearray):
-            return ("object", id(item)), None
+            view = _settings_view(item)
+            if view is None:
+                return ("object", id(item)), None
+            if depth >= _DIGEST_DEPTH:
+                return ("nested", id(item)), None
+            if depth > 0 and budget[0] < len(view):
+                return ("big", id(item)), len(view)
+            values, sizes = walk(view, depth)  # its attributes, as a dict at its own level
+            return (type(item), id(item), values[1]), sizes
         if depth >= _DIGEST_DEPTH:
             return ("nested", id(item)), None  # deeper than settings go: by identity
+        if budget[0] < len(item):
+            if depth == 0:
+                raise OverflowError
+            return ("big", id(item)), len(item)  # an inner container past the budget: by identity and length
         budget[0] -= len(item)
-        if budget[0] < 0:
-            raise OverflowError
         if isinstance(item, dict):
             pairs = [(walk(k, depth + 1), walk(v, depth + 1)) for k, v in item.items()]
             values = tuple((k[0], v[0]) for k, v in pairs)
@@ -78,6 +148,15 @@ def _value_key(value: Any) -> tuple:
         return ("container", id(value), len(value), _digest(value))  # contents: (values, sizes)
     if isinstance(value, torch.Tensor):
         return ("tensor", id(value))
+    view = _settings_view(value)
+    if view is not None:
+        digest = _digest(value)
+        if digest is not _UNCOMPARABLE:  # (one too big to compare: by identity, as any other object)
+            # a mapping (a config library's) is compared as a container also at the broad checks; other settings
+            # objects there only for the step's own side effects: before every replay, what the step read of
+            # them is followed, and a helper's counter a hook keeps must not look like a changed setting
+            kind = "container" if isinstance(value, collections.abc.Mapping) else "settings"
+            return (kind, id(value), len(view), digest)
     # tensors included: in-place updates are replayed by the graph, rebinding is not
     return ("object", id(value))
 
@@ -87,10 +166,10 @@ def _describe(name: str, before: tuple, after: tuple | None, value: Any) -> str:
         return f"deletes `{name}`"
     if before is None:
         return f"sets a new attribute `{name}`"
-    if before[0] == "container" and after[0] == "container" and before[2] != after[2] and before[1] == after[1]:
+    if before[0] in _CONTAINERS and after[0] in _CONTAINERS and before[2] != after[2] and before[1] == after[1]:
         verb = "grows" if after[2] > before[2] else "shrinks"
         return f"{verb} `{name}` (a {type(value).__name__}: {before[2]} -> {after[2]} items)"
-    if before[0] == "container" and after[0] == "container" and _UNCOMPARABLE not in (before[3], after[3]):
+    if before[0] in _CONTAINERS and after[0] in _CONTAINERS and _UNCOMPARABLE not in (before[3], after[3]):
         if before[3][1] != after[3][1]:
             return f"changes the size of a container inside `{name}` (a {type(value).__name__})"
         how = "changes a value in" if before[1] == after[1] else "rebinds"
@@ -163,8 +242,8 @@ class StateFingerprint:
             value = getattr(obj, name, None) if obj is not None else None
             if value is None and isinstance(obj, torch.nn.Module):
                 value = obj._parameters.get(name, obj._buffers.get(name))
-            if _behind_property(obj, name) and "container" in {before_key[0] if before_key else None,
-                                                               after_key[0] if after_key else None}:
+            if _behind_property(obj, name) and {before_key[0] if before_key else None,
+                                                after_key[0] if after_key else None} & set(_CONTAINERS):
                 name = name.lstrip("_")
             found.append(_describe(f"{label}.{name}" if label else name, before_key, after_key, value))
         return found
@@ -185,9 +264,44 @@ def _read_by_step(obj: Any, name: str, before: tuple | None, after: tuple | None
         # settings changed in place or rebound with new values; not a collection growing
         return (
             before[2] == after[2] and _UNCOMPARABLE not in (before[3], after[3])
-            and before[3][1] == after[3][1] and before[3][0] != after[3][0]
+            and before[3][1] == after[3][1] and _by_identity(before[3][0]) != _by_identity(after[3][0])
         )
     return not name.startswith("_") and kinds <= {"number", "tensor"}
+
+
+def _by_identity(values: Any) -> Any:
+    """A digest's values with the settings objects in it (other than mappings) reduced
+    to their identity: what the step reads of those is followed before every replay,
+    and a counter a hook keeps in a helper held in a list is not a changed setting."""
+    if isinstance(values, tuple):
+        if len(values) == 3 and isinstance(values[0], type):
+            if not issubclass(values[0], collections.abc.Mapping):
+                return ("settings", values[1])
+        return tuple(_by_identity(v) for v in values)
+    return values
+
+
+def host_random_state() -> tuple:
+    """The state of Python's ``random`` module and of NumPy's global generator (when
+    NumPy is loaded): the host random numbers a step might draw."""
+    numpy = sys.modules.get("numpy")
+    numpy_state = None
+    if numpy is not None:
+        try:
+            name, keys, position, has_gauss, gauss = numpy.random.get_state(legacy=True)
+            numpy_state = (name, keys.tobytes(), position, has_gauss, gauss)
+        except Exception:  # a NumPy whose global generator cannot report its state
+            numpy_state = None
+    return random.getstate(), numpy_state
+
+
+def host_random_draws(before: tuple, after: tuple) -> str | None:
+    """Which host generator a step drew from between two :func:`host_random_state`, if any."""
+    if before[0] != after[0]:
+        return "Python's `random` module"
+    if before[1] != after[1]:
+        return "NumPy's global generator (`np.random`)"
+    return None
 
 
 _INT_OPERATIONS = (
@@ -236,6 +350,8 @@ class _ClosureVariables:
     """The variables a function closes over, as the attributes of an object (what
     :class:`~lightning_graphs.python_state.StateFingerprint` compares)."""
 
+    _view_label = "closure variable"
+
     def __init__(self, fn: Callable[..., Any]) -> None:
         self._cells = dict(zip(fn.__code__.co_freevars, fn.__closure__ or ()))
 
@@ -264,9 +380,67 @@ class _ClosureVariables:
         raise AttributeError(name)
 
 
+class _GlobalVariables:
+    """The module-level variables a function reads that hold data (numbers, strings,
+    tensors, containers, settings objects; not modules, functions or classes), as
+    the attributes of an object, like :class:`_ClosureVariables`: a global config
+    dict a callback changes is a value the step read."""
+
+    _view_label = "global"
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self._globals = fn.__globals__
+        self._names = tuple(
+            name for name in sorted(_global_loads(fn.__code__))
+            if _holds_data(self._globals.get(name, _ABSENT))
+        )
+
+    @property
+    def __dict__(self) -> dict[str, Any]:  # type: ignore[override]
+        found = self._globals
+        return {name: found[name] for name in self._names if name in found}
+
+    def __copy__(self) -> _GlobalVariables:
+        copy = object.__new__(_GlobalVariables)
+        copy._globals, copy._names = self._globals, self._names
+        return copy
+
+    def __deepcopy__(self, memo: dict) -> _GlobalVariables:
+        return self.__copy__()  # a view of the same module's variables
+
+    def __getattr__(self, name: str) -> Any:
+        values = self.__dict__ if not name.startswith("_") else {}
+        if name in values:
+            return values[name]
+        raise AttributeError(name)
+
+
+def _global_loads(code: types.CodeType) -> set[str]:
+    """The global names a code object (and the functions and comprehensions inside it) loads."""
+    import dis
+
+    names = {i.argval for i in dis.get_instructions(code) if i.opname in ("LOAD_GLOBAL", "LOAD_NAME")}
+    for constant in code.co_consts:
+        if isinstance(constant, types.CodeType):
+            names |= _global_loads(constant)
+    return {name for name in names if isinstance(name, str)}
+
+
+def _holds_data(value: Any) -> bool:
+    if value is _ABSENT:
+        return False
+    if isinstance(value, (float, *_PLAIN, torch.Tensor, *_SIZED)):
+        return True
+    return _settings_view(value) is not None
+
+
+_VARIABLE_VIEWS = (_ClosureVariables, _GlobalVariables)
+
+
 def what_fn_reads(fn: Callable[..., Any] | None) -> list[tuple[str, Any]]:
-    """``(label, object)`` pairs for the object a bound-method step belongs to and for
-    the variables a closure step closes over: Python state a replay bakes in."""
+    """``(label, object)`` pairs for the object a bound-method step belongs to, for
+    the variables a closure step closes over and for the module-level data it reads:
+    Python state a replay bakes in."""
     found: list[tuple[str, Any]] = []
     owner = getattr(fn, "__self__", None)
     if owner is not None and not isinstance(owner, type) and hasattr(owner, "__dict__"):
@@ -274,18 +448,27 @@ def what_fn_reads(fn: Callable[..., Any] | None) -> list[tuple[str, Any]]:
     function = getattr(fn, "__func__", fn)
     if getattr(function, "__closure__", None):
         found.append((getattr(function, "__name__", "step"), _ClosureVariables(function)))
-    return found
+    return found + globals_fn_reads(function)
 
 
-_UNTRACKED_PACKAGES = ("torch.", "torchmetrics.", "lightning.", "pytorch_lightning.", "lightning_graphs.")
+def globals_fn_reads(fn: Callable[..., Any] | None) -> list[tuple[str, Any]]:
+    """``[(label, view)]`` of the module-level data ``fn`` reads, or ``[]``."""
+    function = getattr(fn, "__func__", fn)
+    if not isinstance(getattr(function, "__code__", None), types.CodeType) or not isinstance(
+        getattr(function, "__globals__", None), dict
+    ):
+        return []
+    view = _GlobalVariables(function)
+    return [(f"{getattr(function, '__name__', 'step')} globals", view)] if view._names else []
 
 
 class StepReads:
     """The attributes a captured step read (on the watched objects and their
-    submodules, of classes outside PyTorch, Lightning and torchmetrics), with their
-    values then; before every replay :meth:`changed` says whether code outside the
-    step (a hook, a callback) has changed any of them since. A graph bakes in what
-    the step read: a replay after such a change would use the old value.
+    submodules, of classes outside PyTorch, Lightning and torchmetrics, and on the
+    settings objects it reached through them), with their values then; before every
+    replay :meth:`changed` says whether code outside the step (a hook, a callback)
+    has changed any of them since. A graph bakes in what the step read: a replay
+    after such a change would use the old value.
 
     Reads are recorded only while capturing, by standing in for the classes'
     ``__getattribute__`` (put back at once); checking costs a dictionary lookup per
@@ -293,7 +476,9 @@ class StepReads:
 
     def __init__(self, ignore: Callable[[Any, str], bool]) -> None:
         self._ignore = ignore
-        self._read: dict[tuple[int, str], tuple[Any, str, tuple, Any]] = {}  # -> (obj, name, key, copy)
+        # (id(obj), name) -> (obj, name, key, copy): ``copy`` is a plain copy of a container or settings
+        # object, the object itself for one compared by identity, else ``_UNCOMPARABLE``
+        self._read: dict[tuple[int, str], tuple[Any, str, tuple, Any]] = {}
 
     def clear(self) -> None:
         self._read.clear()
@@ -301,48 +486,140 @@ class StepReads:
     def recording(self, objects: Iterable[tuple[str, Any]]) -> Any:
         return _Recording(self, [obj for _, obj in _with_submodules(objects)])
 
-    def _keep(self, obj: Any, name: str) -> None:
-        value = obj.__dict__.get(name, _ABSENT) if isinstance(getattr(obj, "__dict__", None), dict) else _ABSENT
-        if value is _ABSENT or self._ignore(obj, name):
+    def _keep(self, obj: Any, name: str, follow: Callable[[Any], bool] | None = None) -> None:
+        if not isinstance(getattr(obj, "__dict__", None), dict) or self._ignore(obj, name):
+            return
+        if name == "__dict__":  # a settings object read whole (``vars(cfg)``): compared whole
+            if _settings_view(obj) is not None:
+                self._read[(id(obj), name)] = (obj, name, _value_key(obj), _plain_copy(obj))
+            return
+        value = obj.__dict__.get(name, _ABSENT)
+        if value is _ABSENT:
+            # a class attribute read through the object: a value set on the object later hides it
+            inherited = getattr(type(obj), name, _ABSENT)
+            key = _value_key(inherited) if inherited is not _ABSENT else ("object",)
+            if key[0] in ("number", "tensor", *_CONTAINERS):
+                self._read[(id(obj), name)] = (obj, name, ("class", key), _UNCOMPARABLE)
+            return
+        settings = not isinstance(value, _SIZED) and _settings_view(value) is not None
+        if settings and (isinstance(value, collections.abc.Mapping) or (follow is not None and follow(value))):
+            # a settings object whose own reads are recorded from now on, or a mapping (too slow to compare
+            # before every replay: compared at the broad checks): here, only that it is the same one
+            self._read[(id(obj), name)] = (obj, name, ("followed", id(value)), value)
             return
         key = _value_key(value)
-        if key[0] not in ("number", "tensor", "container"):
+        if key[0] == "object":
+            if settings or not isinstance(obj, torch.nn.Module):  # (a function or an array on a settings object)
+                self._read[(id(obj), name)] = (obj, name, ("followed", id(value)), value)
             return
-        # a container of plain values only (settings) is compared with a copy, at C speed
-        copy = _plain_copy(value) if key[0] == "container" else _UNCOMPARABLE
+        if key[0] in _CONTAINERS and key[3] is _UNCOMPARABLE:
+            # too big to compare before every replay (a dataset's list): the same one, at the same length
+            self._read[(id(obj), name)] = (obj, name, ("sized", id(value), len(value)), value)
+            return
+        # a container (or a settings object) is compared with a plain copy, at C speed
+        copy = _plain_copy(value, follow=follow) if key[0] in _CONTAINERS else _UNCOMPARABLE
         self._read[(id(obj), name)] = (obj, name, key, copy)
 
     def changed(self) -> str | None:
         """The first attribute the step read that holds another value now, described."""
         compared: set[int] = set()  # containers several modules read (a shared dict of settings): once each
         for obj, name, key, copy in self._read.values():
-            value = obj.__dict__.get(name, _ABSENT)
-            if copy is not _UNCOMPARABLE and id(value) == key[1]:
-                if key[1] in compared:
+            value = obj if name == "__dict__" else obj.__dict__.get(name, _ABSENT)
+            kind = key[0]
+            if kind == "followed":
+                if value is copy:
                     continue
-                if type(value) is type(copy) and value == copy:
-                    compared.add(key[1])
+                now = ("object", id(value)) if value is not _ABSENT else None
+            elif kind == "sized":
+                if value is copy and len(value) == key[2]:
                     continue
-            now = _value_key(value) if value is not _ABSENT else None
+                verb = "rebinds" if value is not copy else "changes the length of"
+                return f"{verb} `{_where(obj, name)}`"
+            elif kind == "class":
+                if value is not _ABSENT:
+                    return f"sets `{_where(obj, name)}`, which the step read from its class"
+                inherited = getattr(type(obj), name, _ABSENT)
+                if (_value_key(inherited) if inherited is not _ABSENT else None) == key[1]:
+                    continue
+                return f"changes the class attribute `{_where(obj, name)}`"
+            else:
+                if copy is not _UNCOMPARABLE and id(value) == key[1]:
+                    if key[1] in compared:
+                        continue
+                    if _equal_to_copy(value, copy):
+                        compared.add(key[1])
+                        continue
+                now = _value_key(value) if value is not _ABSENT else None
             if now != key:
-                shown = name.lstrip("_") if _behind_property(obj, name) else name
-                return _describe(f"{type(obj).__name__}.{shown}", key, now, value)
+                return _describe(_where(obj, name), key, now, value)
         return None
 
 
-def _plain_copy(value: Any, depth: int = 0) -> Any:
-    """A deep copy of a container holding only plain values (a few levels deep), else ``_UNCOMPARABLE``."""
+def _where(obj: Any, name: str) -> str:
+    """How a message names an attribute the step read (``Model.beta``, ``global CONFIG``)."""
+    shown = name.lstrip("_") if _behind_property(obj, name) else name
+    return f"{obj._view_label} {shown}" if isinstance(obj, _VARIABLE_VIEWS) else f"{type(obj).__name__}.{shown}"
+
+
+class _Same:
+    """Stands in a plain copy for a value compared by identity (a tensor, a function,
+    a settings object whose reads are followed): equal to that very object only."""
+
+    __slots__ = ("obj",)
+    __hash__ = None  # type: ignore[assignment]
+    __array_ufunc__ = None  # NumPy arrays defer to __eq__ below instead of comparing element-wise
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+
+    def __eq__(self, other: Any) -> bool:
+        return other is self.obj
+
+
+class _SettingsCopy:
+    """A plain copy of a settings object: equal to an object of the same class whose
+    attributes equal the copied ones."""
+
+    __slots__ = ("cls", "fields")
+    __hash__ = None  # type: ignore[assignment]
+
+    def __init__(self, cls: type, fields: dict) -> None:
+        self.cls, self.fields = cls, fields
+
+    def __eq__(self, other: Any) -> bool:
+        return type(other) is self.cls and self.fields == _settings_view(other)
+
+
+def _plain_copy(value: Any, depth: int = 0, follow: Callable[[Any], bool] | None = None) -> Any:
+    """A deep copy of a container holding plain values (a few levels deep), with
+    settings objects copied by their attributes (or, with ``follow`` taking them,
+    stood for by their identity: their reads are recorded one by one) and tensors
+    and other objects by their identity; ``_UNCOMPARABLE`` for one too deep or too
+    big. The copy compares equal to the container (``copy == container``, at C
+    speed) while every value in it is the same."""
     if isinstance(value, (float, *_PLAIN)):
         return value
-    if depth >= _DIGEST_DEPTH or not isinstance(value, (list, tuple, dict)) or len(value) > _DIGEST_ITEMS:
+    if depth >= _DIGEST_DEPTH:
+        return _UNCOMPARABLE
+    if not isinstance(value, (list, tuple, dict)):
+        if isinstance(value, _SIZED):
+            return _UNCOMPARABLE
+        view = _settings_view(value)
+        if view is None or isinstance(value, collections.abc.Mapping) or (
+            follow is not None and depth > 0 and follow(value)
+        ):
+            return _Same(value)  # (a mapping: compared at the broad checks, too slow to compare at every replay)
+        fields = _plain_copy(view, depth, follow)
+        return _UNCOMPARABLE if fields is _UNCOMPARABLE else _SettingsCopy(type(value), fields)
+    if len(value) > _DIGEST_ITEMS:
         return _UNCOMPARABLE
     if isinstance(value, dict):
         if not all(isinstance(k, (float, *_PLAIN)) for k in value):
             return _UNCOMPARABLE
-        copy = {k: _plain_copy(v, depth + 1) for k, v in value.items()}
+        copy = {k: _plain_copy(v, depth + 1, follow) for k, v in value.items()}
         parts = copy.values()
     else:
-        copy = [_plain_copy(v, depth + 1) for v in value]
+        copy = [_plain_copy(v, depth + 1, follow) for v in value]
         parts = copy
     if any(part is _UNCOMPARABLE for part in parts):
         return _UNCOMPARABLE
@@ -354,14 +631,45 @@ def _plain_copy(value: Any, depth: int = 0) -> Any:
         return _UNCOMPARABLE
 
 
+def _equal_to_copy(value: Any, copy: Any) -> bool:
+    """Whether ``value`` still equals its plain copy (False where it cannot tell);
+    the copy compares, so that its stand-ins decide."""
+    if type(value) is not type(copy) and not isinstance(copy, _SettingsCopy):
+        return False
+    try:
+        return bool(copy == value)
+    except Exception:  # a value whose comparison raises: compared the slow way
+        return False
+
+
 def _not_traced(fn: Callable) -> Callable:
     """``fn`` as a function torch.compile leaves alone (compiled code may look up attributes through it)."""
     disable = getattr(getattr(torch, "_dynamo", None), "disable", None)
     return disable(fn) if disable is not None else fn
 
 
+def _followable(obj: Any) -> bool:
+    """Whether a settings object's reads can be recorded one by one: its attributes
+    live in its ``__dict__`` and are looked up plainly (not a mapping, no
+    ``__getattr__`` or ``__slots__``: those are compared whole)."""
+    cls = type(obj)
+    return (
+        isinstance(getattr(obj, "__dict__", None), dict)
+        and not isinstance(obj, collections.abc.Mapping)
+        and getattr(cls, "__getattr__", None) is None
+        and not _slot_names(cls)
+    )
+
+
 class _Recording:
-    """Stands in for ``__getattribute__`` of the objects' classes while a step is captured."""
+    """Stands in for ``__getattribute__`` of the objects' classes while a step is captured.
+
+    A settings object the step reaches through an attribute, a closure variable or
+    a container it read (``self.cfg``, a simulation object it closes over, a helper
+    in a list) is followed: its reads are recorded too, so that only what the step
+    reads of it is compared before each replay. One whose reads cannot be recorded
+    (``types.SimpleNamespace``, a mapping, a class with ``__getattr__`` or
+    ``__slots__``) is compared whole."""
 
     def __init__(self, reads: StepReads, objects: list[Any]) -> None:
         self._reads = reads
@@ -373,6 +681,7 @@ class _Recording:
                 continue
             self._classes.append(cls)
         self._saved: list[tuple[type, Any]] = []
+        self._keeping = False  # while a read is kept: the reads that takes itself (a metric's `_defaults`) are not
 
     def __enter__(self) -> _Recording:
         try:
@@ -382,38 +691,59 @@ class _Recording:
             raise
 
     def _install(self) -> _Recording:
-        objects, reads = self._objects, self._reads
-        keeping = [False]  # while a read is kept: the reads that takes itself (a metric's `_defaults`) are not
         for cls in self._classes:
-            own = cls.__dict__.get("__getattribute__", _ABSENT)
-            inherited = cls.__getattribute__
-
-            def recorded(obj: Any, name: str, _get: Any = inherited) -> Any:
-                value = _get(obj, name)
-                if not keeping[0] and id(obj) in objects and not name.startswith("__"):
-                    keeping[0] = True
-                    try:
-                        reads._keep(obj, name)
-                    finally:
-                        keeping[0] = False
-                return value
-
-            try:
-                cls.__getattribute__ = _not_traced(recorded)
-            except Exception:  # a class that takes no new attributes: its reads go unrecorded
-                continue
-            self._saved.append((cls, own))
-        # closure variables (no attribute access to watch): all of them are read
-        for obj in self._objects.values():
-            if isinstance(obj, _ClosureVariables):
+            self._stand_in(cls)
+        # closure variables and module-level data (no attribute access to watch): all of them are read
+        for obj in list(self._objects.values()):
+            if isinstance(obj, _VARIABLE_VIEWS):
                 for name in obj.__dict__:
-                    reads._keep(obj, name)
+                    self._reads._keep(obj, name, self._follow)
         return self
 
+    def _stand_in(self, cls: type) -> bool:
+        """Record the reads of the watched objects of ``cls``; False where the class refuses."""
+        if any(patched is cls for patched, _ in self._saved):
+            return True
+        metaclass = type(cls)
+        if metaclass.__setattr__ is not type.__setattr__ or metaclass.__delattr__ is not type.__delattr__:
+            return False  # a class guarding its attributes might not take the original back
+        objects, reads, recording = self._objects, self._reads, self
+        own = cls.__dict__.get("__getattribute__", _ABSENT)
+        inherited = cls.__getattribute__
+
+        def recorded(obj: Any, name: str, _get: Any = inherited) -> Any:
+            value = _get(obj, name)
+            if not recording._keeping and id(obj) in objects and (name == "__dict__" or not name.startswith("__")):
+                recording._keeping = True
+                try:
+                    reads._keep(obj, name, recording._follow)
+                finally:
+                    recording._keeping = False
+            return value
+
+        try:
+            cls.__getattribute__ = _not_traced(recorded)
+        except Exception:  # a class that takes no new attributes: its reads go unrecorded
+            return False
+        self._saved.append((cls, own))
+        return True
+
+    def _follow(self, obj: Any) -> bool:
+        """Watch a settings object the step reached; False where its reads cannot be recorded."""
+        if id(obj) in self._objects:
+            return True
+        if not _followable(obj) or not self._stand_in(type(obj)):
+            return False
+        self._objects[id(obj)] = obj
+        return True
+
     def __exit__(self, *exc: Any) -> None:
-        for cls, own in reversed(self._saved):
-            if own is _ABSENT:
-                del cls.__getattribute__
-            else:
-                cls.__getattribute__ = own
-        self._saved = []
+        saved, self._saved = self._saved, []
+        for cls, own in reversed(saved):
+            try:
+                if own is _ABSENT:
+                    del cls.__getattribute__
+                else:
+                    cls.__getattribute__ = own
+            except Exception:  # (a class refusing to take its own back: the others are still put back)
+                continue

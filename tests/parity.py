@@ -96,6 +96,7 @@ def fit(
     graphed: bool,
     train_loader: Callable[[], Any] = loader,
     val_loader: Callable[[], Any] | None = None,
+    datamodule: Callable[[], pl.LightningDataModule] | None = None,
     callback_kwargs: dict | None = None,
     extra_callbacks: Callable[[], list] = list,
     seed: int = 0,
@@ -122,12 +123,15 @@ def fit(
     trainer = pl.Trainer(callbacks=callbacks, **options)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", GraphWarning)
-        trainer.fit(
-            module,
-            train_dataloaders=train_loader(),
-            val_dataloaders=val_loader() if val_loader else None,
-            ckpt_path=ckpt_path,
-        )
+        if datamodule is not None:
+            trainer.fit(module, datamodule=datamodule(), ckpt_path=ckpt_path)
+        else:
+            trainer.fit(
+                module,
+                train_dataloaders=train_loader(),
+                val_dataloaders=val_loader() if val_loader else None,
+                ckpt_path=ckpt_path,
+            )
     return Run(
         recorder=recorder,
         logger=logger,

@@ -164,7 +164,30 @@ def _compiled_function_of_the_module():
     return module
 
 
-@pytest.mark.parametrize("make_module", [_compiled_in_place, _compiled_submodule, _compiled_function_of_the_module])
+class _Options:
+    def __init__(self):
+        self.gain = 1.0
+
+
+@torch.compile(backend="eager", dynamic=False)
+def _predict_with_options(model, options, x):
+    return model.net(x) * options.gain
+
+
+def _compiled_function_reading_a_config_object():
+    import models
+
+    class Configured(models.Regressor):
+        def forward(self, x):
+            return _predict_with_options(self, self.options, x)  # (the step's reads of `options` are followed)
+
+    module = Configured("adamw", None)
+    module.net, module.options = _Net(), _Options()
+    return module
+
+
+@pytest.mark.parametrize("make_module", [_compiled_in_place, _compiled_submodule, _compiled_function_of_the_module,
+                                         _compiled_function_reading_a_config_object])
 def test_compiled_code_reading_the_modules_attributes_is_captured_once_compiled(cuda_on_cpu, make_module):
     # the capture records which attributes the step reads: compiled code must not take that for a change
     from parity import fit

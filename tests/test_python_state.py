@@ -1,3 +1,8 @@
+import collections.abc
+import dataclasses
+import types
+
+import numpy as np
 import pytest
 import torch
 
@@ -258,3 +263,279 @@ def test_a_class_that_refuses_the_stand_in_leaves_no_other_class_patched():
         first(torch.ones(2))  # recorded; the locked class is left as it is
     assert "__getattribute__" not in Wrapper.__dict__ and "__getattribute__" not in Locked.__dict__
     assert reads.changed() is None
+
+
+# -- settings objects: dataclasses, namespaces, objects of the user's classes ------------------------------------------
+
+
+@dataclasses.dataclass
+class Options:
+    noise: float = 0.1
+    terms: dict = dataclasses.field(default_factory=lambda: {"l2": 0.5})
+    steps: int = 0  # bookkeeping, never read by the step
+
+
+class Configured(torch.nn.Module):
+    def __init__(self, options):
+        super().__init__()
+        self.options = options
+        self.extra = torch.ones(2)
+
+    def forward(self, x):
+        return x * self.options.noise + self.options.terms["l2"]
+
+
+@pytest.mark.parametrize("change", ["field", "nested dict", "rebound", "tensor field rebound"])
+def test_a_settings_object_the_step_read_is_followed_field_by_field(change):
+    from lightning_graphs.python_state import StepReads
+
+    options = Options()
+    model = Configured(options)
+    options.tensor = torch.zeros(1)
+    reads = StepReads(ignore_torch_attribute)
+    with reads.recording([("model", model)]):
+        model(torch.ones(2)) + options.tensor
+    assert "__getattribute__" not in Options.__dict__  # put back
+    options.steps += 1  # a field the step never read
+    assert reads.changed() is None
+    if change == "field":
+        options.noise = 0.2
+        assert "changes `Options.noise` from 0.1 to 0.2" in reads.changed()
+    elif change == "nested dict":
+        options.terms["l2"] = 0.25
+        assert "Options.terms" in reads.changed()
+    elif change == "rebound":
+        model.options = Options()
+        assert "rebinds `Configured.options`" in reads.changed()
+    else:
+        options.tensor = torch.zeros(1)
+        assert "Options.tensor" in reads.changed()
+
+
+def test_a_namespace_whose_reads_cannot_be_recorded_is_compared_whole():
+    from lightning_graphs.python_state import StepReads
+
+    model = Configured(types.SimpleNamespace(noise=0.1, terms={"l2": 0.5}, steps=0))
+    reads = StepReads(ignore_torch_attribute)
+    with reads.recording([("model", model)]):
+        model(torch.ones(2))
+    assert reads.changed() is None
+    model.options.noise = 0.3
+    assert "changes a value in `Configured.options` (a SimpleNamespace)" in reads.changed()
+
+
+def test_settings_objects_inside_containers_are_followed_too():
+    from lightning_graphs.python_state import StepReads
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.settings = {"options": Options(), "array": np.ones(2), "fn": len}
+
+        def forward(self, x):
+            return x * self.settings["options"].noise
+
+    model = Holder()
+    reads = StepReads(ignore_torch_attribute)
+    with reads.recording([("model", model)]):
+        model(torch.ones(2))
+    assert reads.changed() is None  # (a NumPy array and a function compared by identity)
+    model.settings["options"].steps += 1  # never read by the step
+    assert reads.changed() is None
+    model.settings["options"].noise = 0.4
+    assert "changes `Options.noise` from 0.1 to 0.4" in reads.changed()
+    model.settings["options"].noise = 0.1
+    model.settings["array"] = np.ones(2)
+    assert "Holder.settings" in reads.changed()
+
+
+def test_a_step_changing_a_settings_object_is_a_side_effect():
+    class Ema:
+        def __init__(self):
+            self.updates = 0
+
+    net = Net()
+    net.ema = Ema()
+    before = _fp(net)
+    net.ema.updates += 1  # what a step counting in a helper object does
+    assert any("`self.ema`" in change for change in before.changes(_fp(net)))
+
+
+def _recorded(model, step):
+    from lightning_graphs.python_state import StepReads
+
+    reads = StepReads(ignore_torch_attribute)
+    with reads.recording([("model", model)]):
+        step()
+    assert reads.changed() is None
+    return reads
+
+
+class Scaled(torch.nn.Module):
+    temperature = 2.0  # a class attribute read through the object
+
+    def forward(self, x):
+        return x / self.temperature
+
+
+@pytest.mark.parametrize("where", ["on the object", "on the class"])
+def test_a_class_attribute_the_step_read_is_followed(where):
+    model = Scaled()
+    reads = _recorded(model, lambda: model(torch.ones(2)))
+    try:
+        if where == "on the object":
+            model.temperature = 0.5
+            assert "sets `Scaled.temperature`, which the step read from its class" in reads.changed()
+        else:
+            Scaled.temperature = 0.5
+            assert "changes the class attribute `Scaled.temperature`" in reads.changed()
+    finally:
+        Scaled.temperature = 2.0
+
+
+class Ema:
+    def __init__(self, count):
+        self.decay = 0.99
+        self.shadow = {f"w{i}": torch.zeros(1) for i in range(count)}
+        self.updates = 0
+
+
+class HoldsHelpers(torch.nn.Module):
+    def __init__(self, helper):
+        super().__init__()
+        self.helper = helper
+        self.helpers = [helper]
+
+    def forward(self, x):
+        return x * self.helper.decay + x * self.helpers[0].decay
+
+
+@pytest.mark.parametrize("shadow", [3, 1000])
+def test_a_helper_is_followed_whatever_else_it_holds(shadow):
+    model = HoldsHelpers(Ema(shadow))
+    reads = _recorded(model, lambda: model(torch.ones(2)))
+    model.helper.updates += 1  # bookkeeping the step never read, also through the list
+    assert reads.changed() is None
+    model.helper.decay = 0.999
+    assert "changes `Ema.decay` from 0.99 to 0.999" in reads.changed()
+
+
+def test_a_helper_with_a_thousand_weights_counting_in_the_step_is_a_side_effect():
+    net = Net()
+    net.ema = Ema(1000)
+    before = _fp(net)
+    net.ema.updates += 1
+    assert any("`self.ema`" in change for change in before.changes(_fp(net)))
+
+
+@dataclasses.dataclass(slots=True)
+class SlotOptions:
+    noise: float = 0.1
+
+
+class Lean:
+    __slots__ = ("margin",)
+
+    def __init__(self):
+        self.margin = 1.0
+
+
+class ConfigMapping(collections.abc.Mapping):  # a config library's mapping
+    def __init__(self, **values):
+        self._values = values
+
+    def __getitem__(self, key):
+        return self._values[key]
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self):
+        return len(self._values)
+
+
+@pytest.mark.parametrize("make, read, change", [
+    (SlotOptions, lambda o: o.noise, lambda o: setattr(o, "noise", 0.5)),
+    (Lean, lambda o: o.margin, lambda o: setattr(o, "margin", 2.0)),
+], ids=["a dataclass with slots", "a class with __slots__"])
+def test_settings_objects_whose_reads_cannot_be_recorded_are_compared_whole(make, read, change):
+    model = Configured(make())
+    reads = _recorded(model, lambda: read(model.options))
+    change(model.options)
+    assert "changes a value in `Configured.options`" in reads.changed()
+
+
+def test_a_settings_object_read_whole_is_compared_whole():
+    options = Options()
+    model = Configured(options)
+    reads = _recorded(model, lambda: dict(vars(model.options)))
+    options.steps += 1  # read too: `vars` handed the step every field
+    assert "Options.__dict__" in reads.changed()
+
+
+def test_a_settings_object_replaced_by_another_at_the_same_address_is_still_told_apart():
+    model = Configured(Options())
+    reads = _recorded(model, lambda: model(torch.ones(2)))
+    for _ in range(3):  # the first object may be freed and its address reused: the reads hold it
+        model.options = Options()
+    assert "rebinds `Configured.options`" in reads.changed()
+
+
+def test_a_config_mapping_is_compared_at_the_broad_checks_not_before_every_replay():
+    # a config library's mapping can take a millisecond to list: only its identity before every replay
+    model = Configured(ConfigMapping(noise=0.1))
+    reads = _recorded(model, lambda: model.options["noise"])
+    before = StateFingerprint([("model", model)], ignore_torch_attribute)
+    model.options._values.update(noise=0.5)
+    assert reads.changed() is None
+    after = StateFingerprint([("model", model)], ignore_torch_attribute)
+    assert "changes a value in `model.options` (a ConfigMapping)" in before.changes(after, read_by_step_only=True)
+    model.options = ConfigMapping(noise=0.1)
+    assert "rebinds `Configured.options`" in reads.changed()
+
+
+def test_a_helper_a_hook_counts_in_is_not_taken_for_a_changed_setting_at_the_broad_checks():
+    model = HoldsHelpers(Ema(3))
+    before = StateFingerprint([("model", model)], ignore_torch_attribute)
+    model.helper.updates += 1
+    after = StateFingerprint([("model", model)], ignore_torch_attribute)
+    assert before.changes(after, read_by_step_only=True) == []  # (what the step reads of it is followed)
+    assert before.changes(after)  # a side effect, had the step done it
+
+
+DAMPING = 0.5  # module-level data a step reads
+
+
+def test_module_level_data_a_step_reads_is_followed_and_nothing_else():
+    from lightning_graphs.python_state import StepReads, what_fn_reads
+
+    unread = {"a": 1}
+
+    def step():
+        return torch.ones(2) * DAMPING + torch.zeros(2)  # (`torch`: a module, not data)
+
+    watched = what_fn_reads(step)
+    assert [sorted(vars(view)) for _, view in watched] == [["DAMPING"]]
+    reads = StepReads(ignore_torch_attribute)
+    with reads.recording(watched):
+        step()
+    unread["a"] = 2
+    assert reads.changed() is None
+    global DAMPING
+    try:
+        DAMPING = 0.25
+        assert "changes `global DAMPING` from 0.5 to 0.25" in reads.changed()
+    finally:
+        DAMPING = 0.5
+
+
+def test_a_container_too_big_to_compare_is_followed_by_identity_and_length():
+    model = Configured(Options())
+    model.table = list(range(1000))
+    reads = _recorded(model, lambda: model.table[3])
+    model.table[3] = -1  # (a change inside: too big to look for at every replay)
+    assert reads.changed() is None
+    model.table.append(0)
+    assert "changes the length of `Configured.table`" in reads.changed()
+    model.table = list(range(1000))
+    assert "rebinds `Configured.table`" in reads.changed()

@@ -12,7 +12,12 @@ kernels) stays the GPU tests' business; models here draw no random numbers.
 
 from __future__ import annotations
 
+import dataclasses
+import random
+import types
+
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, StochasticWeightAveraging
@@ -225,6 +230,7 @@ def test_a_graphed_step_follows_what_its_object_and_closure_hold(graph_api_on_cp
     graphed, steps = _simulate(True, change)
     torch.testing.assert_close(graphed, eager, rtol=1e-6, atol=1e-6)
     assert all(step.stats.replays > 0 for step in steps), [step.stats.summary() for step in steps]
+    # each change is captured anew once, by the step that read it (`damp` holds `sim` too, but reads no `dt`)
     assert sum(step.stats.captures for step in steps) == 3, [step.stats.summary() for step in steps]
 
 
@@ -432,6 +438,253 @@ def test_bookkeeping_a_hook_writes_at_every_step_is_not_checked_at_every_step(re
     # setting and capture anew once an epoch)
     stats = graphed.callback.stats
     assert sum(stats.recaptures.values()) <= 2, (stats.summary(), stats.recaptures)  # 3 epochs: 2 boundaries
+
+
+@dataclasses.dataclass
+class Options:
+    noise_weight: float = 0.0
+    terms: dict = dataclasses.field(default_factory=lambda: {"l1": 0.0})
+    seen: int = 0  # bookkeeping a hook keeps, never read by the step
+
+
+class ReadsItsOptions(models.Regressor):
+    """A loss shaped by a config object, as users hold one: an attribute, or inside ``self.hparams``."""
+
+    def __init__(self, options, in_hparams=False):
+        super().__init__("adamw", None)
+        if in_hparams:
+            self.save_hyperparameters()
+        else:
+            self.options = options
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        pred = self(x)
+        options = self.hparams.options if "options" in self.hparams else self.options
+        loss = (torch.nn.functional.mse_loss(pred, y) + options.noise_weight * pred.pow(2).mean()
+                + options.terms["l1"] * pred.abs().mean())
+        self.log("train_loss", loss)
+        return loss
+
+
+class AnnealOptions(pl.Callback):
+    def __init__(self, every):
+        self.every = every
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        options = module.hparams.options if "options" in module.hparams else module.options
+        if trainer.global_step % self.every == 0:
+            options.noise_weight = trainer.global_step / 20
+            options.terms["l1"] = trainer.global_step / 30
+
+
+class CountInOptions(pl.Callback):
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        module.options.seen += 1
+
+
+@pytest.mark.parametrize("every", [1, 9])
+@pytest.mark.parametrize("make_module", [
+    lambda: ReadsItsOptions(Options()),
+    lambda: ReadsItsOptions(types.SimpleNamespace(noise_weight=0.0, terms={"l1": 0.0}, seen=0)),
+    lambda: ReadsItsOptions(Options(), in_hparams=True),
+], ids=["a dataclass attribute", "a SimpleNamespace attribute", "a dataclass in self.hparams"])
+def test_a_config_object_changed_by_a_hook_is_never_replayed_stale(replaying, make_module, every):
+    eager, graphed = both(make_module, max_epochs=3, extra_callbacks=lambda: [AnnealOptions(every)])
+    assert_same(eager, graphed)
+    stats = graphed.callback.stats
+    reasons = list(stats.recaptures) + [stats.disabled_reason or ""]
+    assert any("options" in reason.lower() for reason in reasons), stats.summary()
+    if every == 1:  # captured anew at every step: not worth it, eager with one warning
+        assert stats.disabled_reason is not None and len(graphed.warnings) == 1, stats.summary()
+    else:  # captured anew once an epoch, replayed in between
+        replayed(graphed)
+        assert stats.captures >= 4, stats.summary()
+
+
+def test_bookkeeping_in_a_dataclass_the_step_reads_does_not_stop_the_replays(replaying):
+    # the hook counts in `options.seen` at every step; the step reads the other fields, which stay
+    eager, graphed = both(lambda: ReadsItsOptions(Options()), max_epochs=3, extra_callbacks=lambda: [CountInOptions()])
+    assert_same(eager, graphed)
+    replayed(graphed, eager_steps=0)
+    stats = graphed.callback.stats
+    # (the epoch boundaries' broader check compares the whole object: at most one capture each)
+    assert sum(stats.recaptures.values()) <= 2, (stats.summary(), stats.recaptures)
+
+
+class CountsInAHelper(models.Regressor):
+    """A step that counts in an object of its own class: a replay would not count."""
+
+    def __init__(self):
+        super().__init__("adamw", None)
+        self.helper = _Counter()
+
+    def training_step(self, batch, batch_idx):
+        self.helper.calls += 1
+        return super().training_step(batch, batch_idx)
+
+
+class _Counter:
+    def __init__(self):
+        self.calls = 0
+
+
+def test_a_step_counting_in_a_helper_object_trains_eagerly_with_a_warning(replaying):
+    eager, graphed = both(CountsInAHelper)
+    assert_same(eager, graphed)
+    assert graphed.module.helper.calls == eager.module.helper.calls == 18
+    assert graphed.callback.stats.replays == 0, graphed.callback.stats.summary()
+    (warning,) = graphed.warnings
+    assert "self.helper" in warning, warning
+
+
+class FlipsAtRandom(models.Regressor):
+    """Augmentation decided with host random numbers, which a replay would not draw again."""
+
+    def __init__(self, source):
+        super().__init__("adamw", None)
+        self.source = source
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        draw = random.random() if self.source == "random" else float(np.random.uniform())
+        if draw < 0.5:
+            x = x.flip(0)
+            y = y.flip(0)
+        loss = torch.nn.functional.mse_loss(self(x), y) * (1 + draw)
+        self.log("train_loss", loss)
+        return loss
+
+
+@pytest.mark.parametrize("source, named", [("random", "Python's `random` module"), ("numpy", "NumPy's global")])
+def test_a_step_drawing_host_random_numbers_trains_eagerly_with_one_warning(replaying, source, named):
+    eager, graphed = both(lambda: FlipsAtRandom(source))  # (both runs seeded alike: the same draws)
+    assert_same(eager, graphed)
+    assert graphed.callback.stats.replays == 0, graphed.callback.stats.summary()
+    (warning,) = graphed.warnings
+    assert f"draws random numbers from {named}" in warning and "torch.rand" in warning, warning
+
+
+class ScalesByTheLearningRate(models.Regressor):
+    """A loss weighted by the scheduler's last learning rate, a host value the scheduler changes between steps."""
+
+    def __init__(self):
+        super().__init__("adamw", "lambda")
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        lr = self.lr_schedulers().get_last_lr()[0]
+        loss = torch.nn.functional.mse_loss(self(x), y) * (1 + 100 * lr)
+        self.log("train_loss", loss)
+        return loss
+
+
+def test_a_step_reading_its_schedulers_last_learning_rate_trains_eagerly_with_one_warning(replaying):
+    eager, graphed = both(ScalesByTheLearningRate)
+    assert_same(eager, graphed)
+    assert graphed.callback.stats.replays == 0, graphed.callback.stats.summary()
+    (warning,) = graphed.warnings
+    assert "reads `get_last_lr()` of its LambdaLR scheduler" in warning, warning
+    assert "get_last_lr" not in torch.optim.lr_scheduler.LambdaLR.__dict__  # put back
+
+
+class CurriculumData(pl.LightningDataModule):
+    """A data module holding a setting the step reads, raised by a hook as training goes on."""
+
+    def __init__(self):
+        super().__init__()
+        self.noise = 0.0
+
+    def train_dataloader(self):
+        return loader()
+
+
+class ReadsTheDataModule(models.Regressor):
+    def __init__(self):
+        super().__init__("adamw", None)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        pred = self(x)
+        loss = torch.nn.functional.mse_loss(pred, y) + self.trainer.datamodule.noise * pred.pow(2).mean()
+        self.log("train_loss", loss)
+        return loss
+
+
+class RaiseNoise(pl.Callback):
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step % 9 == 4:
+            trainer.datamodule.noise += 0.25
+
+
+def test_a_setting_on_the_data_module_is_followed(replaying):
+    options = dict(max_epochs=3, datamodule=CurriculumData, extra_callbacks=lambda: [RaiseNoise()])
+    eager, graphed = both(ReadsTheDataModule, **options)
+    assert_same(eager, graphed)
+    replayed(graphed)
+    stats = graphed.callback.stats
+    assert any("CurriculumData.noise" in reason for reason in stats.recaptures), stats.summary()
+
+
+class TemperatureOnTheClass(models.Regressor):
+    temperature = 1.0  # a class attribute, set on the object later by a callback
+
+    def __init__(self):
+        super().__init__("adamw", None)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self(x) / self.temperature, y)
+        self.log("train_loss", loss)
+        return loss
+
+
+class Cool(pl.Callback):
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step == 12:
+            module.temperature = 0.5
+
+
+def test_a_class_attribute_set_on_the_module_later_is_followed(replaying):
+    eager, graphed = both(TemperatureOnTheClass, max_epochs=3, extra_callbacks=lambda: [Cool()])
+    assert_same(eager, graphed)
+    replayed(graphed)
+    assert any("temperature" in reason for reason in graphed.callback.stats.recaptures), \
+        graphed.callback.stats.summary()
+
+
+LOSS_SETTINGS = {"l2": 0.0}  # module-level settings, as scripts keep them
+
+
+class ReadsAGlobal(models.Regressor):
+    def __init__(self):
+        super().__init__("adamw", None)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        pred = self(x)
+        loss = torch.nn.functional.mse_loss(pred, y) + LOSS_SETTINGS["l2"] * pred.pow(2).mean()
+        self.log("train_loss", loss)
+        return loss
+
+
+class RaiseL2(pl.Callback):
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step % 9 == 4:
+            LOSS_SETTINGS["l2"] += 0.25
+
+
+def test_module_level_settings_the_step_reads_are_followed(replaying):
+    options = dict(max_epochs=3, extra_callbacks=lambda: [RaiseL2()])
+    LOSS_SETTINGS["l2"] = 0.0
+    eager = fit(ReadsAGlobal, graphed=False, accelerator="cpu", **options)
+    LOSS_SETTINGS["l2"] = 0.0
+    graphed = fit(ReadsAGlobal, graphed=True, accelerator="cpu", **options)
+    LOSS_SETTINGS["l2"] = 0.0
+    assert_same(eager, graphed)
+    replayed(graphed)
+    assert any("global LOSS_SETTINGS" in reason for reason in graphed.callback.stats.recaptures), \
+        graphed.callback.stats.summary()
 
 
 def test_a_graphed_step_follows_what_it_read_without_being_asked(graph_api_on_cpu, monkeypatch):
