@@ -346,73 +346,71 @@ for _name in _INT_OPERATIONS:
 del _name
 
 
-class _ClosureVariables:
-    """The variables a function closes over, as the attributes of an object (what
-    :class:`~lightning_graphs.python_state.StateFingerprint` compares)."""
+class _VariablesView:
+    """Variables a function reads, as the attributes of an object (what
+    :class:`StateFingerprint` and :class:`StepReads` compare); a copy is a view of
+    the same variables."""
 
-    _view_label = "closure variable"
+    _view_label = "variable"
 
-    def __init__(self, fn: Callable[..., Any]) -> None:
-        self._cells = dict(zip(fn.__code__.co_freevars, fn.__closure__ or ()))
+    def __init__(self, source: Any) -> None:
+        self._source = source
+
+    def _values(self) -> dict[str, Any]:
+        raise NotImplementedError
 
     @property
     def __dict__(self) -> dict[str, Any]:  # type: ignore[override]
+        return self._values()
+
+    def __copy__(self) -> _VariablesView:
+        return type(self)(self._source)
+
+    def __deepcopy__(self, memo: dict) -> _VariablesView:
+        return self.__copy__()
+
+    def __getattr__(self, name: str) -> Any:
+        values = self._values() if not name.startswith("_") else {}
+        if name in values:
+            return values[name]
+        raise AttributeError(name)
+
+
+class _ClosureVariables(_VariablesView):
+    """The variables a function closes over."""
+
+    _view_label = "closure variable"
+
+    @classmethod
+    def of(cls, fn: Callable[..., Any]) -> _ClosureVariables:
+        return cls(dict(zip(fn.__code__.co_freevars, fn.__closure__ or ())))
+
+    def _values(self) -> dict[str, Any]:
         values = {}
-        for name, cell in self._cells.items():
+        for name, cell in self._source.items():
             try:
                 values[name] = cell.cell_contents
             except ValueError:  # a variable not bound yet
                 continue
         return values
 
-    def __copy__(self) -> _ClosureVariables:
-        copy = object.__new__(_ClosureVariables)
-        copy._cells = self._cells
-        return copy
 
-    def __deepcopy__(self, memo: dict) -> _ClosureVariables:
-        return self.__copy__()  # a view of the same function's variables
-
-    def __getattr__(self, name: str) -> Any:
-        values = self.__dict__ if not name.startswith("_") else {}
-        if name in values:
-            return values[name]
-        raise AttributeError(name)
-
-
-class _GlobalVariables:
+class _GlobalVariables(_VariablesView):
     """The module-level variables a function reads that hold data (numbers, strings,
-    tensors, containers, settings objects; not modules, functions or classes), as
-    the attributes of an object, like :class:`_ClosureVariables`: a global config
-    dict a callback changes is a value the step read."""
+    tensors, containers, settings objects; not modules, functions or classes): a
+    global config dict a callback changes is a value the step read."""
 
     _view_label = "global"
 
-    def __init__(self, fn: Callable[..., Any]) -> None:
-        self._globals = fn.__globals__
-        self._names = tuple(
-            name for name in sorted(_global_loads(fn.__code__))
-            if _holds_data(self._globals.get(name, _ABSENT))
-        )
+    @classmethod
+    def of(cls, fn: Callable[..., Any]) -> _GlobalVariables:
+        found = fn.__globals__
+        names = tuple(name for name in sorted(_global_loads(fn.__code__)) if _holds_data(found.get(name, _ABSENT)))
+        return cls((found, names))
 
-    @property
-    def __dict__(self) -> dict[str, Any]:  # type: ignore[override]
-        found = self._globals
-        return {name: found[name] for name in self._names if name in found}
-
-    def __copy__(self) -> _GlobalVariables:
-        copy = object.__new__(_GlobalVariables)
-        copy._globals, copy._names = self._globals, self._names
-        return copy
-
-    def __deepcopy__(self, memo: dict) -> _GlobalVariables:
-        return self.__copy__()  # a view of the same module's variables
-
-    def __getattr__(self, name: str) -> Any:
-        values = self.__dict__ if not name.startswith("_") else {}
-        if name in values:
-            return values[name]
-        raise AttributeError(name)
+    def _values(self) -> dict[str, Any]:
+        found, names = self._source
+        return {name: found[name] for name in names if name in found}
 
 
 def _global_loads(code: types.CodeType) -> set[str]:
@@ -434,9 +432,6 @@ def _holds_data(value: Any) -> bool:
     return _settings_view(value) is not None
 
 
-_VARIABLE_VIEWS = (_ClosureVariables, _GlobalVariables)
-
-
 def what_fn_reads(fn: Callable[..., Any] | None) -> list[tuple[str, Any]]:
     """``(label, object)`` pairs for the object a bound-method step belongs to, for
     the variables a closure step closes over and for the module-level data it reads:
@@ -447,7 +442,7 @@ def what_fn_reads(fn: Callable[..., Any] | None) -> list[tuple[str, Any]]:
         found.append(("self", owner))
     function = getattr(fn, "__func__", fn)
     if getattr(function, "__closure__", None):
-        found.append((getattr(function, "__name__", "step"), _ClosureVariables(function)))
+        found.append((getattr(function, "__name__", "step"), _ClosureVariables.of(function)))
     return found + globals_fn_reads(function)
 
 
@@ -458,8 +453,8 @@ def globals_fn_reads(fn: Callable[..., Any] | None) -> list[tuple[str, Any]]:
         getattr(function, "__globals__", None), dict
     ):
         return []
-    view = _GlobalVariables(function)
-    return [(f"{getattr(function, '__name__', 'step')} globals", view)] if view._names else []
+    view = _GlobalVariables.of(function)
+    return [(f"{getattr(function, '__name__', 'step')} globals", view)] if view._source[1] else []
 
 
 class StepReads:
@@ -558,7 +553,7 @@ class StepReads:
 def _where(obj: Any, name: str) -> str:
     """How a message names an attribute the step read (``Model.beta``, ``global CONFIG``)."""
     shown = name.lstrip("_") if _behind_property(obj, name) else name
-    return f"{obj._view_label} {shown}" if isinstance(obj, _VARIABLE_VIEWS) else f"{type(obj).__name__}.{shown}"
+    return f"{obj._view_label} {shown}" if isinstance(obj, _VariablesView) else f"{type(obj).__name__}.{shown}"
 
 
 class _Same:
@@ -695,7 +690,7 @@ class _Recording:
             self._stand_in(cls)
         # closure variables and module-level data (no attribute access to watch): all of them are read
         for obj in list(self._objects.values()):
-            if isinstance(obj, _VARIABLE_VIEWS):
+            if isinstance(obj, _VariablesView):
                 for name in obj.__dict__:
                     self._reads._keep(obj, name, self._follow)
         return self
