@@ -288,8 +288,9 @@ class CUDAGraphCallback(pl.Callback):
             max_graphs=self.max_graphs,
             optimizers=trainer.optimizers,
             modules=[pl_module],
-            watch=[("self", pl_module)] + _datamodule(trainer) + globals_fn_reads(type(pl_module).training_step)
+            watch=[("self", pl_module)] + globals_fn_reads(type(pl_module).training_step, type(pl_module))
             + [(f"callback {type(c).__name__}", c) for c in internals.in_step_callbacks(trainer, exclude=self)],
+            follow=_datamodule(trainer),
             strict=self.strict,
             warn=self._warn_once,
             ignore_attribute=internals.ignore_framework_attribute,
@@ -519,7 +520,9 @@ class CUDAGraphCallback(pl.Callback):
             warmup_steps=2,
             max_graphs=self.max_graphs,
             modules=[pl_module],
-            watch=[("self", pl_module)] + _datamodule(pl_module._trainer),
+            watch=[("self", pl_module)]
+            + globals_fn_reads(getattr(type(pl_module), f"{stage}_step", None), type(pl_module)),
+            follow=_datamodule(pl_module._trainer),
             strict=self.strict,
             # its own warning keys: a stage given up must not silence the training step's warning
             warn=lambda key, message: self._warn_once(f"{stage}:{key}", message),

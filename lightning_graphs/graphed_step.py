@@ -313,7 +313,10 @@ class GraphedStep:
             change (and which code outside the step may change, see
             :meth:`request_structure_check`); modules not listed are watched under
             their class name, and so are the object ``fn`` is a bound method of and
-            the variables ``fn`` closes over.
+            the variables ``fn`` closes over and the module-level data it reads.
+        follow: ``(label, object)`` pairs whose attributes the step may read but
+            which hold bookkeeping of their own (a LightningDataModule): what the
+            captured step read of them is compared before every replay, nothing else.
         strict: raise :class:`GraphCaptureError` instead of falling back to eager.
         warn: ``warn(key, message)`` for user-facing warnings (default: once per key).
         ignore_attribute: ``ignore_attribute(obj, name)`` excludes framework-managed
@@ -364,6 +367,7 @@ class GraphedStep:
         optimizers: Sequence[torch.optim.Optimizer] = (),
         modules: Sequence[torch.nn.Module] = (),
         watch: Sequence[tuple[str, Any]] = (),
+        follow: Sequence[tuple[str, Any]] = (),
         strict: bool = False,
         warn: Callable[[str, str], Any] | None = None,
         ignore_attribute: Callable[[Any, str], bool] | None = None,
@@ -410,6 +414,7 @@ class GraphedStep:
         watched = {id(obj) for _, obj in watch}
         self._watch = watch + [(type(m).__name__, m) for m in self._modules if id(m) not in watched]
         self._watch += [(type(o.optimizer).__name__, o.optimizer) for o in self._optimizers]
+        self._follow = [pair for pair in follow if all(pair[1] is not obj for _, obj in self._watch)]
         self._params = self._optimized_params()
         # what the captured steps read, checked before every replay (not the optimizers and scalers, which
         # the step manages itself: their attributes are stood in for while capturing)
@@ -698,7 +703,7 @@ class GraphedStep:
                 graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
                 try:
                     with no_compilation(), graph_safe_grad_scalers(self._grad_scalers, self._step_unless_found_inf), \
-                            self._reads.recording(self._watch):
+                            self._reads.recording(self._watch + self._follow):
                         outputs = fn(static.value)
                         metric_problem = self._metrics.end_of_step(metrics_before)
                 except BaseException:
@@ -1025,7 +1030,7 @@ class GraphedStep:
             self._fingerprint(),
             [o.hyperparameters() for o in self._optimizers],
             self._metrics.counts(),
-            host_random_state(),
+            host_random_state(self._watch + self._follow),
         )
 
     def _side_effects(self, before: tuple[StateFingerprint, list, dict, tuple] | None,
@@ -1037,7 +1042,7 @@ class GraphedStep:
         if before is None:
             return None
         fingerprint, hyper, metric_counts, random_state = before
-        source = host_random_draws(random_state, host_random_state())
+        source = host_random_draws(random_state, host_random_state(self._watch + self._follow))
         if source is not None:
             return (
                 f"{self.what} draws random numbers from {source} each time it runs. A CUDA graph replays only the "

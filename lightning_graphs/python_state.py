@@ -10,6 +10,7 @@ why.
 
 from __future__ import annotations
 
+import argparse
 import collections.abc
 import dataclasses
 import functools
@@ -31,6 +32,8 @@ _SIZED = (list, dict, set, frozenset, tuple, bytearray)
 
 
 _DIGEST_DEPTH, _DIGEST_ITEMS = 4, 256
+_STDLIB = frozenset(getattr(sys, "stdlib_module_names", ())) | {"builtins"}
+_STDLIB_SETTINGS = (types.SimpleNamespace, argparse.Namespace)  # Python's own classes that hold settings
 _CONTAINERS = ("container", "settings")  # kinds of value keys compared by their contents
 _UNCOMPARABLE = object()  # a container too big to compare at every check
 _ABSENT = object()  # an attribute an object does not have
@@ -48,18 +51,20 @@ def _settings_view(value: Any) -> dict | None:
     options (``self.cfg.noise``), an object of the user's own class (a loss helper
     with a margin, an EMA helper with its decay), a mapping that is not a dict (a
     config library's). Modules, tensors, functions, classes and objects of PyTorch,
-    Lightning and torchmetrics are not: they are watched, compared or managed apart.
-    One with more attributes than a check can afford is not either (compared by
-    identity).
+    Lightning and torchmetrics are not: they are watched, compared or managed apart;
+    nor are Python's own objects but namespaces (a logger, a path), nor one with more
+    attributes than a check can afford (all compared by identity).
     """
     cls = type(value)
     if isinstance(value, _NOT_SETTINGS) or (cls.__module__ or "").startswith(_UNTRACKED_PACKAGES):
         return None
     try:
+        if (cls.__module__ or "").partition(".")[0] in _STDLIB and cls not in _STDLIB_SETTINGS:
+            # numbers, strings and containers are compared as themselves; other objects of Python's own
+            # library (a logger, a path, a lock) hold no settings of the step, and may cache as they are read
+            return None
         if isinstance(value, collections.abc.Mapping):
             return dict(value.items()) if len(value) <= _DIGEST_ITEMS else None
-        if cls.__module__ == "builtins":
-            return None  # numbers, strings and containers are compared as themselves; other builtins hold no settings
         attributes = getattr(value, "__dict__", None)
         view = dict(attributes) if isinstance(attributes, dict) else {}
         for name in _slot_names(cls):
@@ -281,9 +286,11 @@ def _by_identity(values: Any) -> Any:
     return values
 
 
-def host_random_state() -> tuple:
-    """The state of Python's ``random`` module and of NumPy's global generator (when
-    NumPy is loaded): the host random numbers a step might draw."""
+def host_random_state(objects: Iterable[tuple[str, Any]] = ()) -> tuple:
+    """The state of the host random generators a step might draw from: Python's
+    ``random`` module, NumPy's global generator (when NumPy is loaded), and the
+    generator objects the ``objects`` (and their submodules) hold as attributes (a
+    ``np.random.default_rng()``, a ``random.Random``)."""
     numpy = sys.modules.get("numpy")
     numpy_state = None
     if numpy is not None:
@@ -292,7 +299,44 @@ def host_random_state() -> tuple:
             numpy_state = (name, keys.tobytes(), position, has_gauss, gauss)
         except Exception:  # a NumPy whose global generator cannot report its state
             numpy_state = None
-    return random.getstate(), numpy_state
+    generators = []
+    for label, obj in _with_submodules(objects):
+        try:
+            attributes = dict(obj.__dict__)
+        except Exception:  # an object without attributes to look at
+            continue
+        for name, value in attributes.items():
+            state = _generator_state(value, numpy)
+            if state is not None:
+                views = isinstance(obj, _VariablesView)
+                generators.append((f"{obj._view_label} {name}" if views else f"{label}.{name}", state))
+    return random.getstate(), numpy_state, tuple(generators)
+
+
+def _generator_state(value: Any, numpy: Any) -> Any:
+    """A host random generator's state, comparable with ``==``; ``None`` for anything else."""
+    if isinstance(value, random.Random):
+        return value.getstate()
+    if numpy is None:
+        return None
+    try:
+        if isinstance(value, numpy.random.Generator):
+            return _frozen(value.bit_generator.state, numpy)
+        if isinstance(value, numpy.random.RandomState):
+            return _frozen(value.get_state(legacy=True), numpy)
+    except Exception:  # a generator that cannot report its state
+        return None
+    return None
+
+
+def _frozen(state: Any, numpy: Any) -> Any:
+    if isinstance(state, dict):
+        return tuple((key, _frozen(item, numpy)) for key, item in state.items())
+    if isinstance(state, (list, tuple)):
+        return tuple(_frozen(item, numpy) for item in state)
+    if isinstance(state, numpy.ndarray):
+        return state.tobytes()
+    return state
 
 
 def host_random_draws(before: tuple, after: tuple) -> str | None:
@@ -301,6 +345,10 @@ def host_random_draws(before: tuple, after: tuple) -> str | None:
         return "Python's `random` module"
     if before[1] != after[1]:
         return "NumPy's global generator (`np.random`)"
+    drawn = dict(after[2])
+    for label, state in before[2]:
+        if drawn.get(label, state) != state:
+            return f"the generator `{label}`"
     return None
 
 
@@ -398,30 +446,112 @@ class _ClosureVariables(_VariablesView):
 class _GlobalVariables(_VariablesView):
     """The module-level variables a function reads that hold data (numbers, strings,
     tensors, containers, settings objects; not modules, functions or classes): a
-    global config dict a callback changes is a value the step read."""
+    global config dict a callback changes is a value the step read. Followed into
+    the functions of the user's own modules it calls, its own methods it calls on
+    ``self``, and attributes of the user's own modules it reads (``config.NOISE``)."""
 
     _view_label = "global"
 
     @classmethod
-    def of(cls, fn: Callable[..., Any]) -> _GlobalVariables:
-        found = fn.__globals__
-        names = tuple(name for name in sorted(_global_loads(fn.__code__)) if _holds_data(found.get(name, _ABSENT)))
-        return cls((found, names))
+    def of(cls, fn: Callable[..., Any], owner: type | None = None) -> _GlobalVariables:
+        found: dict[str, tuple[dict, str]] = {}
+        _scan_globals(fn, owner, found, set(), depth=0)
+        return cls(tuple((shown, namespace, name) for shown, (namespace, name) in sorted(found.items())))
 
     def _values(self) -> dict[str, Any]:
-        found, names = self._source
-        return {name: found[name] for name in names if name in found}
+        return {shown: namespace[name] for shown, namespace, name in self._source if name in namespace}
 
 
-def _global_loads(code: types.CodeType) -> set[str]:
-    """The global names a code object (and the functions and comprehensions inside it) loads."""
+_SCAN_DEPTH, _SCAN_FUNCTIONS = 3, 32  # how far into the functions a step calls its globals are looked for
+
+
+def _scan_globals(fn: Any, owner: type | None, found: dict, seen: set, depth: int) -> None:
+    """Add to ``found`` (shown name -> (namespace, name)) the module-level data ``fn``
+    reads, and recurse into the user's own functions and methods it calls."""
     import dis
 
-    names = {i.argval for i in dis.get_instructions(code) if i.opname in ("LOAD_GLOBAL", "LOAD_NAME")}
+    fn = _unwrapped(fn)
+    code, namespace = getattr(fn, "__code__", None), getattr(fn, "__globals__", None)
+    if not isinstance(code, types.CodeType) or not isinstance(namespace, dict) or code in seen:
+        return
+    if len(seen) >= _SCAN_FUNCTIONS:
+        return
+    seen.add(code)
+    self_name = code.co_varnames[0] if code.co_argcount and owner is not None else None
+    for each in _code_objects(code):
+        instructions = list(dis.get_instructions(each))
+        for index, instruction in enumerate(instructions):
+            following = instructions[index + 1] if index + 1 < len(instructions) else None
+            attribute = following.argval if following is not None and following.opname in (
+                "LOAD_ATTR", "LOAD_METHOD") and isinstance(following.argval, str) else None
+            if instruction.opname in ("LOAD_GLOBAL", "LOAD_NAME") and isinstance(instruction.argval, str):
+                name = instruction.argval
+                value = namespace.get(name, _ABSENT)
+                if _holds_data(value):
+                    found.setdefault(name, (namespace, name))
+                elif isinstance(value, types.ModuleType) and attribute is not None and _users_module(value):
+                    inner = value.__dict__.get(attribute, _ABSENT)
+                    if _holds_data(inner):
+                        found.setdefault(f"{value.__name__}.{attribute}", (value.__dict__, attribute))
+                    elif depth < _SCAN_DEPTH and _users_function(inner):
+                        _scan_globals(inner, None, found, seen, depth + 1)
+                elif depth < _SCAN_DEPTH and _users_function(value):
+                    _scan_globals(value, None, found, seen, depth + 1)
+            elif (instruction.opname == "LOAD_FAST" and instruction.argval == self_name and attribute is not None
+                  and depth < _SCAN_DEPTH):
+                method = _class_function(owner, attribute)
+                if method is not None:
+                    _scan_globals(method, owner, found, seen, depth + 1)
+
+
+def _code_objects(code: types.CodeType) -> list[types.CodeType]:
+    """A code object and the functions and comprehensions inside it."""
+    found = [code]
     for constant in code.co_consts:
         if isinstance(constant, types.CodeType):
-            names |= _global_loads(constant)
-    return {name for name in names if isinstance(name, str)}
+            found += _code_objects(constant)
+    return found
+
+
+def _unwrapped(fn: Any) -> Any:
+    """The function under decorators, ``functools.partial`` and ``torch.compile``."""
+    for _ in range(8):
+        inner = (getattr(fn, "__wrapped__", None) or getattr(fn, "_torchdynamo_orig_callable", None)
+                 or (fn.func if isinstance(fn, functools.partial) else None) or getattr(fn, "__func__", None))
+        if inner is None or inner is fn:
+            break
+        fn = inner
+    return fn
+
+
+def _library_module_name(name: str) -> bool:
+    root = name.partition(".")[0]
+    return root in _STDLIB or f"{root}." in _UNTRACKED_PACKAGES or root in ("numpy", "typing_extensions")
+
+
+def _users_module(module: types.ModuleType) -> bool:
+    """A module of the user's own code: not Python's, not an installed package's."""
+    path = str(getattr(module, "__file__", None) or "")
+    return bool(path) and not _library_module_name(module.__name__) and "-packages" not in path
+
+
+def _users_function(value: Any) -> bool:
+    if not isinstance(value, types.FunctionType):
+        return False
+    module = sys.modules.get(value.__module__ or "")
+    return module is not None and (module.__name__ == "__main__" or _users_module(module))
+
+
+def _class_function(owner: type, name: str) -> Any:
+    """The function a class defines (or inherits from the user's classes) under ``name``, else ``None``."""
+    for klass in owner.__mro__:
+        if (klass.__module__ or "").startswith(_UNTRACKED_PACKAGES) or klass is object:
+            return None
+        member = klass.__dict__.get(name, _ABSENT)
+        if member is not _ABSENT:
+            member = getattr(member, "__func__", member)  # (a static or class method)
+            return member if isinstance(member, types.FunctionType) else None
+    return None
 
 
 def _holds_data(value: Any) -> bool:
@@ -429,7 +559,7 @@ def _holds_data(value: Any) -> bool:
         return False
     if isinstance(value, (float, *_PLAIN, torch.Tensor, *_SIZED)):
         return True
-    return _settings_view(value) is not None
+    return _settings_view(value) is not None or _generator_state(value, sys.modules.get("numpy")) is not None
 
 
 def what_fn_reads(fn: Callable[..., Any] | None) -> list[tuple[str, Any]]:
@@ -443,18 +573,20 @@ def what_fn_reads(fn: Callable[..., Any] | None) -> list[tuple[str, Any]]:
     function = getattr(fn, "__func__", fn)
     if getattr(function, "__closure__", None):
         found.append((getattr(function, "__name__", "step"), _ClosureVariables.of(function)))
-    return found + globals_fn_reads(function)
+    return found + globals_fn_reads(fn)
 
 
-def globals_fn_reads(fn: Callable[..., Any] | None) -> list[tuple[str, Any]]:
-    """``[(label, view)]`` of the module-level data ``fn`` reads, or ``[]``."""
-    function = getattr(fn, "__func__", fn)
-    if not isinstance(getattr(function, "__code__", None), types.CodeType) or not isinstance(
-        getattr(function, "__globals__", None), dict
-    ):
+def globals_fn_reads(fn: Callable[..., Any] | None, owner: type | None = None) -> list[tuple[str, Any]]:
+    """``[(label, view)]`` of the module-level data ``fn`` reads (and the user's own
+    functions it calls, and the methods of ``owner`` it calls on its first
+    argument), or ``[]``."""
+    if fn is None:
         return []
-    view = _GlobalVariables.of(function)
-    return [(f"{getattr(function, '__name__', 'step')} globals", view)] if view._source[1] else []
+    bound = getattr(fn, "__self__", None)
+    if owner is None and bound is not None and not isinstance(bound, type):
+        owner = type(bound)
+    view = _GlobalVariables.of(fn, owner)
+    return [(f"{getattr(_unwrapped(fn), '__name__', 'step')} globals", view)] if view._source else []
 
 
 class StepReads:
@@ -518,8 +650,17 @@ class StepReads:
     def changed(self) -> str | None:
         """The first attribute the step read that holds another value now, described."""
         compared: set[int] = set()  # containers several modules read (a shared dict of settings): once each
+        views: dict[int, dict[str, Any]] = {}  # a view's variables, gathered once per check
         for obj, name, key, copy in self._read.values():
-            value = obj if name == "__dict__" else obj.__dict__.get(name, _ABSENT)
+            if name == "__dict__":
+                value = obj
+            elif isinstance(obj, _VariablesView):
+                found = views.get(id(obj))
+                if found is None:
+                    found = views[id(obj)] = obj.__dict__
+                value = found.get(name, _ABSENT)
+            else:
+                value = obj.__dict__.get(name, _ABSENT)
             kind = key[0]
             if kind == "followed":
                 if value is copy:

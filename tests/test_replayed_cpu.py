@@ -22,6 +22,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, StochasticWeightAveraging
 
+import loss_settings
 import models
 from lightning_graphs import GraphedStep, GraphWarning
 from parity import assert_same, fit, loader, regression_data
@@ -544,10 +545,14 @@ class FlipsAtRandom(models.Regressor):
     def __init__(self, source):
         super().__init__("adamw", None)
         self.source = source
+        self.rng = np.random.default_rng(0)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        draw = random.random() if self.source == "random" else float(np.random.uniform())
+        draw = {
+            "random": random.random, "numpy": np.random.uniform, "generator": self.rng.uniform,
+            "a global Random": SHUFFLER.random,
+        }[self.source]()
         if draw < 0.5:
             x = x.flip(0)
             y = y.flip(0)
@@ -556,9 +561,18 @@ class FlipsAtRandom(models.Regressor):
         return loss
 
 
-@pytest.mark.parametrize("source, named", [("random", "Python's `random` module"), ("numpy", "NumPy's global")])
+SHUFFLER = random.Random(0)
+
+
+@pytest.mark.parametrize("source, named", [
+    ("random", "Python's `random` module"), ("numpy", "NumPy's global"), ("generator", "the generator `self.rng`"),
+    ("a global Random", "the generator `global SHUFFLER`"),
+])
 def test_a_step_drawing_host_random_numbers_trains_eagerly_with_one_warning(replaying, source, named):
-    eager, graphed = both(lambda: FlipsAtRandom(source))  # (both runs seeded alike: the same draws)
+    SHUFFLER.seed(0)
+    eager = fit(lambda: FlipsAtRandom(source), graphed=False, accelerator="cpu")
+    SHUFFLER.seed(0)
+    graphed = fit(lambda: FlipsAtRandom(source), graphed=True, accelerator="cpu")
     assert_same(eager, graphed)
     assert graphed.callback.stats.replays == 0, graphed.callback.stats.summary()
     (warning,) = graphed.warnings
@@ -685,6 +699,51 @@ def test_module_level_settings_the_step_reads_are_followed(replaying):
     replayed(graphed)
     assert any("global LOSS_SETTINGS" in reason for reason in graphed.callback.stats.recaptures), \
         graphed.callback.stats.summary()
+
+
+def l1_penalty(pred):
+    return loss_settings.L1_WEIGHT * pred.abs().mean()  # an attribute of a config module, in a helper
+
+
+class CallsHelpers(models.Regressor):
+    """A step reading module-level settings only through a method and a function it calls."""
+
+    def __init__(self):
+        super().__init__("adamw", None)
+
+    def penalties(self, pred):
+        return l1_penalty(pred) + LOSS_SETTINGS["l2"] * pred.pow(2).mean()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        pred = self(x)
+        loss = torch.nn.functional.mse_loss(pred, y) + self.penalties(pred)
+        self.log("train_loss", loss)
+        return loss
+
+
+class RaiseBoth(pl.Callback):
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step % 9 == 4:
+            LOSS_SETTINGS["l2"] += 0.25
+        if trainer.global_step % 9 == 6:
+            loss_settings.L1_WEIGHT += 0.5
+
+
+def test_module_level_settings_read_in_functions_the_step_calls_are_followed(replaying):
+    def run(graphed):
+        LOSS_SETTINGS["l2"], loss_settings.L1_WEIGHT = 0.0, 0.0
+        try:
+            return fit(CallsHelpers, graphed=graphed, accelerator="cpu", max_epochs=3,
+                       extra_callbacks=lambda: [RaiseBoth()])
+        finally:
+            LOSS_SETTINGS["l2"], loss_settings.L1_WEIGHT = 0.0, 0.0
+
+    eager, graphed = run(False), run(True)
+    assert_same(eager, graphed)
+    replayed(graphed)
+    reasons = " ".join(graphed.callback.stats.recaptures)
+    assert "global LOSS_SETTINGS" in reasons and "global loss_settings.L1_WEIGHT" in reasons, reasons
 
 
 def test_a_graphed_step_follows_what_it_read_without_being_asked(graph_api_on_cpu, monkeypatch):
