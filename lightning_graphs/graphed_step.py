@@ -58,7 +58,7 @@ import operator
 import time
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -410,7 +410,8 @@ class GraphedStep:
             if found is not None and all(found is not s for s in scalers):
                 scalers.append(found)
         self._grad_scalers = scalers
-        watch = list(watch) + [pair for pair in what_fn_reads(fn) if all(pair[1] is not obj for _, obj in watch)]
+        watch, follow = _labelled("watch", watch), _labelled("follow", follow)
+        watch = watch + [pair for pair in what_fn_reads(fn) if all(pair[1] is not obj for _, obj in watch)]
         watched = {id(obj) for _, obj in watch}
         self._watch = watch + [(type(m).__name__, m) for m in self._modules if id(m) not in watched]
         self._watch += [(type(o.optimizer).__name__, o.optimizer) for o in self._optimizers]
@@ -1077,6 +1078,17 @@ class GraphedStep:
             if problem is not None:
                 return f"{problem}; a graph would freeze it"
         return None
+
+
+def _labelled(name: str, pairs: Any) -> list[tuple[str, Any]]:
+    """``pairs`` as a list of ``(label, object)`` tuples, or a TypeError naming the fix."""
+    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Iterable):
+        raise TypeError(f"`{name}` takes (label, object) pairs, e.g. `{name}=[(\"sim\", sim)]`; got {pairs!r}")
+    found = list(pairs)
+    for pair in found:
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], str)):
+            raise TypeError(f"`{name}` takes (label, object) pairs, e.g. `{name}=[(\"sim\", sim)]`; got {pair!r}")
+    return [tuple(pair) for pair in found]
 
 
 def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:

@@ -85,6 +85,10 @@ def test_graphed_step_arguments_of_the_wrong_kind_are_named():
         GraphedStep(lambda: None, device="cpu")
     with pytest.raises(TypeError, match=re.escape("`modules` must be a list, got int: pass [module]")):
         GraphedStep(lambda: None, modules=3)
+    with pytest.raises(TypeError, match=re.escape('`watch` takes (label, object) pairs, e.g. `watch=[("sim", sim)]`')):
+        GraphedStep(lambda: None, watch=[torch.nn.Linear(2, 1)])
+    with pytest.raises(TypeError, match=re.escape("`follow` takes (label, object) pairs")):
+        GraphedStep(lambda: None, follow=("data", object()))
 
 
 def test_one_optimizer_or_module_alone_is_taken_as_a_list_of_it():
