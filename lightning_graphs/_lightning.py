@@ -522,16 +522,16 @@ class StepProbe:
         setattr(owner, name, property(read))
         return owner, name, original
 
-    def _watch_scheduler_reads(self) -> list[tuple[type, Any]]:
+    def _watch_scheduler_reads(self, patched: list[tuple[type, Any]]) -> None:
         """The classes of the fit's learning-rate schedulers get a ``get_last_lr`` that
-        notes a call on one of them from inside the step: the scheduler changes that
+        notes a call on one of them from inside the step (each added to ``patched``): the scheduler changes that
         host value between steps, and a replay would keep the captured one. (On the
         class, not the instance: a scheduler's ``state_dict`` holds its instance
         attributes.)"""
         trainer = getattr(self.module, "_trainer", None)
         configs = getattr(trainer, "lr_scheduler_configs", None) or []
         watched = {id(config.scheduler) for config in configs}
-        probe, patched = self, []
+        probe = self
         for cls in dict.fromkeys(type(config.scheduler) for config in configs):
             original = getattr(cls, "get_last_lr", None)
             if not callable(original):
@@ -552,8 +552,7 @@ class StepProbe:
                 cls.get_last_lr = get_last_lr
             except Exception:  # a class that takes no new attributes: its reads go unnoticed
                 continue
-            patched.append((cls, own))
-        return patched
+            patched.append((cls, own))  # (at once: an interruption leaves nothing patched unnoted)
 
     def _watch_counter_arguments(self, hook: str) -> bool:
         """A user's ``optimizer_step`` or ``optimizer_zero_grad`` gets its ``epoch`` and
@@ -585,7 +584,7 @@ class StepProbe:
         patched, wrapped, schedulers = [], [], []
         self.module.log = self._logged
         try:
-            schedulers = self._watch_scheduler_reads()
+            self._watch_scheduler_reads(schedulers)
             for name in self._WATCHED_PROPERTIES:
                 patched.append(self._watch_property(pl.LightningModule, name, module_level=True))
                 patched.append(self._watch_property(pl.Trainer, name, module_level=False))

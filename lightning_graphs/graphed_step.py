@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
+import threading
 import time
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
@@ -1045,11 +1046,16 @@ class GraphedStep:
         fingerprint, hyper, metric_counts, random_state = before
         source = host_random_draws(random_state, host_random_state(self._watch + self._follow))
         if source is not None:
+            # (the global generators are shared by the process's threads: another one may have drawn)
+            others = (
+                f". If it draws none, another thread drew from {source} while it ran: give that thread a generator "
+                "of its own (`np.random.default_rng()`, `random.Random()`)"
+            ) if threading.active_count() > 1 and not source.startswith("the generator") else ""
             return (
                 f"{self.what} draws random numbers from {source} each time it runs. A CUDA graph replays only the "
                 "GPU work, so every replay would reuse the numbers drawn while capturing. Draw them with torch on "
                 "the device instead (`torch.rand(..., device=x.device)`, `torch.randn`, `torch.randint`), which "
-                "a replay draws afresh"
+                f"a replay draws afresh{others}"
             )
         problem = self._metrics.unsupported_update(metric_counts, self.what, self.batch_end_hook)
         if problem is not None:

@@ -301,6 +301,8 @@ def host_random_state(objects: Iterable[tuple[str, Any]] = ()) -> tuple:
             numpy_state = None
     generators = []
     for label, obj in _with_submodules(objects):
+        if (type(obj).__module__ or "").startswith(_UNTRACKED_PACKAGES) and not isinstance(obj, _VariablesView):
+            continue  # (PyTorch's and Lightning's own modules hold none of the user's generators)
         try:
             attributes = dict(obj.__dict__)
         except Exception:  # an object without attributes to look at

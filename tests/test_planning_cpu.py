@@ -153,3 +153,30 @@ def test_a_step_that_never_steps_its_optimizer_is_captured_in_the_end(graph_api_
     step = GraphedStep(None, warmup_steps=1, optimizers=[optimizer], modules=[model], device="cuda")
     actions = _drive(step, forward_only, _batches([8] * 70))
     assert "C" in actions and actions.endswith("R")
+
+
+def test_a_draw_from_a_shared_generator_while_other_threads_run_names_them_too(graph_api_on_cpu):
+    import threading
+
+    import numpy as np
+
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def step_fn(x):
+        optimizer.zero_grad()
+        (model(x).sum() * float(np.random.uniform())).backward()
+        optimizer.step()
+
+    release = threading.Event()
+    other = threading.Thread(target=release.wait, daemon=True)  # (a logger's writer thread, say)
+    other.start()
+    try:
+        step = GraphedStep(None, warmup_steps=2, optimizers=[optimizer], modules=[model], device="cuda")
+        assert _drive(step, step_fn, _batches([8, 8, 8, 8])) == "WWEE"
+    finally:
+        release.set()
+        other.join()
+    reason = step.stats.disabled_reason
+    assert "draws random numbers from NumPy's global generator" in reason, reason
+    assert "another thread drew from NumPy's global generator" in reason, reason
