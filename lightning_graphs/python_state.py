@@ -44,6 +44,12 @@ _NOT_SETTINGS = (
 )
 
 
+def _framework_class(cls: type) -> bool:
+    """A class of PyTorch, Lightning, torchmetrics or this library: their objects'
+    attributes are theirs to manage, never a step's settings."""
+    return (cls.__module__ or "").startswith(_UNTRACKED_PACKAGES)
+
+
 def _settings_view(value: Any) -> dict | None:
     """The attributes of a settings object as a dict, else ``None``.
 
@@ -56,7 +62,7 @@ def _settings_view(value: Any) -> dict | None:
     attributes than a check can afford (all compared by identity).
     """
     cls = type(value)
-    if isinstance(value, _NOT_SETTINGS) or (cls.__module__ or "").startswith(_UNTRACKED_PACKAGES):
+    if isinstance(value, _NOT_SETTINGS) or _framework_class(cls):
         return None
     try:
         if (cls.__module__ or "").partition(".")[0] in _STDLIB and cls not in _STDLIB_SETTINGS:
@@ -301,7 +307,7 @@ def host_random_state(objects: Iterable[tuple[str, Any]] = ()) -> tuple:
             numpy_state = None
     generators = []
     for label, obj in _with_submodules(objects):
-        if (type(obj).__module__ or "").startswith(_UNTRACKED_PACKAGES) and not isinstance(obj, _VariablesView):
+        if _framework_class(type(obj)) and not isinstance(obj, _VariablesView):
             continue  # (PyTorch's and Lightning's own modules hold none of the user's generators)
         try:
             attributes = dict(obj.__dict__)
@@ -547,7 +553,7 @@ def _users_function(value: Any) -> bool:
 def _class_function(owner: type, name: str) -> Any:
     """The function a class defines (or inherits from the user's classes) under ``name``, else ``None``."""
     for klass in owner.__mro__:
-        if (klass.__module__ or "").startswith(_UNTRACKED_PACKAGES) or klass is object:
+        if _framework_class(klass) or klass is object:
             return None
         member = klass.__dict__.get(name, _ABSENT)
         if member is not _ABSENT:
@@ -815,7 +821,7 @@ class _Recording:
         self._classes = []
         for obj in objects:
             cls = type(obj)
-            if cls.__module__.startswith(_UNTRACKED_PACKAGES) or cls in self._classes:
+            if _framework_class(cls) or cls in self._classes:
                 continue
             self._classes.append(cls)
         self._saved: list[tuple[type, Any]] = []
