@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import numbers
+import sys
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -55,10 +56,13 @@ from torch.nn.parallel import DistributedDataParallel
 from lightning_graphs.batches import clone_tensors, flatten, unflatten
 from lightning_graphs.graphed_step import ignore_torch_attribute
 from lightning_graphs.metrics import is_metric, why_not_graphed
-from lightning_graphs.python_state import WatchedInt
+from lightning_graphs.python_state import WatchedInt, framework_module
 
 # hooks that run inside one training step (automatic or manual optimization); their Python runs at capture only
 IN_STEP_CALLBACK_HOOKS = ("on_before_zero_grad", "on_before_backward", "on_after_backward", "on_before_optimizer_step")
+# the module's: those, and the step and the hooks it overrides for the optimizer loop
+_MODULE_STEP_HOOKS = ("training_step", *IN_STEP_CALLBACK_HOOKS, "backward", "configure_gradient_clipping",
+                      "optimizer_step", "optimizer_zero_grad")
 
 _LIGHTNING_MODULE_ATTRIBUTES = frozenset(pl.LightningModule().__dict__)
 
@@ -332,15 +336,32 @@ def takes_dataloader_iter(module: pl.LightningModule, hook: str = "training_step
 
 def in_step_callbacks(trainer: pl.Trainer, exclude: Any) -> list[pl.Callback]:
     """Callbacks overriding a hook that runs inside the step (their Python runs at capture only)."""
-    found = []
-    for callback in trainer.callbacks:
-        if callback is exclude:
-            continue
-        for hook in IN_STEP_CALLBACK_HOOKS:
-            if getattr(type(callback), hook, None) is not getattr(pl.Callback, hook):
-                found.append(callback)
-                break
-    return found
+    return [
+        callback for callback in trainer.callbacks
+        if callback is not exclude and any(_own_hook(callback, pl.Callback, hook) for hook in IN_STEP_CALLBACK_HOOKS)
+    ]
+
+
+def in_step_functions(trainer: pl.Trainer, module: pl.LightningModule, exclude: Any) -> list[tuple[Callable, Any]]:
+    """``(function, owner)`` for the user's code that runs inside one training step:
+    ``training_step`` and the module's other hooks that run within the step, and the
+    in-step hooks of its callbacks. Their Python runs at capture only, so what they
+    change each time (a history list, a counter) must be found in warm-up."""
+    found = [_own_hook(module, pl.LightningModule, hook) for hook in _MODULE_STEP_HOOKS]
+    for callback in in_step_callbacks(trainer, exclude):
+        found += [_own_hook(callback, pl.Callback, hook) for hook in IN_STEP_CALLBACK_HOOKS]
+    return [pair for pair in found if pair is not None]
+
+
+def _own_hook(obj: Any, base: type, hook: str) -> tuple[Callable, Any] | None:
+    """``(function, owner)`` for ``obj``'s own ``hook``: a function set on the instance
+    (as ``LambdaCallback`` holds them; owner ``None``) or a method its class overrides;
+    ``None`` where ``base``'s runs."""
+    own = getattr(obj, "__dict__", {}).get(hook)
+    if callable(own):
+        return own, None
+    method = getattr(type(obj), hook, None)
+    return (method, type(obj)) if method is not None and method is not getattr(base, hook, None) else None
 
 
 
@@ -440,6 +461,9 @@ class StepProbe:
         {"training_step", "on_before_backward", "on_after_backward", "on_before_optimizer_step", "on_before_zero_grad",
          "backward", "configure_gradient_clipping", "validation_step", "test_step", "predict_step"}
     )
+    # hooks in which user code runs and so does Lightning's, which reads the epoch counter there
+    # to call the next hook: in these, reads from code outside the frameworks count
+    _SHARED_HOOKS = frozenset({"optimizer_step", "optimizer_zero_grad"})
 
     def __init__(
         self,
@@ -501,6 +525,13 @@ class StepProbe:
                     f"recompute it. Log a tensor, or log the number from `{self.batch_end_hook}`"
                 )
 
+    def _user_code(self, caller: Any) -> bool:
+        """Whether the frame ``caller`` runs code of the step's that a replay would not run again."""
+        hook = self.module._current_fx_name
+        return hook in self._USER_HOOKS or (
+            hook in self._SHARED_HOOKS and not framework_module(caller.f_globals.get("__name__"))
+        )
+
     def _watch_property(self, owner: type, name: str, module_level: bool) -> tuple[type, str, Any] | None:
         original = owner.__dict__.get(name)
         if not isinstance(original, property):
@@ -508,8 +539,7 @@ class StepProbe:
         probe = self
 
         def read(instance: Any) -> Any:
-            hook = probe.module._current_fx_name
-            if module_level or hook in StepProbe._USER_HOOKS:
+            if module_level or probe._user_code(sys._getframe(1)):
                 where = "self" if module_level else "self.trainer"
                 probe.note(
                     f"{probe.what} reads `{where}.{name}`; a CUDA graph would replay the captured step's "
@@ -538,7 +568,7 @@ class StepProbe:
                 continue
 
             def get_last_lr(scheduler: Any, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
-                if id(scheduler) in watched and probe.module._current_fx_name in StepProbe._USER_HOOKS:
+                if id(scheduler) in watched and probe._user_code(sys._getframe(1)):
                     probe.note(
                         f"{probe.what} reads `get_last_lr()` of its {type(scheduler).__name__} scheduler, a host "
                         "value the scheduler changes outside the step; a CUDA graph would keep the captured value "

@@ -280,6 +280,7 @@ class StaticBatch:
         self.tensors: list[torch.Tensor] = [leaves[i] for i in self._positions]
         self._inference = any(t.is_inference() for t in self.tensors)
         self.value = unflatten(signature.tree, leaves)
+        self.written: list[int] = []  # positions in `tensors` the captured step writes in place
 
     def copy_from(self, signature: BatchSignature) -> None:
         sources = [signature.leaves[i] for i in self._positions]
@@ -288,6 +289,26 @@ class StaticBatch:
         # inference tensors are written in inference mode, wherever the call comes from
         with torch.inference_mode() if self._inference else torch.no_grad():
             torch._foreach_copy_(self.tensors, sources)
+
+    def versions(self) -> list[int | None]:
+        """The tensors' version counters (``None`` for inference tensors, which keep none)."""
+        return [None if t.is_inference() else t._version for t in self.tensors]
+
+    def note_written(self, before: list[int | None]) -> None:
+        """Remember which tensors a step wrote in place since ``before`` (:meth:`versions`)."""
+        self.written = [i for i, (t, version) in enumerate(zip(self.tensors, before))
+                        if version is not None and t._version != version]
+
+    def copy_back(self, signature: BatchSignature) -> None:
+        """Write what the step wrote into its inputs (``x.sub_(mean)``) back into the
+        batch of ``signature``, as an eager step would have left it: hooks after the
+        step see it, and a batch the loader hands out again (data kept on the GPU)
+        stays what eager training would have made of it."""
+        if not self.written:
+            return
+        with torch.no_grad():
+            torch._foreach_copy_([signature.leaves[self._positions[i]] for i in self.written],
+                                 [self.tensors[i] for i in self.written])
 
 
 def _static_copy(source: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from lightning_graphs.graphed_step import (
 )
 from lightning_graphs.manual import ManualSteps
 from lightning_graphs.messages import GraphCaptureError, GraphWarning, WarnOnce
-from lightning_graphs.python_state import globals_fn_reads
+from lightning_graphs.python_state import functions_read, globals_fn_reads
 
 __all__ = ["CUDAGraphCallback"]
 
@@ -288,7 +288,7 @@ class CUDAGraphCallback(pl.Callback):
             max_graphs=self.max_graphs,
             optimizers=trainer.optimizers,
             modules=[pl_module],
-            watch=[("self", pl_module)] + globals_fn_reads(type(pl_module).training_step, type(pl_module))
+            watch=[("self", pl_module)] + functions_read(internals.in_step_functions(trainer, pl_module, exclude=self))
             + [(f"callback {type(c).__name__}", c) for c in internals.in_step_callbacks(trainer, exclude=self)],
             follow=_datamodule(trainer),
             strict=self.strict,

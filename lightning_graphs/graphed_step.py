@@ -68,7 +68,8 @@ from lightning_graphs.batches import BatchSignature, StaticBatch, clone_tensors,
 from lightning_graphs.capture_errors import explain_capture_error
 from lightning_graphs.compiled import is_recompile_refusal, no_compilation
 from lightning_graphs.messages import GraphCaptureError, WarnOnce
-from lightning_graphs.metrics import InStepMetrics, MetricUpdate, is_metric
+from lightning_graphs.metrics import InStepMetrics, MetricUpdate
+from lightning_graphs.module_structure import CHANGED, ModuleStructure, structure_key
 from lightning_graphs.optimizers import GraphSafeOptimizer
 from lightning_graphs.python_state import (
     StateFingerprint,
@@ -308,8 +309,9 @@ class GraphedStep:
             ``max_graphs=1`` keeps only the first signature's graph.
         optimizers: optimizers stepped inside ``fn``; prepared for capture (see
             :mod:`lightning_graphs.optimizers`) and restored by :meth:`close`.
-        modules: modules used inside ``fn``; a change of their parameters, train/eval
-            modes or ``requires_grad`` flags makes the graph stale.
+        modules: modules used inside ``fn``; a change of their parameters, buffers,
+            train/eval modes or ``requires_grad`` flags makes the graph stale (checked
+            before every replay; see :mod:`lightning_graphs.module_structure`).
         watch: ``(label, object)`` pairs whose Python attributes the step must not
             change (and which code outside the step may change, see
             :meth:`request_structure_check`); modules not listed are watched under
@@ -439,7 +441,7 @@ class GraphedStep:
         # capture: while a graph holds the pool, the next capture may share it
         self._retired: list[CapturedGraph] = []
         self._warmed: list[BatchSignature] = []  # signatures that ran a warm-up step, newest last
-        self._structure: tuple | None = None  # modules' parameters, modes and flags at capture
+        self._structure: ModuleStructure | None = None  # modules' parameters, buffers, modes and flags at capture
         self._structure_check_due = False
         self._stepped: set[int] = set()  # optimizers that took an eager step since the last structural change
         self._stepped_structure: tuple | None = None  # modules' and optimizers' structure at that step
@@ -527,8 +529,8 @@ class GraphedStep:
                 )
             if not warmed:
                 return StepPlan(Action.WARMUP, signature, variant=variant)  # one eager step of it before capturing
-        if self._structure != self._structure_key():  # graphs held share the structure they were captured with
-            self._drop_graphs("a parameter, a train/eval mode, a requires_grad flag or a torchmetrics metric changed")
+        if self._structure is not None and self._structure.key != self._structure_key():
+            self._drop_graphs(CHANGED)  # graphs held share the structure they were captured with
             if self.phase is Phase.DISABLED:
                 return StepPlan(Action.EAGER, signature, "graphs disabled")
             self._warmups_left = max(self._warmups_left, 1)
@@ -594,10 +596,12 @@ class GraphedStep:
         changed = self._reads.changed()
         if changed is not None:  # a value the step read, changed by a hook or a callback since
             return f"code outside {self.what} {changed} since the capture", True
+        if self._structure is not None and self._structure.changed():
+            return CHANGED, True
         if self._structure_check_due:
             self._structure_check_due = False
-            if self._structure != self._structure_key():
-                return "a parameter, a train/eval mode, a requires_grad flag or a torchmetrics metric changed", True
+            if self._structure is not None and self._structure.key != self._structure_key():
+                return CHANGED, True
             if self._captured_state is not None:
                 changes = self._captured_state.changes(self._fingerprint(), True)
                 if changes:
@@ -607,13 +611,7 @@ class GraphedStep:
         return None, False
 
     def _structure_key(self) -> tuple:
-        modules = [m for root in self._modules for m in root.modules()]
-        params = [p for root in self._modules for p in root.parameters()]
-        return (
-            tuple(m.training for m in modules),
-            tuple((id(p), p.data_ptr(), p.requires_grad) for p in params),
-            tuple(id(m) for m in modules if is_metric(m)),  # a metric replaced by a new one
-        )
+        return structure_key(self._modules)
 
     def _find_device(self, signature: BatchSignature) -> bool:
         candidates = [leaf for leaf in signature.leaves if isinstance(leaf, torch.Tensor)]
@@ -706,7 +704,9 @@ class GraphedStep:
                 try:
                     with no_compilation(), graph_safe_grad_scalers(self._grad_scalers, self._step_unless_found_inf), \
                             self._reads.recording(self._watch + self._follow):
+                        versions = static.versions()
                         outputs = fn(static.value)
+                        static.note_written(versions)
                         metric_problem = self._metrics.end_of_step(metrics_before)
                 except BaseException:
                     ended_cleanly = _end_capture(graph)
@@ -759,11 +759,14 @@ class GraphedStep:
         self.stats.captures += 1
         self._count_graphs()
         if len(self._graphs) == 1:
-            self._structure = self._structure_key()
+            if self._structure is not None:
+                self._structure.close()
+            self._structure = ModuleStructure(self._modules)
             self._captured_state = self._fingerprint()
             self._structure_check_due = False
         self.phase = Phase.CAPTURED
         graph.replay()
+        static.copy_back(signature)
         captured.metric_updates, reset_problem = self._metrics.after_capture(metrics_before)
         problems += [metric_problem, reset_problem]
         problem = next((p for p in problems if p), None)
@@ -845,6 +848,7 @@ class GraphedStep:
                 p.grad = grad  # what this graph writes
         self._metrics.bring_home()  # metric states rebound since (eager steps, resets) go where the graph reads
         captured.graph.replay()
+        captured.static.copy_back(signature)
         InStepMetrics.after_replay(captured.metric_updates)
         captured.replays += 1
         self.stats.replays += 1
@@ -922,6 +926,9 @@ class GraphedStep:
         self._warmed = []
         for optimizer in self._optimizers:
             optimizer.restore()
+        if self._structure is not None:
+            self._structure.close()
+            self._structure = None
         self._stream = None
         self._pool = None
 

@@ -403,6 +403,9 @@ class GraphSafeOptimizer:
         if self._baked_values_changed():
             change = self.describe_change(self._baked, self._baked_snapshot())
             if change is not None:
+                if "['momentum']" in change:  # a number in the graph: cycled at every step, it thrashes
+                    change += (" (OneCycleLR and CyclicLR cycle it by default: `cycle_momentum=False` keeps it "
+                               "fixed and graphed)")
                 return f"{name} {change}", False
         groups = self.optimizer.param_groups
         for index, key in self._live:

@@ -18,13 +18,13 @@ import math
 import random
 import sys
 import types
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
 __all__ = [
     "StateFingerprint", "StepReads", "WatchedInt", "what_fn_reads", "globals_fn_reads", "host_random_state",
-    "host_random_draws",
+    "host_random_draws", "framework_module", "functions_read",
 ]
 
 _PLAIN = (bool, int, complex, str, bytes, type(None))
@@ -44,10 +44,15 @@ _NOT_SETTINGS = (
 )
 
 
+def framework_module(name: str | None) -> bool:
+    """Whether the module named ``name`` belongs to PyTorch, Lightning, torchmetrics or this library."""
+    return (name or "").startswith(_UNTRACKED_PACKAGES)
+
+
 def _framework_class(cls: type) -> bool:
     """A class of PyTorch, Lightning, torchmetrics or this library: their objects'
     attributes are theirs to manage, never a step's settings."""
-    return (cls.__module__ or "").startswith(_UNTRACKED_PACKAGES)
+    return framework_module(cls.__module__)
 
 
 def _settings_view(value: Any) -> dict | None:
@@ -256,7 +261,8 @@ class StateFingerprint:
             if _behind_property(obj, name) and {before_key[0] if before_key else None,
                                                 after_key[0] if after_key else None} & set(_CONTAINERS):
                 name = name.lstrip("_")
-            found.append(_describe(f"{label}.{name}" if label else name, before_key, after_key, value))
+            shown = f"{obj._view_label} {name}" if isinstance(obj, _VariablesView) else f"{label}.{name}" if label else name
+            found.append(_describe(shown, before_key, after_key, value))
         return found
 
 
@@ -461,9 +467,12 @@ class _GlobalVariables(_VariablesView):
     _view_label = "global"
 
     @classmethod
-    def of(cls, fn: Callable[..., Any], owner: type | None = None) -> _GlobalVariables:
+    def of(cls, functions: Iterable[tuple[Callable[..., Any], type | None]]) -> _GlobalVariables:
+        """What the ``(function, owner)`` pairs read, the first ones first when there is too much to look at."""
         found: dict[str, tuple[dict, str]] = {}
-        _scan_globals(fn, owner, found, set(), depth=0)
+        seen: set = set()
+        for fn, owner in functions:
+            _scan_globals(fn, owner, found, seen, depth=0)
         return cls(tuple((shown, namespace, name) for shown, (namespace, name) in sorted(found.items())))
 
     def _values(self) -> dict[str, Any]:
@@ -590,11 +599,30 @@ def globals_fn_reads(fn: Callable[..., Any] | None, owner: type | None = None) -
     argument), or ``[]``."""
     if fn is None:
         return []
+    view = _GlobalVariables.of([(fn, _owner(fn, owner))])
+    return [(f"{getattr(_unwrapped(fn), '__name__', 'step')} globals", view)] if view._source else []
+
+
+def functions_read(functions: Sequence[tuple[Callable[..., Any], type | None]]) -> list[tuple[str, Any]]:
+    """``[(label, view)]`` of what several functions that run inside one step read
+    besides their arguments: the variables each closure closes over (a
+    ``LambdaCallback``'s hook appending to a list) and, in one view, the module-level
+    data they all read (see :func:`globals_fn_reads`)."""
+    found: list[tuple[str, Any]] = []
+    for fn, owner in functions:
+        function = _unwrapped(fn)
+        if owner is None and getattr(function, "__closure__", None):  # (a method's cell holds only its class)
+            found.append((f"{getattr(function, '__name__', 'hook')} closure", _ClosureVariables.of(function)))
+    view = _GlobalVariables.of([(fn, _owner(fn, owner)) for fn, owner in functions])
+    return found + ([("step globals", view)] if view._source else [])
+
+
+def _owner(fn: Callable[..., Any], owner: type | None) -> type | None:
+    """``owner``, or the class of the object ``fn`` is bound to."""
     bound = getattr(fn, "__self__", None)
     if owner is None and bound is not None and not isinstance(bound, type):
-        owner = type(bound)
-    view = _GlobalVariables.of(fn, owner)
-    return [(f"{getattr(_unwrapped(fn), '__name__', 'step')} globals", view)] if view._source else []
+        return type(bound)
+    return owner
 
 
 class StepReads:

@@ -122,6 +122,17 @@ def test_a_baked_hyperparameter_change_makes_the_graph_stale():
     assert "weight_decay" in reason and not structural  # captured again at once
 
 
+def test_a_cycled_sgd_momentum_names_the_scheduler_option_that_keeps_it_fixed():
+    opt = torch.optim.SGD(_params(), lr=0.1, momentum=0.9)
+    _step(opt)
+    prepared = GraphSafeOptimizer(opt)
+    prepared.enter_capture()
+    prepared.exit_capture()
+    opt.param_groups[0]["momentum"] = 0.85
+    reason, structural = prepared.stale_reason()
+    assert "'momentum'" in reason and "`cycle_momentum=False`" in reason and not structural
+
+
 def test_loading_a_state_dict_makes_the_graph_stale():
     opt = torch.optim.Adam(_params(), lr=1e-3)
     _step(opt)

@@ -20,7 +20,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, StochasticWeightAveraging
+from lightning.pytorch.callbacks import EarlyStopping, LambdaCallback, LearningRateMonitor, StochasticWeightAveraging
 
 import loss_settings
 import models
@@ -389,6 +389,34 @@ def test_an_optimizer_step_deciding_on_its_batch_index_trains_eagerly_with_one_w
     assert "`optimizer_step` reads its `batch_idx` argument" in warning
 
 
+class DecaysByHandAtAMilestone(models.Regressor):
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        optimizer.step(closure=optimizer_closure)
+        if self.trainer.global_step == 10:
+            for group in optimizer.param_groups:
+                group["lr"] *= 0.1
+
+
+class WarmsUpInSteps(models.Regressor):
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        for group in optimizer.param_groups:
+            group["lr"] = 1e-3 * (0.1 if self.trainer.global_step < 6 else 1.0)
+        optimizer.step(closure=optimizer_closure)
+
+
+@pytest.mark.parametrize("make_module", [
+    lambda: DecaysByHandAtAMilestone("adamw", None),
+    lambda: WarmsUpInSteps("adamw", None),
+    lambda: WarmsUpInSteps("sgd", None),  # (on the CPU its learning rate is a number in the graph)
+], ids=["decays at a milestone", "warms up in steps", "warms up in steps, a number in the graph"])
+def test_an_optimizer_step_deciding_on_the_trainers_step_count_trains_eagerly_with_one_warning(replaying, make_module):
+    eager, graphed = both(make_module, max_epochs=3)
+    assert_same(eager, graphed)
+    assert graphed.callback.stats.replays == 0, graphed.callback.stats.summary()
+    (warning,) = graphed.warnings
+    assert "reads `self.trainer.global_step`" in warning
+
+
 # -- values changed by hooks between steps -------------------------------------------------------------------------
 
 
@@ -439,6 +467,159 @@ def test_bookkeeping_a_hook_writes_at_every_step_is_not_checked_at_every_step(re
     # setting and capture anew once an epoch)
     stats = graphed.callback.stats
     assert sum(stats.recaptures.values()) <= 2, (stats.summary(), stats.recaptures)  # 3 epochs: 2 boundaries
+
+
+class CentresItsInputsInPlace(models.Regressor):
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        x.sub_(x.mean(0, keepdim=True))
+        return super().training_step((x, y), batch_idx)
+
+
+class KeptBatches:
+    """The same batch tensors every epoch, as a loader of data kept on the GPU hands them out."""
+
+    def __init__(self):
+        x, y = regression_data(n=64).tensors
+        self.batches = [(x[i:i + 8].clone(), y[i:i + 8].clone()) for i in range(0, 64, 8)]
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
+class SumsTheBatch(pl.Callback):
+    def __init__(self):
+        self.sums = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.sums.append(float(batch[0].abs().sum()))
+
+
+def test_a_step_writing_its_batch_in_place_leaves_the_batch_as_eager_training_does(replaying):
+    sums = {False: SumsTheBatch(), True: SumsTheBatch()}
+    eager, graphed = (
+        fit(lambda: CentresItsInputsInPlace("adamw", None), graphed=graphed, accelerator="cpu", max_epochs=3,
+            train_loader=KeptBatches, extra_callbacks=lambda: [sums[graphed]])
+        for graphed in (False, True)
+    )
+    assert_same(eager, graphed)
+    replayed(graphed, eager_steps=0)
+    assert sums[True].sums == pytest.approx(sums[False].sums, rel=1e-6)
+
+
+GRADIENT_NORMS = []  # kept by a hook of the module below
+
+
+class KeepsGradientNormsInAGlobal(models.Regressor):
+    def on_after_backward(self):
+        GRADIENT_NORMS.append(self.net[0].weight.grad.norm().detach())
+
+
+def test_a_module_hook_appending_to_a_global_list_trains_eagerly_with_one_warning(replaying):
+    eager = fit(lambda: KeepsGradientNormsInAGlobal("adamw", None), graphed=False, accelerator="cpu")
+    kept_eagerly = GRADIENT_NORMS[:]
+    GRADIENT_NORMS.clear()
+    graphed = fit(lambda: KeepsGradientNormsInAGlobal("adamw", None), graphed=True, accelerator="cpu")
+    assert_same(eager, graphed)
+    assert len(GRADIENT_NORMS) == len(kept_eagerly) == 18
+    (warning,) = graphed.warnings
+    assert "grows `global GRADIENT_NORMS`" in warning
+    GRADIENT_NORMS.clear()
+
+
+def test_a_lambda_callback_appending_to_a_list_trains_eagerly_with_one_warning(replaying):
+    kept = {False: [], True: []}
+
+    def run(graphed):
+        keep = kept[graphed]
+        on_after_backward = LambdaCallback(
+            on_after_backward=lambda trainer, module: keep.append(module.net[0].weight.grad.norm().detach()))
+        return fit(lambda: models.Regressor("adamw", None), graphed=graphed, accelerator="cpu",
+                   extra_callbacks=lambda: [on_after_backward])
+
+    eager, graphed = run(False), run(True)
+    assert_same(eager, graphed)
+    assert len(kept[True]) == len(kept[False]) == 18
+    (warning,) = graphed.warnings
+    assert "grows `closure variable keep`" in warning
+
+
+class ShiftedTargets(models.Regressor):
+    """Batch norm, and a buffer the loss reads (SGD: Adam's step amplifies the rounding noise of the
+    near-zero gradients of the bias before batch norm)."""
+
+    def __init__(self):
+        super().__init__("sgd", None, batchnorm=True)
+        self.register_buffer("target_shift", torch.zeros(1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self(x), y + self.target_shift)
+        self.log("train_loss", loss)
+        return loss
+
+
+class AtStep(pl.Callback):
+    """Calls ``change(module)`` after the given global step, in the middle of an epoch."""
+
+    def __init__(self, change, step=12):
+        self.change, self.step = change, step
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            self.change(module)
+
+
+@pytest.mark.parametrize("change", [
+    lambda module: module.net[0].requires_grad_(False),
+    lambda module: module.net[1].eval(),
+    lambda module: setattr(module, "target_shift", torch.ones(1)),
+], ids=["freezes the first layer", "puts batch norm in eval mode", "assigns a new tensor to a buffer"])
+def test_modules_changed_in_the_middle_of_an_epoch_are_captured_anew(replaying, change):
+    eager, graphed = both(ShiftedTargets, max_epochs=3, extra_callbacks=lambda: [AtStep(change)])
+    assert_same(eager, graphed)
+    replayed(graphed, eager_steps=0)
+    assert "a buffer, a train/eval mode, a requires_grad flag" in " ".join(graphed.callback.stats.recaptures)
+
+
+def test_graphed_step_notices_a_module_frozen_between_calls(graph_api_on_cpu, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", ReplayingGraph)
+
+    def train(graphed):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(),
+                                    torch.nn.Linear(8, 1))
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
+
+        def step(x, y):
+            optimizer.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            optimizer.step()
+            return loss.detach()
+
+        run = GraphedStep(step, warmup_steps=2, optimizers=[optimizer], modules=[model], device="cuda") \
+            if graphed else step
+        generator = torch.Generator().manual_seed(1)
+        losses = []
+        for index in range(16):
+            if index == 8:
+                model[0].requires_grad_(False)
+            if index == 12:
+                model[1].eval()
+            losses.append(float(run(torch.randn(16, 4, generator=generator), torch.randn(16, 1, generator=generator))))
+        return losses, list(model.parameters()), run
+
+    eager_losses, eager_params, _ = train(graphed=False)
+    losses, params, step = train(graphed=True)
+    assert step.stats.captures == 3 and step.stats.replays > 0, step.stats.summary()
+    assert losses == pytest.approx(eager_losses, rel=1e-6, abs=1e-6)
+    for p, q in zip(params, eager_params):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+    step.close()
 
 
 @dataclasses.dataclass
