@@ -149,36 +149,50 @@ def test_a_replay_that_did_nothing_would_be_caught(replaying, monkeypatch):
         assert_same(eager, graphed)
 
 
-def test_graphed_step_in_a_plain_loop(graph_api_on_cpu, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", ReplayingGraph)
+def train_in_a_plain_loop(graphed, make_model, make_optimizer, calls=10, before_call=lambda index, model: None):
+    """Losses, final parameters and the step of a training loop as users write one around ``GraphedStep``."""
+    torch.manual_seed(0)
+    model = make_model()
+    optimizer = make_optimizer(model.parameters())
 
-    def train(graphed):
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.GELU(),
-                                    torch.nn.Linear(8, 1))
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    def step(x, y):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
 
-        def step(x, y):
-            optimizer.zero_grad()
-            loss = torch.nn.functional.mse_loss(model(x), y)
-            loss.backward()
-            optimizer.step()
-            return loss.detach()
+    run = GraphedStep(step, warmup_steps=2, optimizers=[optimizer], modules=[model], device="cuda") \
+        if graphed else step
+    generator = torch.Generator().manual_seed(1)
+    losses = []
+    for index in range(calls):
+        before_call(index, model)
+        losses.append(float(run(torch.randn(16, 4, generator=generator), torch.randn(16, 1, generator=generator))))
+    return losses, list(model.parameters()), run
 
-        run = GraphedStep(step, warmup_steps=2, optimizers=[optimizer], modules=[model], device="cuda") \
-            if graphed else step
-        generator = torch.Generator().manual_seed(1)
-        batches = [(torch.randn(16, 4, generator=generator), torch.randn(16, 1, generator=generator))
-                   for _ in range(10)]
-        losses = [float(run(x, y)) for x, y in batches]
-        return losses, list(model.parameters()), run
 
-    eager_losses, eager_params, _ = train(graphed=False)
-    losses, params, step = train(graphed=True)
-    assert step.stats.replays == 7, step.stats.summary()
+def assert_trained_alike(graphed, eager):
+    (losses, params, _), (eager_losses, eager_params, _) = graphed, eager
     assert losses == pytest.approx(eager_losses, rel=1e-6, abs=1e-6)
     for p, q in zip(params, eager_params):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+
+
+def test_graphed_step_in_a_plain_loop(graph_api_on_cpu, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", ReplayingGraph)
+    runs = [
+        train_in_a_plain_loop(
+            graphed,
+            lambda: torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.GELU(),
+                                        torch.nn.Linear(8, 1)),
+            lambda params: torch.optim.AdamW(params, lr=1e-2),
+        )
+        for graphed in (True, False)
+    ]
+    step = runs[0][2]
+    assert step.stats.replays == 7, step.stats.summary()
+    assert_trained_alike(*runs)
 
 
 class Oscillators:
@@ -588,37 +602,25 @@ def test_modules_changed_in_the_middle_of_an_epoch_are_captured_anew(replaying, 
 def test_graphed_step_notices_a_module_frozen_between_calls(graph_api_on_cpu, monkeypatch):
     monkeypatch.setattr(torch.cuda, "CUDAGraph", ReplayingGraph)
 
-    def train(graphed):
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(),
-                                    torch.nn.Linear(8, 1))
-        optimizer = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
+    def freeze_then_evaluate(index, model):
+        if index == 8:
+            model[0].requires_grad_(False)
+        if index == 12:
+            model[1].eval()
 
-        def step(x, y):
-            optimizer.zero_grad()
-            loss = torch.nn.functional.mse_loss(model(x), y)
-            loss.backward()
-            optimizer.step()
-            return loss.detach()
-
-        run = GraphedStep(step, warmup_steps=2, optimizers=[optimizer], modules=[model], device="cuda") \
-            if graphed else step
-        generator = torch.Generator().manual_seed(1)
-        losses = []
-        for index in range(16):
-            if index == 8:
-                model[0].requires_grad_(False)
-            if index == 12:
-                model[1].eval()
-            losses.append(float(run(torch.randn(16, 4, generator=generator), torch.randn(16, 1, generator=generator))))
-        return losses, list(model.parameters()), run
-
-    eager_losses, eager_params, _ = train(graphed=False)
-    losses, params, step = train(graphed=True)
+    runs = [
+        train_in_a_plain_loop(
+            graphed,
+            lambda: torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(),
+                                        torch.nn.Linear(8, 1)),
+            lambda params: torch.optim.SGD(params, lr=1e-2, momentum=0.9),
+            calls=16, before_call=freeze_then_evaluate,
+        )
+        for graphed in (True, False)
+    ]
+    step = runs[0][2]
     assert step.stats.captures == 3 and step.stats.replays > 0, step.stats.summary()
-    assert losses == pytest.approx(eager_losses, rel=1e-6, abs=1e-6)
-    for p, q in zip(params, eager_params):
-        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+    assert_trained_alike(*runs)
     step.close()
 
 
