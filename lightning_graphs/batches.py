@@ -299,6 +299,23 @@ class StaticBatch:
         self.written = [i for i, (t, version) in enumerate(zip(self.tensors, before))
                         if version is not None and t._version != version]
 
+    def write_back_problem(self, root: str = "batch") -> str | None:
+        """Why copying back what the step wrote could not leave the batch as eager
+        training would, if so: the written tensor shares memory with another tensor
+        of the batch (``(x, x)``), whose own copy the write would not reach, or
+        within itself (an expanded view, which a write in place cannot change)."""
+        sources = [self.signature.leaves[i] for i in self._positions]
+        every_path = leaf_paths(self.signature.tree, root)
+        paths = [every_path[i] for i in self._positions]
+        for i in self.written:
+            if torch._debug_has_internal_overlap(sources[i]) == 1:  # its elements share memory
+                return f"{paths[i]}, written in place, is a view whose elements share memory (an expanded tensor)"
+            storage = sources[i].untyped_storage().data_ptr()
+            for j, other in enumerate(sources):
+                if j != i and other.untyped_storage().data_ptr() == storage:
+                    return f"{paths[i]}, written in place, shares memory with {paths[j]}"
+        return None
+
     def copy_back(self, signature: BatchSignature) -> None:
         """Write what the step wrote into its inputs (``x.sub_(mean)``) back into the
         batch of ``signature``, as an eager step would have left it: hooks after the

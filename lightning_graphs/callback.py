@@ -288,8 +288,11 @@ class CUDAGraphCallback(pl.Callback):
             max_graphs=self.max_graphs,
             optimizers=trainer.optimizers,
             modules=[pl_module],
-            watch=[("self", pl_module)] + functions_read(internals.in_step_functions(trainer, pl_module, exclude=self))
-            + [(f"callback {type(c).__name__}", c) for c in internals.in_step_callbacks(trainer, exclude=self)],
+            watch=_each_once(
+                [("self", pl_module)]
+                + [(f"callback {type(c).__name__}", c) for c in internals.in_step_callbacks(trainer, exclude=self)]
+                + functions_read(internals.in_step_functions(trainer, pl_module, exclude=self))
+            ),
             follow=_datamodule(trainer),
             strict=self.strict,
             warn=self._warn_once,
@@ -639,6 +642,17 @@ class CUDAGraphCallback(pl.Callback):
             self._uncompile = None
         self._stop_agreement()
         self._trainer = None
+
+
+def _each_once(pairs: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """``(label, object)`` pairs without the later ones of an object already listed."""
+    seen: set[int] = set()
+    kept = []
+    for label, obj in pairs:
+        if id(obj) not in seen:
+            seen.add(id(obj))
+            kept.append((label, obj))
+    return kept
 
 
 def _datamodule(trainer: pl.Trainer | None) -> list[tuple[str, Any]]:

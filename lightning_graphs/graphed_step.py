@@ -214,6 +214,10 @@ class GraphStats:
         return text
 
 
+class _InputsShareMemory(Exception):
+    """Raised inside a capture: the step writes an input whose memory other inputs share."""
+
+
 class CaptureFailed(Exception):
     """Capture did not succeed; the optimizer and gradients are as they were before it.
 
@@ -707,6 +711,14 @@ class GraphedStep:
                         versions = static.versions()
                         outputs = fn(static.value)
                         static.note_written(versions)
+                        unreplayable = static.write_back_problem(self.input_name)
+                        if unreplayable is not None:
+                            raise _InputsShareMemory(
+                                f"{self.what} writes its {self.input_name} in place, and {unreplayable}. A CUDA "
+                                f"graph copies each tensor of the {self.input_name} into memory of its own, so "
+                                f"the {self.input_name} could not be left as an eager step leaves it. Write into "
+                                "a copy (`x = x.clone()` first) or give each tensor memory of its own"
+                            )
                         metric_problem = self._metrics.end_of_step(metrics_before)
                 except BaseException:
                     ended_cleanly = _end_capture(graph)
@@ -759,8 +771,7 @@ class GraphedStep:
         self.stats.captures += 1
         self._count_graphs()
         if len(self._graphs) == 1:
-            if self._structure is not None:
-                self._structure.close()
+            self._forget_structure()
             self._structure = ModuleStructure(self._modules)
             self._captured_state = self._fingerprint()
             self._structure_check_due = False
@@ -779,6 +790,8 @@ class GraphedStep:
         """How this capture ended here, with the user-facing explanation of a failure."""
         if failure is None:
             return CaptureOutcome.CAPTURED, None
+        if isinstance(failure, _InputsShareMemory):
+            return CaptureOutcome.FAILED, str(failure)
         refused = is_recompile_refusal(failure)
         if refused and self._deferred_captures < _MAX_DEFERRED_CAPTURES:
             return CaptureOutcome.DEFERRED, None
@@ -906,6 +919,7 @@ class GraphedStep:
         self.phase = Phase.DISABLED
         self.stats.disabled_reason = reason
         self._drop_graphs(None)
+        self._forget_structure()
         self._retired = []  # no capture follows: nothing needs the pool kept alive
         self._pool = None
         for optimizer in self._optimizers:
@@ -926,9 +940,7 @@ class GraphedStep:
         self._warmed = []
         for optimizer in self._optimizers:
             optimizer.restore()
-        if self._structure is not None:
-            self._structure.close()
-            self._structure = None
+        self._forget_structure()
         self._stream = None
         self._pool = None
 
@@ -958,6 +970,7 @@ class GraphedStep:
         torch.cuda.synchronize(self._device)  # the last replay may still be running
         self._retired.extend(self._graphs)
         self._graphs = []
+        self._forget_structure()
         self._reads.clear()
         self._short_evictions = 0
         self._count_graphs()
@@ -970,6 +983,12 @@ class GraphedStep:
                 f"the captured graph went stale {self._short_lived} times within a few steps each "
                 f"(last: {stale_reason}); capturing anew every few steps costs more than it saves"
             )
+
+    def _forget_structure(self) -> None:
+        """Stop watching the modules' structure (its hooks are global; it holds the parameters)."""
+        if self._structure is not None:
+            self._structure.close()
+            self._structure = None
 
     def _signatures_held(self) -> list[BatchSignature]:
         """Distinct signatures of the graphs held, least recently replayed first."""

@@ -42,10 +42,12 @@ def structure_key(roots: Sequence[torch.nn.Module]) -> tuple:
 class ModuleStructure:
     """The structure of ``roots`` when a graph was captured.
 
-    :meth:`changed` compares the modes and ``requires_grad`` flags directly (a few
-    microseconds for a small model) and, only after a parameter, buffer or submodule
-    was assigned anywhere since (PyTorch's registration hooks say so), the whole
-    :func:`structure_key`. Call :meth:`close` when done: the hooks are global.
+    :meth:`changed` compares the modes, ``requires_grad`` flags and the memory of
+    every parameter and buffer directly (a few microseconds for a small model: a
+    ``.data`` assigned anew, a dtype or device changed) and, only after a parameter,
+    buffer or submodule was assigned on one of these modules (PyTorch's registration
+    hooks say so), the whole :func:`structure_key`. Call :meth:`close` when done:
+    the hooks are global.
     """
 
     def __init__(self, roots: Sequence[torch.nn.Module]) -> None:
@@ -57,13 +59,15 @@ class ModuleStructure:
         self._module_dicts = [m.__dict__ for m in modules]
         self._modes = [d.get("training") for d in self._module_dicts]
         self._params = [p for root in self._roots for p in root.parameters()]
-        self._grad_flags = [p.requires_grad for p in self._params]
+        self._buffers = [b for root in self._roots for b in root.buffers()]
+        self._flags = self._flags_now()
         self._assigned = False
+        ids = {id(m) for m in modules}
         ref = weakref.ref(self)
 
-        def note(*_: object) -> None:
+        def note(module: torch.nn.Module, name: str, value: object) -> None:
             held = ref()
-            if held is not None:
+            if held is not None and id(module) in ids and value is not _registered(module, name):
                 held._assigned = True
 
         self._handles = [
@@ -71,6 +75,9 @@ class ModuleStructure:
             module_hooks.register_module_buffer_registration_hook(note),
             module_hooks.register_module_module_registration_hook(note),
         ]
+
+    def _flags_now(self) -> list:
+        return [(p.requires_grad, p.data_ptr()) for p in self._params] + [b.data_ptr() for b in self._buffers]
 
     def changed(self) -> bool:
         """Whether anything the graph baked in of the modules is different now."""
@@ -80,7 +87,7 @@ class ModuleStructure:
                 return True
         return (
             not all(map(operator.is_, map(dict.get, self._module_dicts, repeat("training")), self._modes))
-            or [p.requires_grad for p in self._params] != self._grad_flags
+            or self._flags_now() != self._flags
         )
 
     def close(self) -> None:
@@ -90,3 +97,13 @@ class ModuleStructure:
 
     def __del__(self) -> None:
         self.close()
+
+
+def _registered(module: torch.nn.Module, name: str) -> object:
+    """What ``module`` holds under ``name`` as a parameter, buffer or submodule (assigning the same again changes
+    nothing)."""
+    for slots in ("_parameters", "_buffers", "_modules"):
+        held = module.__dict__.get(slots, {})
+        if name in held:
+            return held[name]
+    return None

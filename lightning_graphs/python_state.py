@@ -37,7 +37,9 @@ _STDLIB_SETTINGS = (types.SimpleNamespace, argparse.Namespace)  # Python's own c
 _CONTAINERS = ("container", "settings")  # kinds of value keys compared by their contents
 _UNCOMPARABLE = object()  # a container too big to compare at every check
 _ABSENT = object()  # an attribute an object does not have
-_UNTRACKED_PACKAGES = ("torch.", "torchmetrics.", "lightning.", "pytorch_lightning.", "lightning_graphs.")
+_UNTRACKED_PACKAGES = (
+    "torch.", "torchmetrics.", "lightning.", "lightning_fabric.", "pytorch_lightning.", "lightning_graphs.",
+)
 _NOT_SETTINGS = (
     torch.Tensor, torch.nn.Module, torch.optim.Optimizer, type, types.ModuleType, types.FunctionType,
     types.MethodType, types.BuiltinFunctionType, types.BuiltinMethodType, functools.partial,
@@ -46,7 +48,8 @@ _NOT_SETTINGS = (
 
 def framework_module(name: str | None) -> bool:
     """Whether the module named ``name`` belongs to PyTorch, Lightning, torchmetrics or this library."""
-    return (name or "").startswith(_UNTRACKED_PACKAGES)
+    name = name or ""
+    return name.startswith(_UNTRACKED_PACKAGES) or f"{name}." in _UNTRACKED_PACKAGES
 
 
 def _framework_class(cls: type) -> bool:
@@ -255,7 +258,8 @@ class StateFingerprint:
             obj = after._objects.get(label, self._objects.get(label))
             if read_by_step_only and not _read_by_step(obj, name, before_key, after_key):
                 continue
-            value = getattr(obj, name, None) if obj is not None else None
+            value = (obj._values().get(name) if isinstance(obj, _VariablesView)
+                     else getattr(obj, name, None) if obj is not None else None)
             if value is None and isinstance(obj, torch.nn.Module):
                 value = obj._parameters.get(name, obj._buffers.get(name))
             if _behind_property(obj, name) and {before_key[0] if before_key else None,
@@ -604,17 +608,52 @@ def globals_fn_reads(fn: Callable[..., Any] | None, owner: type | None = None) -
 
 
 def functions_read(functions: Sequence[tuple[Callable[..., Any], type | None]]) -> list[tuple[str, Any]]:
-    """``[(label, view)]`` of what several functions that run inside one step read
-    besides their arguments: the variables each closure closes over (a
-    ``LambdaCallback``'s hook appending to a list) and, in one view, the module-level
-    data they all read (see :func:`globals_fn_reads`)."""
+    """``[(label, object)]`` for what several functions that run inside one step read
+    besides their arguments: what each holds (see :func:`_held_by`) and, in one view,
+    the module-level data they all read (see :func:`globals_fn_reads`)."""
     found: list[tuple[str, Any]] = []
-    for fn, owner in functions:
-        function = _unwrapped(fn)
-        if owner is None and getattr(function, "__closure__", None):  # (a method's cell holds only its class)
-            found.append((f"{getattr(function, '__name__', 'hook')} closure", _ClosureVariables.of(function)))
+    for index, (fn, owner) in enumerate(functions):
+        found += [(f"{label} {index}", held) for label, held in _held_by(fn, owner)]
     view = _GlobalVariables.of([(fn, _owner(fn, owner)) for fn, owner in functions])
     return found + ([("step globals", view)] if view._source else [])
+
+
+def _held_by(fn: Any, owner: type | None) -> list[tuple[str, Any]]:
+    """What a hook holds, through each layer of its wrapping: the variables closures
+    close over (a ``LambdaCallback`` hook appending to a list, a decorator counting
+    calls), the arguments of a ``functools.partial`` and a function's default
+    arguments, and the object a method set on an instance is bound to (a
+    ``recorder.record`` hook). A method of ``owner`` (the class whose hook it is) is
+    watched through its object already."""
+    found: list[tuple[str, Any]] = []
+    held: dict[str, Any] = {}
+    for _ in range(8):
+        if isinstance(fn, functools.partial):
+            held.update({f"argument {i}": types.CellType(a) for i, a in enumerate(fn.args)})
+            held.update({name: types.CellType(a) for name, a in fn.keywords.items()})
+            inner = fn.func
+        else:
+            bound = getattr(fn, "__self__", None)
+            if owner is None and bound is not None and not isinstance(bound, (type, types.ModuleType)) \
+                    and not _framework_class(type(bound)):
+                found.append((f"{type(bound).__name__} (a hook's object)", bound))
+            function = getattr(fn, "__func__", fn)
+            code = getattr(function, "__code__", None)
+            if isinstance(code, types.CodeType):
+                cells = dict(zip(code.co_freevars, getattr(function, "__closure__", None) or ()))
+                cells.pop("__class__", None)  # (the cell of a method calling super())
+                held.update(cells)
+                if owner is None:
+                    names = code.co_varnames[code.co_argcount - len(function.__defaults__ or ()):code.co_argcount]
+                    held.update({name: types.CellType(d) for name, d in zip(names, function.__defaults__ or ())})
+                    held.update({name: types.CellType(d) for name, d in (function.__kwdefaults__ or {}).items()})
+            inner = getattr(function, "__wrapped__", None) or getattr(function, "_torchdynamo_orig_callable", None)
+        if inner is None or inner is fn:
+            break
+        fn = inner
+    if held:
+        found.append(("hook variables", _ClosureVariables(held)))
+    return found
 
 
 def _owner(fn: Callable[..., Any], owner: type | None) -> type | None:

@@ -316,7 +316,7 @@ def test_item_in_training_step_raises_when_strict():
         (models.BranchesOnBatchIdx, "batch_idx"),
         (models.ReadsEpoch, "current_epoch"),
         (models.LogsPythonNumber, "Python number"),
-        (models.ManualWarmupInOptimizerStep, "'lr'"),
+        (models.ManualWarmupInOptimizerStep, "reads `self.trainer.global_step`"),
     ],
 )
 def test_python_side_effects_are_detected_and_trained_eagerly(module, needle):

@@ -13,6 +13,7 @@ kernels) stays the GPU tests' business; models here draw no random numbers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
 import types
 
@@ -524,6 +525,26 @@ def test_a_step_writing_its_batch_in_place_leaves_the_batch_as_eager_training_do
     assert sums[True].sums == pytest.approx(sums[False].sums, rel=1e-6)
 
 
+class ScalesOneTensorOfTwoThatShareMemory(models.Regressor):
+    def training_step(self, batch, batch_idx):
+        x, y, same_x = batch
+        x.mul_(0.5)
+        return super().training_step((same_x, y), batch_idx)
+
+
+class SharedMemoryBatches(KeptBatches):
+    def __iter__(self):
+        return iter([(x, y, x) for x, y in self.batches])
+
+
+def test_a_step_writing_a_batch_tensor_that_shares_memory_trains_eagerly_with_one_warning(replaying):
+    eager, graphed = both(lambda: ScalesOneTensorOfTwoThatShareMemory("adamw", None), train_loader=SharedMemoryBatches)
+    assert_same(eager, graphed)
+    assert graphed.callback.stats.replays == 0, graphed.callback.stats.summary()
+    (warning,) = graphed.warnings
+    assert "writes its batch in place, and batch[0], written in place, shares memory with batch[2]" in warning
+
+
 GRADIENT_NORMS = []  # kept by a hook of the module below
 
 
@@ -561,6 +582,75 @@ def test_a_lambda_callback_appending_to_a_list_trains_eagerly_with_one_warning(r
     assert "grows `closure variable keep`" in warning
 
 
+class GradientNorms:
+    def __init__(self):
+        self.kept = []
+
+    def keep(self, trainer, module):
+        self.kept.append(module.net[0].weight.grad.norm().detach())
+
+
+def keep_norm(kept, trainer, module):
+    kept.append(module.net[0].weight.grad.norm().detach())
+
+
+def keep_norm_into(trainer, module, *, kept):
+    keep_norm(kept, trainer, module)
+
+
+def counting_calls(hook):
+    calls = []
+
+    @functools.wraps(hook)
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return hook(*args, **kwargs)
+
+    counted.calls = calls
+    return counted
+
+
+@pytest.mark.parametrize("make_hook", [
+    lambda kept: GradientNorms.keep.__get__(kept),
+    lambda kept: functools.partial(keep_norm, kept.kept),
+    lambda kept: functools.partial(keep_norm_into, kept=kept.kept),
+    lambda kept: lambda trainer, module, _kept=kept.kept: keep_norm(_kept, trainer, module),
+    lambda kept: counting_calls(lambda trainer, module: None),
+], ids=["a bound method", "a partial", "a partial with a keyword", "a default argument", "a decorator's closure"])
+def test_a_hook_keeping_state_in_what_it_holds_trains_eagerly_with_one_warning(replaying, make_hook):
+    keepers = {False: GradientNorms(), True: GradientNorms()}
+
+    def run(graphed):
+        hook = make_hook(keepers[graphed])
+        run.counts[graphed] = lambda: len(keepers[graphed].kept) + len(getattr(hook, "calls", []))
+        return fit(lambda: models.Regressor("adamw", None), graphed=graphed, accelerator="cpu",
+                   extra_callbacks=lambda: [LambdaCallback(on_after_backward=hook)])
+
+    run.counts = {}
+    eager, graphed = run(False), run(True)
+    assert_same(eager, graphed)
+    assert run.counts[True]() == run.counts[False]() == 18
+    (warning,) = graphed.warnings
+    assert "each time it runs" in warning
+
+
+class CountsItsHookCalls(models.Regressor):
+    @counting_calls
+    def on_after_backward(self):
+        pass
+
+
+def test_a_decorated_module_hook_keeping_state_trains_eagerly_with_one_warning(replaying):
+    calls = CountsItsHookCalls.on_after_backward.calls
+    eager = fit(lambda: CountsItsHookCalls("adamw", None), graphed=False, accelerator="cpu")
+    eager_calls = len(calls)
+    graphed = fit(lambda: CountsItsHookCalls("adamw", None), graphed=True, accelerator="cpu")
+    assert_same(eager, graphed)
+    assert len(calls) - eager_calls == eager_calls == 18
+    (warning,) = graphed.warnings
+    assert "grows `closure variable calls`" in warning
+
+
 class ShiftedTargets(models.Regressor):
     """Batch norm, and a buffer the loss reads (SGD: Adam's step amplifies the rounding noise of the
     near-zero gradients of the bias before batch norm)."""
@@ -591,7 +681,9 @@ class AtStep(pl.Callback):
     lambda module: module.net[0].requires_grad_(False),
     lambda module: module.net[1].eval(),
     lambda module: setattr(module, "target_shift", torch.ones(1)),
-], ids=["freezes the first layer", "puts batch norm in eval mode", "assigns a new tensor to a buffer"])
+    lambda module: setattr(module.net[0].weight, "data", module.net[0].weight.detach() * 0.5),
+], ids=["freezes the first layer", "puts batch norm in eval mode", "assigns a new tensor to a buffer",
+        "assigns a parameter's .data anew"])
 def test_modules_changed_in_the_middle_of_an_epoch_are_captured_anew(replaying, change):
     eager, graphed = both(ShiftedTargets, max_epochs=3, extra_callbacks=lambda: [AtStep(change)])
     assert_same(eager, graphed)
