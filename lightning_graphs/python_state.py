@@ -201,13 +201,25 @@ def _describe(name: str, before: tuple, after: tuple | None, value: Any) -> str:
 
 
 def _with_submodules(objects: Iterable[tuple[str, Any]]) -> Iterable[tuple[str, Any]]:
-    """Each object, and for modules every submodule under a dotted label."""
+    """Each object, and for modules every submodule under a dotted label; for other
+    objects (a callback, a closure's variables) also the modules of the user's own
+    classes they hold (an EMA helper counting its updates), with their submodules."""
+    seen: set[int] = set()
+
+    def modules(label: str, root: torch.nn.Module) -> Iterable[tuple[str, Any]]:
+        for name, module in root.named_modules():
+            if id(module) not in seen:
+                seen.add(id(module))
+                yield (f"{label}.{name}" if name else label), module
+
     for label, obj in objects:
         if isinstance(obj, torch.nn.Module):
-            for name, module in obj.named_modules():
-                yield (f"{label}.{name}" if name else label), module
-        else:
-            yield label, obj
+            yield from modules(label, obj)
+            continue
+        yield label, obj
+        for name, value in list(getattr(obj, "__dict__", {}).items()):
+            if isinstance(value, torch.nn.Module) and not _framework_class(type(value)):
+                yield from modules(f"{label}.{name}", value)
 
 
 class StateFingerprint:

@@ -634,6 +634,45 @@ def test_a_hook_keeping_state_in_what_it_holds_trains_eagerly_with_one_warning(r
     assert "each time it runs" in warning
 
 
+class WarmingUpAverage(torch.nn.Module):
+    """An exponential moving average of weights whose decay warms up with a Python count of its updates."""
+
+    def __init__(self):
+        super().__init__()
+        self.shadow = None
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, module):
+        if self.shadow is None:
+            self.shadow = torch.nn.ParameterList(
+                [torch.nn.Parameter(p.detach().clone(), requires_grad=False) for p in module.parameters()])
+        self.updates += 1
+        decay = min(0.999, (1 + self.updates) / (10 + self.updates))
+        for shadow, p in zip(self.shadow, module.parameters()):
+            shadow.mul_(decay).add_(p.detach(), alpha=1 - decay)
+
+
+class AveragesWeights(pl.Callback):
+    def __init__(self):
+        self.average = WarmingUpAverage()
+
+    def on_before_zero_grad(self, trainer, module, optimizer):
+        self.average.update(module)
+
+
+def test_a_callback_updating_a_module_of_its_own_inside_the_step_trains_eagerly_with_one_warning(replaying):
+    averages = {False: AveragesWeights(), True: AveragesWeights()}
+    eager, graphed = (fit(lambda: models.Regressor("adamw", None), graphed=graphed, accelerator="cpu",
+                          extra_callbacks=lambda: [averages[graphed]]) for graphed in (False, True))
+    assert_same(eager, graphed)
+    assert averages[True].average.updates == averages[False].average.updates == 18
+    for a, b in zip(averages[True].average.shadow, averages[False].average.shadow):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    (warning,) = graphed.warnings
+    assert "callback AveragesWeights.average.updates" in warning
+
+
 class CountsItsHookCalls(models.Regressor):
     @counting_calls
     def on_after_backward(self):
