@@ -526,7 +526,8 @@ class StepProbe:
                 )
 
     def _user_code(self, caller: Any) -> bool:
-        """Whether the frame ``caller`` runs code of the step's that a replay would not run again."""
+        """Whether the frame ``caller`` runs the user's code inside the step (which a replay would not run
+        again), rather than Lightning's."""
         hook = self.module._current_fx_name
         return hook in self._USER_HOOKS or (
             hook in self._SHARED_HOOKS and not framework_module(caller.f_globals.get("__name__"))

@@ -69,7 +69,7 @@ from lightning_graphs.capture_errors import explain_capture_error
 from lightning_graphs.compiled import is_recompile_refusal, no_compilation
 from lightning_graphs.messages import GraphCaptureError, WarnOnce
 from lightning_graphs.metrics import InStepMetrics, MetricUpdate
-from lightning_graphs.module_structure import CHANGED, ModuleStructure, structure_key
+from lightning_graphs.module_structure import STRUCTURE_CHANGED, ModuleStructure, parameters_key, structure_key
 from lightning_graphs.optimizers import GraphSafeOptimizer
 from lightning_graphs.python_state import (
     StateFingerprint,
@@ -534,7 +534,7 @@ class GraphedStep:
             if not warmed:
                 return StepPlan(Action.WARMUP, signature, variant=variant)  # one eager step of it before capturing
         if self._structure is not None and self._structure.key != self._structure_key():
-            self._drop_graphs(CHANGED)  # graphs held share the structure they were captured with
+            self._drop_graphs(STRUCTURE_CHANGED)  # graphs held share the structure they were captured with
             if self.phase is Phase.DISABLED:
                 return StepPlan(Action.EAGER, signature, "graphs disabled")
             self._warmups_left = max(self._warmups_left, 1)
@@ -561,7 +561,7 @@ class GraphedStep:
         return False
 
     def _full_structure(self) -> tuple:
-        return self._structure_key(), tuple(o.structure_key() for o in self._optimizers)
+        return parameters_key(self._modules), tuple(o.structure_key() for o in self._optimizers)
 
     def _cannot_continue(self, captured: CapturedGraph) -> str | None:
         """Why a graph that adds to the gradients cannot take over the ones held now, if so."""
@@ -600,12 +600,13 @@ class GraphedStep:
         changed = self._reads.changed()
         if changed is not None:  # a value the step read, changed by a hook or a callback since
             return f"code outside {self.what} {changed} since the capture", True
-        if self._structure is not None and self._structure.changed():
-            return CHANGED, True
+        change = self._structure.change() if self._structure is not None else None
+        if change is not None:
+            return change, True
         if self._structure_check_due:
             self._structure_check_due = False
             if self._structure is not None and self._structure.key != self._structure_key():
-                return CHANGED, True
+                return STRUCTURE_CHANGED, True
             if self._captured_state is not None:
                 changes = self._captured_state.changes(self._fingerprint(), True)
                 if changes:
@@ -711,14 +712,6 @@ class GraphedStep:
                         versions = static.versions()
                         outputs = fn(static.value)
                         static.note_written(versions)
-                        unreplayable = static.write_back_problem(self.input_name)
-                        if unreplayable is not None:
-                            raise _InputsShareMemory(
-                                f"{self.what} writes its {self.input_name} in place, and {unreplayable}. A CUDA "
-                                f"graph copies each tensor of the {self.input_name} into memory of its own, so "
-                                f"the {self.input_name} could not be left as an eager step leaves it. Write into "
-                                "a copy (`x = x.clone()` first) or give each tensor memory of its own"
-                            )
                         metric_problem = self._metrics.end_of_step(metrics_before)
                 except BaseException:
                     ended_cleanly = _end_capture(graph)
@@ -731,6 +724,15 @@ class GraphedStep:
             if not isinstance(exc, Exception):
                 raise
             failure = exc
+        unreplayable = static.write_back_problem(self.input_name) if failure is None else None
+        if unreplayable is not None:
+            self._abandon_capture(saved_grads, saved_flags, metrics_before, failed=False, pool_broken=False)
+            failure = _InputsShareMemory(
+                f"{self.what} writes its {self.input_name} in place, and {unreplayable}. A CUDA graph copies each "
+                f"tensor of the {self.input_name} into memory of its own, so the {self.input_name} could not be "
+                "left as an eager step leaves it. Write into a copy (`x = x.clone()` first) or give each tensor "
+                "memory of its own"
+            )
         outcome, explanation = self._capture_outcome(failure)
         if self._agree_capture is not None:
             try:

@@ -217,9 +217,17 @@ def _with_submodules(objects: Iterable[tuple[str, Any]]) -> Iterable[tuple[str, 
             yield from modules(label, obj)
             continue
         yield label, obj
-        for name, value in list(getattr(obj, "__dict__", {}).items()):
+        for name, value in _attributes(obj).items():
             if isinstance(value, torch.nn.Module) and not _framework_class(type(value)):
                 yield from modules(f"{label}.{name}", value)
+
+
+def _attributes(obj: Any) -> dict[str, Any]:
+    """A copy of ``obj``'s instance attributes, or ``{}`` where it has none it gives up."""
+    try:
+        return dict(vars(obj))
+    except Exception:  # no __dict__, or one that raises
+        return {}
 
 
 class StateFingerprint:
@@ -277,7 +285,10 @@ class StateFingerprint:
             if _behind_property(obj, name) and {before_key[0] if before_key else None,
                                                 after_key[0] if after_key else None} & set(_CONTAINERS):
                 name = name.lstrip("_")
-            shown = f"{obj._view_label} {name}" if isinstance(obj, _VariablesView) else f"{label}.{name}" if label else name
+            if isinstance(obj, _VariablesView):
+                shown = f"{obj._view_label} {name}"
+            else:
+                shown = f"{label}.{name}" if label else name
             found.append(_describe(shown, before_key, after_key, value))
         return found
 
@@ -624,10 +635,18 @@ def functions_read(functions: Sequence[tuple[Callable[..., Any], type | None]]) 
     besides their arguments: what each holds (see :func:`_held_by`) and, in one view,
     the module-level data they all read (see :func:`globals_fn_reads`)."""
     found: list[tuple[str, Any]] = []
-    for index, (fn, owner) in enumerate(functions):
-        found += [(f"{label} {index}", held) for label, held in _held_by(fn, owner)]
+    for fn, owner in functions:
+        for label, held in _held_by(fn, owner):
+            taken = {taken_label for taken_label, _ in found}
+            found.append((label if label not in taken else f"{label} ({len(found)})", held))
     view = _GlobalVariables.of([(fn, _owner(fn, owner)) for fn, owner in functions])
     return found + ([("step globals", view)] if view._source else [])
+
+
+class _HookArguments(_ClosureVariables):
+    """The arguments a hook is always called with: a ``functools.partial``'s and its defaults."""
+
+    _view_label = "hook argument"
 
 
 def _held_by(fn: Any, owner: type | None) -> list[tuple[str, Any]]:
@@ -638,34 +657,47 @@ def _held_by(fn: Any, owner: type | None) -> list[tuple[str, Any]]:
     ``recorder.record`` hook). A method of ``owner`` (the class whose hook it is) is
     watched through its object already."""
     found: list[tuple[str, Any]] = []
-    held: dict[str, Any] = {}
-    for _ in range(8):
+    cells: dict[str, Any] = {}
+    arguments: dict[str, Any] = {}
+    for layer in range(8):
         if isinstance(fn, functools.partial):
-            held.update({f"argument {i}": types.CellType(a) for i, a in enumerate(fn.args)})
-            held.update({name: types.CellType(a) for name, a in fn.keywords.items()})
+            _add_unique(arguments, {str(i): a for i, a in enumerate(fn.args)} | fn.keywords, layer)
             inner = fn.func
         else:
             bound = getattr(fn, "__self__", None)
             if owner is None and bound is not None and not isinstance(bound, (type, types.ModuleType)) \
                     and not _framework_class(type(bound)):
-                found.append((f"{type(bound).__name__} (a hook's object)", bound))
+                found.append((type(bound).__name__, bound))
             function = getattr(fn, "__func__", fn)
             code = getattr(function, "__code__", None)
             if isinstance(code, types.CodeType):
-                cells = dict(zip(code.co_freevars, getattr(function, "__closure__", None) or ()))
-                cells.pop("__class__", None)  # (the cell of a method calling super())
-                held.update(cells)
+                closure = dict(zip(code.co_freevars, getattr(function, "__closure__", None) or ()))
+                closure.pop("__class__", None)  # (the cell of a method calling super())
+                _add_unique(cells, closure, layer, as_cells=False)
                 if owner is None:
-                    names = code.co_varnames[code.co_argcount - len(function.__defaults__ or ()):code.co_argcount]
-                    held.update({name: types.CellType(d) for name, d in zip(names, function.__defaults__ or ())})
-                    held.update({name: types.CellType(d) for name, d in (function.__kwdefaults__ or {}).items()})
+                    _add_unique(arguments, _defaults(function, code), layer)
             inner = getattr(function, "__wrapped__", None) or getattr(function, "_torchdynamo_orig_callable", None)
         if inner is None or inner is fn:
             break
         fn = inner
-    if held:
-        found.append(("hook variables", _ClosureVariables(held)))
+    if cells:
+        found.append(("hook closure", _ClosureVariables(cells)))
+    if arguments:
+        found.append(("hook arguments", _HookArguments(arguments)))
     return found
+
+
+def _defaults(function: Any, code: types.CodeType) -> dict[str, Any]:
+    """A function's default arguments by name."""
+    positional = function.__defaults__ or ()
+    names = code.co_varnames[code.co_argcount - len(positional):code.co_argcount]
+    return dict(zip(names, positional)) | (function.__kwdefaults__ or {})
+
+
+def _add_unique(into: dict[str, Any], values: dict[str, Any], layer: int, as_cells: bool = True) -> None:
+    """Add ``values`` (as cells unless they are cells), naming one already taken by an outer layer apart."""
+    for name, value in values.items():
+        into[name if name not in into else f"{name} (layer {layer})"] = types.CellType(value) if as_cells else value
 
 
 def _owner(fn: Callable[..., Any], owner: type | None) -> type | None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lightning_graphs.graphed_step import ignore_torch_attribute
-from lightning_graphs.python_state import StateFingerprint, WatchedInt
+from lightning_graphs.python_state import StateFingerprint, WatchedInt, framework_module
 
 
 class Net(torch.nn.Module):
@@ -539,3 +539,12 @@ def test_a_container_too_big_to_compare_is_followed_by_identity_and_length():
     assert "changes the length of `Configured.table`" in reads.changed()
     model.table = list(range(1000))
     assert "rebinds `Configured.table`" in reads.changed()
+
+
+@pytest.mark.parametrize("name, theirs", [
+    ("torch", True), ("torch.nn.modules.module", True), ("lightning", True), ("lightning.pytorch.loops", True),
+    ("lightning_fabric.wrappers", True), ("torchmetrics", True), ("lightning_graphs.callback", True),
+    ("torchvision", False), ("my_torch_models", False), ("__main__", False), (None, False),
+])
+def test_framework_modules_are_told_from_the_users(name, theirs):
+    assert framework_module(name) is theirs
