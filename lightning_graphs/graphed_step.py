@@ -313,7 +313,7 @@ class GraphedStep:
             ``max_graphs=1`` keeps only the first signature's graph.
         optimizers: optimizers stepped inside ``fn``; prepared for capture (see
             :mod:`lightning_graphs.optimizers`) and restored by :meth:`close`.
-        modules: modules used inside ``fn``; a change of their parameters, buffers,
+        modules: modules used inside ``fn``; a change of their parameters,
             train/eval modes or ``requires_grad`` flags makes the graph stale (checked
             before every replay; see :mod:`lightning_graphs.module_structure`).
         watch: ``(label, object)`` pairs whose Python attributes the step must not

@@ -1,12 +1,14 @@
 """What a captured graph baked in of its modules, and a check cheap enough for every replay.
 
-A graph reads and writes the memory of the parameters and buffers its step used,
-runs the kernels of the train/eval mode each module was in (dropout, batch norm)
-and computes the gradients of the parameters that required them. Code outside the
-step may change any of these between two steps: a callback freezing a layer or
-putting batch norm in eval mode at some step, a hook assigning a new tensor to a
-buffer. A replay after such a change would silently train the old way, so it must
-be noticed before the next replay, not only at the epoch's end.
+A graph reads and writes the memory of the parameters its step used, runs the
+kernels of the train/eval mode each module was in (dropout, batch norm) and
+computes the gradients of the parameters that required them. Code outside the step
+may change any of these between two steps: a callback freezing a layer or putting
+batch norm in eval mode at some step, a parameter's ``.data`` assigned anew. A
+replay after such a change would silently train the old way, so it must be noticed
+before the next replay, not only at the epoch's end. (A buffer the step read and a
+hook assigned anew is noticed by :class:`~lightning_graphs.python_state.StepReads`,
+which knows whether the step read it.)
 """
 
 from __future__ import annotations
@@ -23,18 +25,15 @@ from lightning_graphs.metrics import is_metric
 
 __all__ = ["ModuleStructure", "STRUCTURE_CHANGED", "structure_key", "parameters_key"]
 
-STRUCTURE_CHANGED = "a parameter, a buffer, a train/eval mode, a requires_grad flag or a torchmetrics metric changed"
-_NEW_BUFFER = "{} was assigned a new tensor (update a buffer in place, `buf.copy_(value)`, to keep replaying)"
+STRUCTURE_CHANGED = "a parameter, a train/eval mode, a requires_grad flag or a torchmetrics metric changed"
 
 
 def structure_key(roots: Sequence[torch.nn.Module]) -> tuple:
     """Everything of ``roots`` a graph bakes in, for comparing (walks every module: not for every replay)."""
     modules = [m for root in roots for m in root.modules()]
-    buffers = [b for root in roots for b in root.buffers()]
     return (
         tuple(m.training for m in modules),
         tuple((id(p), p.data_ptr(), p.requires_grad) for root in roots for p in root.parameters()),
-        tuple((id(b), b.data_ptr()) for b in buffers),
         tuple(id(m) for m in modules if is_metric(m)),  # a metric replaced by a new one
     )
 
@@ -48,12 +47,11 @@ class ModuleStructure:
     """The structure of ``roots`` when a graph was captured.
 
     :meth:`change` compares the modes, ``requires_grad`` flags and the memory of
-    every parameter and buffer directly (a ``.data`` assigned anew, a dtype or device
-    changed; about 5 us for 30 parameters, growing with their number: 50 us for
-    360) and, only after a parameter,
-    buffer or submodule was assigned on one of these modules (PyTorch's registration
-    hooks say so), the whole :func:`structure_key`. Call :meth:`close` when done:
-    the hooks are global.
+    every parameter directly (a ``.data`` assigned anew, a dtype or device changed;
+    a few microseconds for 30 parameters, growing with their number) and, only after
+    a parameter or submodule was assigned on one of these modules (PyTorch's
+    registration hooks say so), the whole :func:`structure_key`. Call :meth:`close`
+    when done: the hooks are global.
     """
 
     def __init__(self, roots: Sequence[torch.nn.Module]) -> None:
@@ -66,10 +64,8 @@ class ModuleStructure:
         self._module_dicts = [m.__dict__ for _, m in named]
         self._modes = [d.get("training") for d in self._module_dicts]
         params = [(name, p) for root in self._roots for name, p in root.named_parameters()]
-        buffers = [(name, b) for root in self._roots for name, b in root.named_buffers()]
-        self._names = [f"parameter `{name}`" for name, _ in params] + [f"buffer `{name}`" for name, _ in buffers]
+        self._names = [f"parameter `{name}`" for name, _ in params]
         self._params = [p for _, p in params]
-        self._buffers = [b for _, b in buffers]
         self._tensor_state = self._tensor_state_now()
         self._assigned = False
         ids = {id(m) for _, m in named}
@@ -82,12 +78,11 @@ class ModuleStructure:
 
         self._handles = [
             module_hooks.register_module_parameter_registration_hook(note),
-            module_hooks.register_module_buffer_registration_hook(note),
             module_hooks.register_module_module_registration_hook(note),
         ]
 
     def _tensor_state_now(self) -> list:
-        return [(p.requires_grad, p.data_ptr()) for p in self._params] + [b.data_ptr() for b in self._buffers]
+        return [(p.requires_grad, p.data_ptr()) for p in self._params]
 
     def change(self) -> str | None:
         """What the graph baked in of the modules is different now, as a phrase, or ``None``."""
@@ -105,28 +100,23 @@ class ModuleStructure:
         if flags == self._tensor_state:
             return None
         index = next(i for i, (a, b) in enumerate(zip(flags, self._tensor_state)) if a != b)
-        if index < len(self._params) and flags[index][0] != self._tensor_state[index][0]:
+        if flags[index][0] != self._tensor_state[index][0]:
             return f"{self._names[index]} got `requires_grad={flags[index][0]}`"
-        if index < len(self._params):
-            return f"{self._names[index]} got new memory (its `.data` assigned anew, or another dtype or device)"
-        return _NEW_BUFFER.format(self._names[index])
+        return f"{self._names[index]} got new memory (its `.data` assigned anew, or another dtype or device)"
 
     def _describe_assignment(self) -> str:
-        """Which parameter, buffer or submodule is another object now, as a phrase."""
-        held = dict(zip(self._names, self._params + self._buffers))
+        """Which parameter or submodule is another object now, as a phrase."""
+        held = dict(zip(self._names, self._params))
         modules = dict(zip(self._module_names, self._module_dicts))
         for root in self._roots:
             for name, module in root.named_modules():
                 if name and modules.get(name) is not module.__dict__:
                     kind = "torchmetrics metric" if is_metric(module) else "submodule"
                     return f"{kind} `{name}` was replaced or added"
-            for name, buffer in root.named_buffers():
-                if held.get(f"buffer `{name}`") is not buffer:
-                    return _NEW_BUFFER.format(f"buffer `{name}`")
             for name, param in root.named_parameters():
                 if held.get(f"parameter `{name}`") is not param:
                     return f"parameter `{name}` was replaced"
-        return "a parameter, buffer or submodule was assigned anew"
+        return "a parameter or submodule was assigned anew"
 
     def close(self) -> None:
         for handle in self._handles:
@@ -138,9 +128,9 @@ class ModuleStructure:
 
 
 def _registered(module: torch.nn.Module, name: str) -> object:
-    """What ``module`` holds under ``name`` as a parameter, buffer or submodule (assigning the same again changes
+    """What ``module`` holds under ``name`` as a parameter or submodule (assigning the same again changes
     nothing)."""
-    for registry in ("_parameters", "_buffers", "_modules"):
+    for registry in ("_parameters", "_modules"):
         held = module.__dict__.get(registry, {})
         if name in held:
             return held[name]

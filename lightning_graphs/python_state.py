@@ -740,6 +740,11 @@ class StepReads:
                 self._read[(id(obj), name)] = (obj, name, _value_key(obj), _plain_copy(obj))
             return
         value = obj.__dict__.get(name, _ABSENT)
+        buffers = obj.__dict__.get("_buffers") if isinstance(obj, torch.nn.Module) else None
+        if value is _ABSENT and buffers and name in buffers:
+            # a registered buffer the step read: a graph reads the tensor it was captured with
+            self._read[(id(obj), name)] = (obj, name, ("buffer",), buffers[name])
+            return
         if value is _ABSENT:
             # a class attribute read through the object: a value set on the object later hides it
             inherited = getattr(type(obj), name, _ABSENT)
@@ -781,6 +786,11 @@ class StepReads:
             else:
                 value = obj.__dict__.get(name, _ABSENT)
             kind = key[0]
+            if kind == "buffer":
+                if obj._buffers.get(name) is copy:
+                    continue
+                return f"assigns a new tensor to the buffer `{_where(obj, name)}` (update it in place, " \
+                       "`buf.copy_(value)`, to keep replaying)"
             if kind == "followed":
                 if value is copy:
                     continue
@@ -967,7 +977,12 @@ class _Recording:
         inherited = cls.__getattribute__
 
         def recorded(obj: Any, name: str, _get: Any = inherited) -> Any:
-            value = _get(obj, name)
+            try:
+                value = _get(obj, name)
+            except AttributeError:  # (a module's parameter, buffer or submodule: `__getattr__` gives it next)
+                if not recording._keeping and id(obj) in objects:
+                    reads._keep(obj, name, None)
+                raise
             if not recording._keeping and id(obj) in objects and (name == "__dict__" or not name.startswith("__")):
                 recording._keeping = True
                 try:
