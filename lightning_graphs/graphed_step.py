@@ -599,7 +599,8 @@ class GraphedStep:
             return reason, False
         changed = self._reads.changed()
         if changed is not None:  # a value the step read, changed by a hook or a callback since
-            return f"code outside {self.what} {changed} since the capture", True
+            advice = " (update a buffer in place, `buf.copy_(value)`, to keep replaying)" if "buffer" in changed else ""
+            return f"code outside {self.what} {changed} since the capture{advice}", True
         change = self._structure.change() if self._structure is not None else None
         if change is not None:
             return change, True

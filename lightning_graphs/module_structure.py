@@ -6,9 +6,10 @@ computes the gradients of the parameters that required them. Code outside the st
 may change any of these between two steps: a callback freezing a layer or putting
 batch norm in eval mode at some step, a parameter's ``.data`` assigned anew. A
 replay after such a change would silently train the old way, so it must be noticed
-before the next replay, not only at the epoch's end. (A buffer the step read and a
-hook assigned anew is noticed by :class:`~lightning_graphs.python_state.StepReads`,
-which knows whether the step read it.)
+before the next replay, not only at the epoch's end. So must a buffer of PyTorch's
+own modules assigned anew (batch norm's statistics reset by a callback); a buffer of
+the user's own modules is followed where the step reads it, by
+:class:`~lightning_graphs.python_state.StepReads`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from torch.nn.modules import module as module_hooks
 
 from lightning_graphs.metrics import is_metric
+from lightning_graphs.python_state import framework_module
 
 __all__ = ["ModuleStructure", "STRUCTURE_CHANGED", "structure_key", "parameters_key"]
 
@@ -67,6 +69,15 @@ class ModuleStructure:
         self._names = [f"parameter `{name}`" for name, _ in params]
         self._params = [p for _, p in params]
         self._tensor_state = self._tensor_state_now()
+        # buffers of PyTorch's own modules (batch norm's running statistics), which the step reads through
+        # PyTorch's code; those of the user's modules are followed where the step reads them (StepReads)
+        own = [(f"{name}.{buffer_name}" if name else buffer_name, m._buffers, buffer_name, buffer)
+               for name, m in named if framework_module(type(m).__module__)
+               for buffer_name, buffer in m._buffers.items() if buffer is not None]
+        self._buffer_names = [f"buffer `{path}`" for path, *_ in own]
+        self._buffer_registries = [registry for _, registry, _, _ in own]
+        self._buffer_keys = [key for _, _, key, _ in own]
+        self._buffers = [buffer for *_, buffer in own]  # (held: their memory cannot go to another tensor)
         self._assigned = False
         ids = {id(m) for _, m in named}
         ref = weakref.ref(self)
@@ -96,6 +107,11 @@ class ModuleStructure:
                          if d.get("training") is not mode)
             now = "train" if self._module_dicts[index].get("training") else "eval"
             return f"`{self._module_names[index]}` was put in {now} mode"
+        if not all(map(operator.is_, map(dict.get, self._buffer_registries, self._buffer_keys), self._buffers)):
+            index = next(i for i, (registry, key, buffer) in enumerate(
+                zip(self._buffer_registries, self._buffer_keys, self._buffers)) if registry.get(key) is not buffer)
+            return (f"{self._buffer_names[index]} was assigned a new tensor (update a buffer in place, "
+                    "`buf.copy_(value)`, to keep replaying)")
         flags = self._tensor_state_now()
         if flags == self._tensor_state:
             return None

@@ -733,18 +733,15 @@ class StepReads:
         return _Recording(self, [obj for _, obj in _with_submodules(objects)])
 
     def _keep(self, obj: Any, name: str, follow: Callable[[Any], bool] | None = None) -> None:
-        if not isinstance(getattr(obj, "__dict__", None), dict) or self._ignore(obj, name):
+        if not isinstance(getattr(obj, "__dict__", None), dict) or self._keep_buffers(obj, name):
+            return
+        if self._ignore(obj, name):
             return
         if name == "__dict__":  # a settings object read whole (``vars(cfg)``): compared whole
             if _settings_view(obj) is not None:
                 self._read[(id(obj), name)] = (obj, name, _value_key(obj), _plain_copy(obj))
             return
         value = obj.__dict__.get(name, _ABSENT)
-        buffers = obj.__dict__.get("_buffers") if isinstance(obj, torch.nn.Module) else None
-        if value is _ABSENT and buffers and name in buffers:
-            # a registered buffer the step read: a graph reads the tensor it was captured with
-            self._read[(id(obj), name)] = (obj, name, ("buffer",), buffers[name])
-            return
         if value is _ABSENT:
             # a class attribute read through the object: a value set on the object later hides it
             inherited = getattr(type(obj), name, _ABSENT)
@@ -771,6 +768,17 @@ class StepReads:
         copy = _plain_copy(value, follow=follow) if key[0] in _CONTAINERS else _UNCOMPARABLE
         self._read[(id(obj), name)] = (obj, name, key, copy)
 
+    def _keep_buffers(self, obj: Any, name: str) -> bool:
+        """Keep a read of a module's registered buffer (of all of them where the step
+        read ``_buffers``: ``named_buffers()``, ``state_dict()``): a graph reads the
+        tensor it was captured with. Whether ``name`` was one."""
+        buffers = obj.__dict__.get("_buffers") if isinstance(obj, torch.nn.Module) else None
+        if not buffers or (name not in buffers or name in obj.__dict__) and name != "_buffers":
+            return False
+        for read in (list(buffers) if name == "_buffers" else [name]):
+            self._read[(id(obj), read)] = (obj, read, ("buffer",), buffers[read])
+        return True
+
     def changed(self) -> str | None:
         """The first attribute the step read that holds another value now, described."""
         compared: set[int] = set()  # containers several modules read (a shared dict of settings): once each
@@ -789,8 +797,7 @@ class StepReads:
             if kind == "buffer":
                 if obj._buffers.get(name) is copy:
                     continue
-                return f"assigns a new tensor to the buffer `{_where(obj, name)}` (update it in place, " \
-                       "`buf.copy_(value)`, to keep replaying)"
+                return f"assigns a new tensor to the buffer `{_where(obj, name)}`"
             if kind == "followed":
                 if value is copy:
                     continue
@@ -980,8 +987,12 @@ class _Recording:
             try:
                 value = _get(obj, name)
             except AttributeError:  # (a module's parameter, buffer or submodule: `__getattr__` gives it next)
-                if not recording._keeping and id(obj) in objects:
-                    reads._keep(obj, name, None)
+                if not recording._keeping and id(obj) in objects and isinstance(obj, torch.nn.Module):
+                    recording._keeping = True
+                    try:
+                        reads._keep(obj, name, None)
+                    finally:
+                        recording._keeping = False
                 raise
             if not recording._keeping and id(obj) in objects and (name == "__dict__" or not name.startswith("__")):
                 recording._keeping = True

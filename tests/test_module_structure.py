@@ -13,6 +13,12 @@ def _model():
     return model
 
 
+class Yours(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("shift", torch.zeros(1))
+
+
 def _registration_hooks():
     # (PyTorch's registries of global registration hooks: private, but the only way to see that none is left)
     return len(module_hooks._global_parameter_registration_hooks), len(module_hooks._global_module_registration_hooks)
@@ -25,8 +31,9 @@ def _registration_hooks():
     lambda model: setattr(model[0].weight, "data", torch.zeros(8, 4)),
     lambda model: setattr(model, "2", torch.nn.Linear(8, 1)),
     lambda model: model.half(),
+    lambda model: setattr(model[1], "running_mean", torch.zeros(8)),
 ], ids=["requires_grad", "eval mode", "a parameter assigned anew", ".data assigned anew",
-        "a submodule assigned anew", "another dtype"])
+        "a submodule assigned anew", "another dtype", "a buffer of PyTorch's own module assigned anew"])
 def test_a_change_between_replays_is_noticed(change):
     model = _model()
     structure = ModuleStructure([model])
@@ -44,8 +51,12 @@ def test_what_changes_nothing_the_graph_baked_in_is_not_a_change():
         model.shift.fill_(2)
     model.train()  # the mode it already had
     model.shift = model.shift  # the same buffer again
-    model.shift = torch.ones(1)  # a buffer assigned anew: whether the step read it is for StepReads to say
     model[0].weight = model[0].weight  # the same parameter again
+    yours = Yours()
+    yours_structure = ModuleStructure([yours])
+    yours.shift = torch.ones(1)  # a buffer of a module of your own: whether the step read it is for StepReads
+    assert yours_structure.change() is None
+    yours_structure.close()
     other = _model()
     other.register_buffer("elsewhere", torch.ones(1))  # another model's registrations
     assert structure.change() is None

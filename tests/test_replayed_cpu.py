@@ -735,10 +735,12 @@ class AtStep(pl.Callback):
     (lambda module: module.net[0].requires_grad_(False), "parameter `net.0.weight` got `requires_grad=False`"),
     (lambda module: module.net[1].eval(), "`net.1` was put in eval mode"),
     (lambda module: setattr(module, "target_shift", torch.ones(1)), "assigns a new tensor to the buffer"),
+    (lambda module: setattr(module.net[1], "running_mean", torch.zeros(32)),
+     "buffer `net.1.running_mean` was assigned a new tensor"),
     (lambda module: setattr(module.net[0].weight, "data", module.net[0].weight.detach() * 0.5),
      "parameter `net.0.weight` got new memory"),
 ], ids=["freezes the first layer", "puts batch norm in eval mode", "assigns a new tensor to a buffer",
-        "assigns a parameter's .data anew"])
+        "resets batch norm's statistics", "assigns a parameter's .data anew"])
 def test_modules_changed_in_the_middle_of_an_epoch_are_captured_anew(replaying, change, reason):
     eager, graphed = both(ShiftedTargets, max_epochs=3, extra_callbacks=lambda: [AtStep(change)])
     assert_same(eager, graphed)
@@ -766,7 +768,7 @@ def test_a_buffer_the_step_reads_assigned_anew_after_every_step_trains_eagerly_w
     eager, graphed = both(lambda: AveragesTheLossInABuffer(read_in_step=True), max_epochs=2)
     assert_same(eager, graphed)
     (warning,) = graphed.warnings
-    assert "assigns a new tensor to the buffer `AveragesTheLossInABuffer.loss_average` (update it in place" in warning
+    assert "assigns a new tensor to the buffer `AveragesTheLossInABuffer.loss_average` since the capture (update a buffer in place" in warning
 
 
 def test_a_buffer_the_step_does_not_read_may_be_assigned_anew_after_every_step(replaying):
