@@ -215,7 +215,7 @@ class GraphStats:
 
 
 class _InputsShareMemory(Exception):
-    """Raised inside a capture: the step writes an input whose memory other inputs share."""
+    """Why a capture was given up: the step writes an input whose memory another input shares."""
 
 
 class CaptureFailed(Exception):
@@ -445,7 +445,7 @@ class GraphedStep:
         # capture: while a graph holds the pool, the next capture may share it
         self._retired: list[CapturedGraph] = []
         self._warmed: list[BatchSignature] = []  # signatures that ran a warm-up step, newest last
-        self._structure: ModuleStructure | None = None  # modules' parameters, buffers, modes and flags at capture
+        self._structure: ModuleStructure | None = None  # modules' parameters, modes and flags at capture
         self._structure_check_due = False
         self._stepped: set[int] = set()  # optimizers that took an eager step since the last structural change
         self._stepped_structure: tuple | None = None  # modules' and optimizers' structure at that step
@@ -599,7 +599,8 @@ class GraphedStep:
             return reason, False
         changed = self._reads.changed()
         if changed is not None:  # a value the step read, changed by a hook or a callback since
-            advice = " (update a buffer in place, `buf.copy_(value)`, to keep replaying)" if "buffer" in changed else ""
+            advice = " (update a buffer in place, `buf.copy_(value)`, to keep replaying)" \
+                if "to the buffer `" in changed else ""
             return f"code outside {self.what} {changed} since the capture{advice}", True
         change = self._structure.change() if self._structure is not None else None
         if change is not None:

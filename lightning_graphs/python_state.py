@@ -223,7 +223,7 @@ def _with_submodules(objects: Iterable[tuple[str, Any]]) -> Iterable[tuple[str, 
 
 
 def _attributes(obj: Any) -> dict[str, Any]:
-    """A copy of ``obj``'s instance attributes, or ``{}`` where it has none it gives up."""
+    """A copy of ``obj``'s instance attributes, or ``{}`` where it has none (or its ``__dict__`` raises)."""
     try:
         return dict(vars(obj))
     except Exception:  # no __dict__, or one that raises
@@ -773,9 +773,15 @@ class StepReads:
         read ``_buffers``: ``named_buffers()``, ``state_dict()``): a graph reads the
         tensor it was captured with. Whether ``name`` was one."""
         buffers = obj.__dict__.get("_buffers") if isinstance(obj, torch.nn.Module) else None
-        if not buffers or (name not in buffers or name in obj.__dict__) and name != "_buffers":
+        if not buffers:
             return False
-        for read in (list(buffers) if name == "_buffers" else [name]):
+        if name == "_buffers":
+            names = list(buffers)
+        elif name in buffers and name not in obj.__dict__:
+            names = [name]
+        else:
+            return False
+        for read in names:
             self._read[(id(obj), read)] = (obj, read, ("buffer",), buffers[read])
         return True
 
