@@ -140,6 +140,9 @@ class CapturedGraph:
     # whether the step replaces the gradients (it calls the optimizer's zero_grad, as
     # Lightning's steps do) rather than adding to them (a micro-step of gradient accumulation)
     replaces_grads: bool = True
+    # a step that replaces them only because none existed when it was captured (it adds to
+    # gradients, but there were none): replayed only where there are none again
+    needs_no_grads: bool = False
     # for a step that adds to them: the gradient tensors it reads (p.grad when captured;
     # out-of-place accumulation writes others)
     grads_in: list[torch.Tensor | None] = field(default_factory=list)
@@ -423,7 +426,7 @@ class GraphedStep:
         self._watch = watch + [(type(m).__name__, m) for m in self._modules if id(m) not in watched]
         self._watch += [(type(o.optimizer).__name__, o.optimizer) for o in self._optimizers]
         self._follow = [pair for pair in follow if all(pair[1] is not obj for _, obj in self._watch)]
-        self._params = self._optimized_params()
+        self._params = self._gradient_params()
         # what the captured steps read, checked before every replay (not the optimizers and scalers, which
         # the step manages itself: their attributes are stood in for while capturing)
         managed = {id(o.optimizer) for o in self._optimizers} | {id(s) for s in self._grad_scalers}
@@ -566,6 +569,11 @@ class GraphedStep:
     def _cannot_continue(self, captured: CapturedGraph) -> str | None:
         """Why a graph that adds to the gradients cannot take over the ones held now, if so."""
         if captured.replaces_grads:
+            if captured.needs_no_grads and any(p.grad is not None for p in self._params):
+                return (
+                    "gradients from earlier calls are held, to which this step adds its own, but it was captured "
+                    "without any (zero them with `zero_grad(set_to_none=True)`, inside the step or before each call)"
+                )
             return None
         if tuple(p.grad is not None for p in self._params) != captured.grads_before:
             return (
@@ -677,7 +685,7 @@ class GraphedStep:
 
     def _capture(self, plan: StepPlan, fn: Callable[[Any], Any]) -> Any:
         signature = plan.signature
-        self._params = self._optimized_params()  # param groups may have been added since the last capture
+        self._params = self._gradient_params()  # param groups may have been added since the last capture
         held = self._signatures_held()
         if not any(seen == signature for seen in held) and len(held) >= self.max_graphs:
             self._evict(held[0])
@@ -767,6 +775,7 @@ class GraphedStep:
             memory_bytes=max(torch.cuda.memory_reserved(self._device) - reserved, 0), variant=plan.variant,
             grads_before=tuple(g is not None for g in saved_grads),
             replaces_grads=replaces,
+            needs_no_grads=replaces and not zeroed,
             grads_in=[] if replaces else saved_grads,
         )
         self._graphs.append(captured)
@@ -1026,8 +1035,17 @@ class GraphedStep:
 
     # -- helpers ----------------------------------------------------------------
 
-    def _optimized_params(self) -> list[torch.Tensor]:
-        return [p for o in self._optimizers for g in o.optimizer.param_groups for p in g["params"]]
+    def _gradient_params(self) -> list[torch.Tensor]:
+        """The parameters whose gradients a step may write: the optimizers' and the
+        modules' that require them (a micro-step whose optimizer is stepped outside)."""
+        params = [p for o in self._optimizers for g in o.optimizer.param_groups for p in g["params"]]
+        held = {id(p) for p in params}
+        for root in self._modules:
+            for p in root.parameters():
+                if p.requires_grad and id(p) not in held:
+                    held.add(id(p))
+                    params.append(p)
+        return params
 
     def _watching_steps(self, fn: Callable[[], Any]) -> Any:
         """Run an eager step, noting which optimizers stepped and whether that breaks

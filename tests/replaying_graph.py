@@ -43,7 +43,7 @@ class _Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.ops.aten._local_scalar_dense.default:
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default):
             raise RuntimeError("operation not permitted when stream is capturing (a host read)")
         for tensor in _tensor_arguments(args, kwargs):
             storage = tensor.untyped_storage()
@@ -51,9 +51,11 @@ class _Recorder(TorchDispatchMode):
             if pointer not in self.created and pointer not in self.saved:
                 self.saved[pointer] = (storage, storage.clone())
         out = func(*args, **kwargs)
-        for tensor in _copied_outputs(func, out):
-            self.created.add(tensor.untyped_storage().data_ptr())
-        self.ops.append((func, args, kwargs, out))
+        fresh = _fresh_positions(func, args, kwargs, out)
+        outputs = _flat_outputs(func, out)
+        for position in fresh:
+            self.created.add(outputs[position].untyped_storage().data_ptr())
+        self.ops.append((func, args, kwargs, out, fresh))
         return out
 
     def undo(self) -> None:
@@ -61,17 +63,24 @@ class _Recorder(TorchDispatchMode):
             storage.copy_(before)
 
 
-def _copied_outputs(func: Any, out: Any) -> list[torch.Tensor]:
-    """The outputs a replay must refresh: new tensors, not aliases of the inputs."""
+def _flat_outputs(func: Any, out: Any) -> list:
+    """An operation's outputs, one entry per tensor (lists of tensors flattened)."""
     returns = func._schema.returns
     outs = out if isinstance(out, (tuple, list)) and len(returns) > 1 else (out,)
-    fresh = []
-    for ret, value in zip(returns, outs):
-        if ret.alias_info is not None:
-            continue  # a view or the input written in place: the replay acts on it directly
-        values = value if isinstance(value, (list, tuple)) else [value]
-        fresh.extend(v for v in values if isinstance(v, torch.Tensor))
-    return fresh
+    flat = []
+    for value in outs:
+        flat.extend(value if isinstance(value, (list, tuple)) else [value])
+    return flat
+
+
+def _fresh_positions(func: Any, args: tuple, kwargs: dict, out: Any) -> list[int]:
+    """Where in :func:`_flat_outputs` the outputs a replay must refresh are: tensors in
+    memory of their own. Not views or inputs written in place, which the replay acts on
+    directly; but an output that may alias its input and did not (``.to(dtype)``,
+    ``reshape`` of a non-contiguous tensor) is new."""
+    inputs = {t.untyped_storage().data_ptr() for t in _tensor_arguments(args, kwargs)}
+    return [i for i, value in enumerate(_flat_outputs(func, out))
+            if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() not in inputs]
 
 
 class ReplayingGraph:
@@ -94,10 +103,12 @@ class ReplayingGraph:
 
     def replay(self) -> None:
         with torch.no_grad():
-            for func, args, kwargs, out in self._ops:
+            for func, args, kwargs, out, fresh in self._ops:
                 again = func(*args, **kwargs)
-                for target, value in zip(_copied_outputs(func, out), _copied_outputs(func, again)):
-                    target.copy_(value)
+                targets, values = _flat_outputs(func, out), _flat_outputs(func, again)
+                for position in fresh:
+                    if targets[position] is not values[position]:
+                        targets[position].copy_(values[position])
 
     def reset(self) -> None:
         self._ops = []

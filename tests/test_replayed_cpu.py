@@ -196,6 +196,40 @@ def test_graphed_step_in_a_plain_loop(graph_api_on_cpu, monkeypatch):
     assert_trained_alike(*runs)
 
 
+def accumulate_by_hand(graphed, optimizer_in_step):
+    """Gradients of a weight over ten calls, zeroed outside the step every few calls (by the
+    optimizer stepped in the step, or by hand around a backward-only micro-step)."""
+    weight = torch.nn.Parameter(torch.ones(3))
+    module = torch.nn.Module()
+    module.weight = weight
+    optimizer = torch.optim.SGD([weight], lr=0.0)  # (the weight stays put: only its gradients change)
+
+    def step(x):
+        (weight * x).sum().backward()
+        if optimizer_in_step:
+            optimizer.step()
+
+    run = GraphedStep(step, optimizers=[optimizer] if optimizer_in_step else [], modules=[module], device="cuda") \
+        if graphed else step
+    gradients = []
+    for index in range(10):
+        if index % 3 == 0:
+            optimizer.zero_grad()  # (set_to_none=True)
+        run(torch.full((3,), float(index + 1)))
+        gradients.append(None if weight.grad is None else float(weight.grad[0]))
+    return gradients, run
+
+
+@pytest.mark.parametrize("optimizer_in_step", [True, False], ids=["optimizer in the step", "backward only"])
+def test_gradients_accumulated_by_hand_outside_the_step_are_added_to(graph_api_on_cpu, monkeypatch,
+                                                                      optimizer_in_step):
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", ReplayingGraph)
+    eager, _ = accumulate_by_hand(False, optimizer_in_step)
+    graphed, step = accumulate_by_hand(True, optimizer_in_step)
+    assert graphed == eager
+    assert step.stats.replays > 0, step.stats.summary()
+
+
 class Oscillators:
     """A simulation as users write one: state and settings on an object, stepped by a method."""
 
