@@ -231,6 +231,37 @@ def test_gradients_accumulated_by_hand_outside_the_step_are_added_to(graph_api_o
     assert step.stats.replays > 0, step.stats.summary()
 
 
+def test_micro_steps_accumulated_by_hand_stay_graphed_with_a_graphed_step_for_the_first(graph_api_on_cpu,
+                                                                                          monkeypatch):
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", ReplayingGraph)
+
+    def train(graphed):
+        weight = torch.nn.Parameter(torch.ones(3))
+        module = torch.nn.Module()
+        module.weight = weight
+        optimizer = torch.optim.SGD([weight], lr=0.1)
+
+        def micro_step(x):
+            (weight * x).sum().backward()
+
+        first, rest = ((GraphedStep(micro_step, modules=[module], device="cuda") for _ in range(2)) if graphed
+                       else (micro_step, micro_step))
+        weights = []
+        for index in range(30):
+            (first if index % 3 == 0 else rest)(torch.full((3,), float(index + 1)))
+            if index % 3 == 2:
+                optimizer.step()
+                optimizer.zero_grad()
+            weights.append(weight.detach().clone())
+        return weights, (first, rest)
+
+    eager, _ = train(False)
+    graphed, steps = train(True)
+    for a, b in zip(graphed, eager):
+        torch.testing.assert_close(a, b)
+    assert all(step.stats.replays > 0 and step.stats.eager_steps == 0 for step in steps)
+
+
 class Oscillators:
     """A simulation as users write one: state and settings on an object, stepped by a method."""
 
