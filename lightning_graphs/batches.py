@@ -244,6 +244,15 @@ def _describe_leaf(spec: Any, other: Any = None) -> str:
     return f"value {spec!r}"
 
 
+def differs_in_a_tensor(expected: BatchSignature, got: BatchSignature) -> bool:
+    """Whether the first difference between two signatures is one of a tensor (its
+    shape, say: a ragged last batch), not of a value that is not a tensor."""
+    if expected.tree != got.tree:
+        return False
+    first = next(((a, b) for a, b in zip(expected.specs, got.specs) if a != b), None)
+    return first is not None and _is_tensor_spec(first[0]) and _is_tensor_spec(first[1])
+
+
 def describe_mismatch(expected: BatchSignature, got: BatchSignature, root: str = "batch") -> str:
     """One sentence naming the first difference between two signatures."""
     if expected.tree != got.tree:

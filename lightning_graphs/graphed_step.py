@@ -64,7 +64,14 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from lightning_graphs.amp import graph_safe_grad_scalers, scaler_of
-from lightning_graphs.batches import BatchSignature, StaticBatch, clone_tensors, describe_mismatch, signature_of
+from lightning_graphs.batches import (
+    BatchSignature,
+    StaticBatch,
+    clone_tensors,
+    describe_mismatch,
+    differs_in_a_tensor,
+    signature_of,
+)
 from lightning_graphs.capture_errors import explain_capture_error
 from lightning_graphs.compiled import is_recompile_refusal, no_compilation
 from lightning_graphs.messages import GraphCaptureError, WarnOnce
@@ -162,7 +169,8 @@ class StepPlan:
     reason: str | None = None
     graph: CapturedGraph | None = None
     variant: Any = None
-    other_signature: bool = False  # eager because the inputs differ from those the graphs held were captured for
+    # eager because a tensor of the inputs differs from those the graphs held were captured for (a ragged batch)
+    other_signature: bool = False
 
 
 @dataclass
@@ -525,14 +533,14 @@ class GraphedStep:
             if self.max_graphs == 1:
                 return StepPlan(
                     Action.EAGER, signature, describe_mismatch(newest, signature, self.input_name),
-                    other_signature=True,
+                    other_signature=differs_in_a_tensor(newest, signature),
                 )
             if self._short_evictions >= _MAX_SHORT_LIVED:
                 return StepPlan(
                     Action.EAGER, signature,
                     f"{describe_mismatch(newest, signature, self.input_name)}; more {self.input_name} signatures "
                     f"recur than max_graphs={self.max_graphs} holds",
-                    other_signature=True,
+                    other_signature=differs_in_a_tensor(newest, signature),
                 )
             if not warmed:
                 return StepPlan(Action.WARMUP, signature, variant=variant)  # one eager step of it before capturing

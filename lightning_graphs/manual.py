@@ -243,7 +243,7 @@ class ManualSteps:
             return outputs
         if plan.action is Action.CAPTURE:
             return self._capture(plan, kwargs, batch_idx)
-        engine.warn_fallback(plan, self._advice)
+        engine.warn_fallback(plan, self._advice if plan.other_signature else "")
         return engine.eager(lambda: self._run(kwargs), plan.reason)
 
     def _watched(self, calls: _StepCalls, kwargs: OrderedDict) -> dict:

@@ -4,7 +4,15 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from lightning_graphs.batches import StaticBatch, clone_tensors, describe_mismatch, flatten, signature_of, unflatten
+from lightning_graphs.batches import (
+    StaticBatch,
+    clone_tensors,
+    describe_mismatch,
+    differs_in_a_tensor,
+    flatten,
+    signature_of,
+    unflatten,
+)
 
 Pair = namedtuple("Pair", ["x", "y"])
 
@@ -159,3 +167,12 @@ def test_an_expanded_batch_gets_a_contiguous_copy():
     static = StaticBatch(signature_of((expanded,)))
     torch.testing.assert_close(static.value[0], expanded)
     assert static.value[0].is_contiguous()
+
+
+def test_a_ragged_batch_differs_in_a_tensor_and_another_id_does_not():
+    full = signature_of(({"x": torch.ones(8, 3), "ids": [0, 1]},))
+    ragged = signature_of(({"x": torch.ones(5, 3), "ids": [0, 1]},))
+    other_ids = signature_of(({"x": torch.ones(8, 3), "ids": [2, 3]},))
+    assert differs_in_a_tensor(full, ragged)
+    assert not differs_in_a_tensor(full, other_ids)
+    assert not differs_in_a_tensor(full, signature_of((torch.ones(8, 3),)))  # another structure
