@@ -140,9 +140,10 @@ class CapturedGraph:
     graph: torch.cuda.CUDAGraph
     static: StaticBatch
     outputs: Any
-    grads: list[torch.Tensor | None]  # p.grad as this graph writes them
+    grads: list[torch.Tensor | None]  # p.grad of `params` as this graph writes them
     memory_bytes: int  # device memory the pool grew by when it was captured
     variant: Any = None  # see GraphedStep.plan
+    params: list[torch.Tensor] = field(default_factory=list)  # the parameters whose gradients it writes
     grads_before: tuple[bool, ...] = ()  # which parameters had gradients when it was captured
     # whether the step replaces the gradients (it calls the optimizer's zero_grad, as
     # Lightning's steps do) rather than adding to them (a micro-step of gradient accumulation)
@@ -577,13 +578,13 @@ class GraphedStep:
     def _cannot_continue(self, captured: CapturedGraph) -> str | None:
         """Why a graph that adds to the gradients cannot take over the ones held now, if so."""
         if captured.replaces_grads:
-            if captured.needs_no_grads and any(p.grad is not None for p in self._params):
+            if captured.needs_no_grads and any(p.grad is not None for p in captured.params):
                 return (
                     "gradients from earlier calls are held, to which this step adds its own, but it was captured "
                     "without any (zero them with `zero_grad(set_to_none=True)`, inside the step or before each call)"
                 )
             return None
-        if tuple(p.grad is not None for p in self._params) != captured.grads_before:
+        if tuple(p.grad is not None for p in captured.params) != captured.grads_before:
             return (
                 "the parameters holding gradients differ from those when this accumulating step was captured "
                 "(a parameter some batches do not use)"
@@ -701,6 +702,7 @@ class GraphedStep:
             self._retire(self._graphs[0])  # variants no longer in use (an accumulation factor changed)
         static = StaticBatch(signature)
         saved_grads = [p.grad for p in self._params]
+        grad_versions = [g._version if g is not None else None for g in saved_grads]
         # flags the step may flip and flip back (toggling optimizers): put back if it fails midway
         saved_flags = [(p, p.requires_grad) for module in self._modules for p in module.parameters()]
         stream = self._side_stream()
@@ -777,14 +779,24 @@ class GraphedStep:
         problems.append(self._side_effects(before, hyperparameters=False))
         self.stats.capture_seconds += time.perf_counter() - started
         zeroed = any(optimizer.zeroed_in_capture for optimizer in self._optimizers)
-        replaces = zeroed or not any(g is not None for g in saved_grads)
+        # the gradients this graph writes: the optimizers' parameters', and those of the modules' other
+        # parameters whose gradients the step made or added to (a backward-only micro-step; not an
+        # evaluation step, which leaves them as they are)
+        optimized = len(self._optimized_params())
+        written = [
+            i for i, (p, grad, version) in enumerate(zip(self._params, saved_grads, grad_versions))
+            if i < optimized or p.grad is not grad or (grad is not None and grad._version != version)
+        ]
+        params, before = [self._params[i] for i in written], [saved_grads[i] for i in written]
+        replaces = zeroed or not any(g is not None for g in before)
         captured = CapturedGraph(
-            signature, graph, static, outputs, [p.grad for p in self._params],
+            signature, graph, static, outputs, [p.grad for p in params],
             memory_bytes=max(torch.cuda.memory_reserved(self._device) - reserved, 0), variant=plan.variant,
-            grads_before=tuple(g is not None for g in saved_grads),
+            params=params,
+            grads_before=tuple(g is not None for g in before),
             replaces_grads=replaces,
-            needs_no_grads=replaces and not zeroed,
-            grads_in=[] if replaces else saved_grads,
+            needs_no_grads=replaces and not zeroed and bool(params),
+            grads_in=[] if replaces else before,
         )
         self._graphs.append(captured)
         plan.graph = captured
@@ -872,12 +884,12 @@ class GraphedStep:
         captured.static.copy_from(signature)
         for optimizer in self._optimizers:
             optimizer.sync_live()
-        for p, read in zip(self._params, captured.grads_in):
+        for p, read in zip(captured.params, captured.grads_in):
             # a step that adds to the gradients continues from the current ones (left by an
             # eager step or another graph); `_cannot_continue` checked that they exist
             if read is not None and p.grad is not read:
                 read.copy_(p.grad)
-        for p, grad in zip(self._params, captured.grads):
+        for p, grad in zip(captured.params, captured.grads):
             if p.grad is not grad:
                 p.grad = grad  # what this graph writes
         self._metrics.bring_home()  # metric states rebound since (eager steps, resets) go where the graph reads
@@ -1043,10 +1055,13 @@ class GraphedStep:
 
     # -- helpers ----------------------------------------------------------------
 
+    def _optimized_params(self) -> list[torch.Tensor]:
+        return [p for o in self._optimizers for g in o.optimizer.param_groups for p in g["params"]]
+
     def _gradient_params(self) -> list[torch.Tensor]:
-        """The parameters whose gradients a step may write: the optimizers' and the
-        modules' that require them (a micro-step whose optimizer is stepped outside)."""
-        params = [p for o in self._optimizers for g in o.optimizer.param_groups for p in g["params"]]
+        """The parameters whose gradients a step may write: the optimizers' (first) and
+        the modules' that require them (a micro-step whose optimizer is stepped outside)."""
+        params = self._optimized_params()
         held = {id(p) for p in params}
         for root in self._modules:
             for p in root.parameters():

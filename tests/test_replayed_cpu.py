@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import random
 import types
+import warnings
 
 import lightning.pytorch as pl
 import numpy as np
@@ -260,6 +261,22 @@ def test_micro_steps_accumulated_by_hand_stay_graphed_with_a_graphed_step_for_th
     for a, b in zip(graphed, eager):
         torch.testing.assert_close(a, b)
     assert all(step.stats.replays > 0 and step.stats.eager_steps == 0 for step in steps)
+
+
+def test_a_step_that_writes_no_gradients_leaves_those_held_alone(graph_api_on_cpu, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", ReplayingGraph)
+    model = torch.nn.Linear(3, 1)
+    predict = GraphedStep(lambda x: model(x).detach(), warmup_steps=1, modules=[model], device="cuda")
+    model(torch.ones(2, 3)).sum().backward()  # gradients a training loop holds between its own steps
+    held = model.weight.grad
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GraphWarning)
+        for index in range(6):
+            if index == 4:
+                model.zero_grad()  # (set_to_none=True)
+            predict(torch.full((2, 3), float(index)))
+            assert model.weight.grad is (held if index < 4 else None)
+    assert predict.stats.replays == 4, predict.stats.summary()
 
 
 class Oscillators:
