@@ -787,16 +787,16 @@ class GraphedStep:
             i for i, (p, grad, version) in enumerate(zip(self._params, saved_grads, grad_versions))
             if i < optimized or p.grad is not grad or (grad is not None and grad._version != version)
         ]
-        params, before = [self._params[i] for i in written], [saved_grads[i] for i in written]
-        replaces = zeroed or not any(g is not None for g in before)
+        params, held = [self._params[i] for i in written], [saved_grads[i] for i in written]
+        replaces = zeroed or not any(g is not None for g in held)
         captured = CapturedGraph(
             signature, graph, static, outputs, [p.grad for p in params],
             memory_bytes=max(torch.cuda.memory_reserved(self._device) - reserved, 0), variant=plan.variant,
             params=params,
-            grads_before=tuple(g is not None for g in before),
+            grads_before=tuple(g is not None for g in held),
             replaces_grads=replaces,
             needs_no_grads=replaces and not zeroed and bool(params),
-            grads_in=[] if replaces else before,
+            grads_in=[] if replaces else held,
         )
         self._graphs.append(captured)
         plan.graph = captured
