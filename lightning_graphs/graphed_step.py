@@ -76,7 +76,7 @@ from lightning_graphs.capture_errors import explain_capture_error
 from lightning_graphs.compiled import is_recompile_refusal, no_compilation
 from lightning_graphs.messages import GraphCaptureError, WarnOnce
 from lightning_graphs.metrics import InStepMetrics, MetricUpdate
-from lightning_graphs.module_structure import STRUCTURE_CHANGED, ModuleStructure, parameters_key, structure_key
+from lightning_graphs.module_structure import STRUCTURE_CHANGED, ModuleStructure, parameters_key
 from lightning_graphs.optimizers import GraphSafeOptimizer
 from lightning_graphs.python_state import (
     StateFingerprint,
@@ -545,7 +545,7 @@ class GraphedStep:
                 )
             if not warmed:
                 return StepPlan(Action.WARMUP, signature, variant=variant)  # one eager step of it before capturing
-        if self._structure is not None and self._structure.key != self._structure_key():
+        if self._structure is not None and self._structure.differs():
             self._drop_graphs(STRUCTURE_CHANGED)  # graphs held share the structure they were captured with
             if self.phase is Phase.DISABLED:
                 return StepPlan(Action.EAGER, signature, "graphs disabled")
@@ -624,7 +624,7 @@ class GraphedStep:
             return change, True
         if self._structure_check_due:
             self._structure_check_due = False
-            if self._structure is not None and self._structure.key != self._structure_key():
+            if self._structure is not None and self._structure.differs():
                 return STRUCTURE_CHANGED, True
             if self._captured_state is not None:
                 changes = self._captured_state.changes(self._fingerprint(), True)
@@ -633,9 +633,6 @@ class GraphedStep:
                     # baked into the graphs: warm up with the new value, then capture again
                     return f"code outside {self.what} {changes[0]} since the capture", True
         return None, False
-
-    def _structure_key(self) -> tuple:
-        return structure_key(self._modules)
 
     def _find_device(self, signature: BatchSignature) -> bool:
         candidates = [leaf for leaf in signature.leaves if isinstance(leaf, torch.Tensor)]

@@ -58,7 +58,7 @@ class ModuleStructure:
 
     def __init__(self, roots: Sequence[torch.nn.Module]) -> None:
         self._roots = list(roots)
-        self.key = structure_key(self._roots)
+        self._key = structure_key(self._roots)
         named = [(name, m) for root in self._roots for name, m in root.named_modules()]
         self._module_names = [name or type(m).__name__ for name, m in named]
         # `training` is a plain instance attribute (a wrapper forwarding it, as a compiled module does,
@@ -92,6 +92,11 @@ class ModuleStructure:
             module_hooks.register_module_module_registration_hook(note),
         ]
 
+    def differs(self) -> bool:
+        """Whether the whole :func:`structure_key` of the modules differs from the captured one (a walk of
+        every module: for the epoch checks and after an assignment, not for every replay)."""
+        return structure_key(self._roots) != self._key
+
     def _tensor_state_now(self) -> list:
         return [(p.requires_grad, p.data_ptr()) for p in self._params]
 
@@ -99,7 +104,7 @@ class ModuleStructure:
         """What the graph baked in of the modules is different now, as a phrase, or ``None``."""
         if self._assigned:
             self._assigned = False
-            if structure_key(self._roots) != self.key:
+            if self.differs():
                 return self._describe_assignment()
         # (written with map to stay in C: this runs before every replay)
         if not all(map(operator.is_, map(dict.get, self._module_dicts, repeat("training")), self._modes)):
