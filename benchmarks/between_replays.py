@@ -1,21 +1,25 @@
-"""How GPU work between replays changes the speed of a whole-step graph.
+"""How GPU work outside graphs changes the speed of a whole-step graph.
 
     python benchmarks/between_replays.py [--workload rollout] [--variants ...]
 
-Each variant runs in a fresh process: it captures the workload's hand-written
-whole-step graph (AdamW, capturable), times back-to-back replays, then runs 300
-steps (``--between-steps``) that do something between replays, and times
-back-to-back replays again.
-On an H200, a rollout graph that replayed 555 steps/s before a loop that enqueues
-any GPU work between replays outside a graph (a copy on the GPU into the graph's
-inputs, a copy elsewhere, one tiny kernel, on the replaying stream or another)
-replayed about 7% slower afterwards, at the same clocks. The slowdown is the whole
-process's: 30 such steps bring it on (3 do not); a graph captured afterwards, a
-replay on another stream and two idle seconds are as slow. Copies from pinned host
-memory leave it as fast, and so does the same device copy captured in a graph of its
-own. A Lightning step moves its batch to the GPU before the graph's inputs can be
-filled, so this is the speed a graphed Lightning step reaches unless every device
-operation between replays is itself a graph. Needs a CUDA GPU.
+Each variant runs in a fresh process. The ``between`` variants capture the
+workload's hand-written whole-step graph (AdamW, capturable), time back-to-back
+replays, then run 300 steps (``--between-steps``) that do something between
+replays, and time back-to-back replays again. The ``once`` variants do their work a
+single time, at a chosen point, and time the graph after it.
+
+On an H200, a rollout graph that replayed 555 steps/s replays about 7% slower
+(515 to 520) once the process has launched some 30 to 40 kernels, memsets or
+device-to-device copies outside a graph after its first capture: between replays
+or all at once, before the graph's first replay, after the graph was reset and
+captured again, after a one-kernel graph that was never replayed. It stays slow
+for the rest of the process (a graph captured afterwards, replays on another
+stream and idle seconds are as slow), at the same clocks. Three such launches,
+copies from pinned host memory, eager warm-up steps before the first capture, and
+work captured in graphs of its own leave it at 555. A training process loses the
+faster speed at its first few dozen launches outside graphs after a capture (a
+validation pass, an epoch-end metric, Lightning's copy of each logged value), so
+515 is what the same graph replays at in any such process. Needs a CUDA GPU.
 """
 
 from __future__ import annotations
@@ -38,6 +42,18 @@ VARIANTS = {
     "tiny-kernel": "add one to a one-element tensor",
     "tiny-kernel-other-stream": "add one to a one-element tensor on another stream",
     "copy-graph": "replay a graph of its own that copies a batch already on the GPU into the graph's inputs",
+}
+
+# what each variant does once, and when; the graph is timed afterwards
+ONCE = {
+    "3-kernels": "3 tiny kernels in a row, after the graph's replays were timed",
+    "40-kernels": "40 tiny kernels in a row, after the graph's replays were timed",
+    "40-memsets": "40 one-element memsets in a row, after the graph's replays were timed",
+    "5-eager-steps": "5 eager steps of the workload's own model, after the graph's replays were timed",
+    "40-kernels-before-first-replay": "40 tiny kernels between the capture and the first replay",
+    "40-kernels-then-capture-again": "the graph captured, replayed and reset; 40 tiny kernels; the graph captured again",
+    "tiny-graph-then-40-kernels": "a one-kernel graph captured and never replayed, 40 tiny kernels, then the graph captured",
+    "lightning-fit": "a 100-step Lightning fit of the workload with CUDAGraphCallback, after the graph's replays were timed",
 }
 
 
@@ -79,21 +95,87 @@ def measure(workload_name: str, variant: str, between_steps: int = 300) -> tuple
         elif variant == "copy-graph":
             copy_graph.replay()
 
-    def window(steps: int = 200) -> float:
-        torch.cuda.synchronize()
-        started = time.perf_counter()
-        for _ in range(steps):
-            graph.replay()
-        torch.cuda.synchronize()
-        return steps / (time.perf_counter() - started)
-
-    before = [window() for _ in range(3)]
+    before = [_window(graph) for _ in range(3)]
     with torch.no_grad():
         for index in range(between_steps):
             between(index)
             graph.replay()
     torch.cuda.synchronize()
-    return before, [window() for _ in range(3)]
+    return before, [_window(graph) for _ in range(3)]
+
+
+def measure_once(workload_name: str, variant: str) -> tuple[list[float], list[float]]:
+    """Steps/s of back-to-back replays before (where the variant allows) and after its one-off work."""
+    import torch
+
+    from benchmarks.workloads import WORKLOADS, hand_written_graph
+
+    workload = WORKLOADS[workload_name]()
+    static = tuple(t.cuda() for t in workload.batches(pin=True)[0])
+    tiny = torch.zeros(1, device="cuda")
+
+    def kernels(count: int) -> None:
+        for _ in range(count):
+            tiny.add_(1)
+
+    before: list[float] = []
+    if variant == "tiny-graph-then-40-kernels":
+        small = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(small):
+            tiny.mul_(1)
+        kernels(40)
+    graph, *held = hand_written_graph(workload, static)  # (held: the model and optimizer the graph uses)
+    if variant == "40-kernels-before-first-replay":
+        kernels(40)
+    elif variant == "40-kernels-then-capture-again":
+        graph.replay()
+        torch.cuda.synchronize()
+        graph.reset()
+        del graph, held
+        torch.cuda.empty_cache()
+        kernels(40)
+        graph, *held = hand_written_graph(workload, static)
+    elif variant in ("3-kernels", "40-kernels", "40-memsets", "5-eager-steps", "lightning-fit"):
+        before = [_window(graph) for _ in range(3)]
+        if variant == "lightning-fit":
+            _fit_with_callback(workload, steps=100)
+        elif variant == "40-memsets":
+            for _ in range(40):
+                tiny.zero_()
+        elif variant == "5-eager-steps":
+            model = workload.make_model().cuda()
+            optimizer = torch.optim.AdamW(model.parameters(), lr=workload.lr)
+            for _ in range(5):
+                optimizer.zero_grad()
+                workload.loss(model, static).backward()
+                optimizer.step()
+        else:
+            kernels(int(variant.split("-")[0]))
+    return before, [_window(graph) for _ in range(3)]
+
+
+def _fit_with_callback(workload, steps: int) -> None:
+    import lightning.pytorch as pl
+
+    from benchmarks.workloads import WorkloadModule, loader
+    from lightning_graphs import CUDAGraphCallback
+
+    trainer = pl.Trainer(accelerator="gpu", devices=1, max_steps=steps, logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, enable_model_summary=False,
+                         callbacks=[CUDAGraphCallback(verbose=False)])
+    trainer.fit(WorkloadModule(workload), train_dataloaders=loader(workload, steps, pin=True))
+
+
+def _window(graph, steps: int = 200) -> float:
+    """Steps/s of ``steps`` back-to-back replays of ``graph``."""
+    import torch
+
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(steps):
+        graph.replay()
+    torch.cuda.synchronize()
+    return steps / (time.perf_counter() - started)
 
 
 def _copy_graph(targets, sources):
@@ -116,22 +198,27 @@ def _copy_graph(targets, sources):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workload", default="rollout")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS) + list(ONCE),
+                        choices=list(VARIANTS) + list(ONCE))
     parser.add_argument("--between-steps", type=int, default=300, help="steps doing the variant's work (default 300)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        before, after = measure(args.workload, args.variants[0], args.between_steps)
-        print(" ".join(f"{v:.0f}" for v in before), "|", " ".join(f"{v:.0f}" for v in after), flush=True)
+        variant = args.variants[0]
+        if variant in ONCE:
+            before, after = measure_once(args.workload, variant)
+        else:
+            before, after = measure(args.workload, variant, args.between_steps)
+        print(" ".join(f"{v:.0f}" for v in before) or "-", "|", " ".join(f"{v:.0f}" for v in after), flush=True)
         return 0
-    print(f"{args.workload}: steps/s of back-to-back replays (three windows of 200), "
-          f"before | after {args.between_steps} steps of")
+    print(f"{args.workload}: steps/s of back-to-back replays (three windows of 200), before | after "
+          f"{args.between_steps} steps of (between variants) or the work done once")
     for variant in args.variants:
         done = subprocess.run([sys.executable, __file__, "--worker", "--workload", args.workload, "--variants", variant,
                                "--between-steps", str(args.between_steps)],
                               capture_output=True, text=True)
         result = done.stdout.strip().splitlines()[-1] if done.returncode == 0 and done.stdout.strip() else "failed"
-        print(f"  {variant:18s} {result:28s} ({VARIANTS[variant]})", flush=True)
+        print(f"  {variant:30s} {result:28s} ({VARIANTS.get(variant) or ONCE[variant]})", flush=True)
         if result == "failed":
             print("\n".join(done.stderr.strip().splitlines()[-5:]))
     return 0
