@@ -98,6 +98,19 @@ def _operation(line: str, exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
+def _own_generator(exc: BaseException) -> bool:
+    """Whether ``exc`` is PyTorch refusing a draw from a CUDA generator the graph does
+    not manage (one the user made: ``torch.Generator(device="cuda")``)."""
+    text = str(exc).lower()
+    return "generator" in text and ("capture" in text or "graph" in text)
+
+
+_GENERATOR_ADVICE = (
+    "A CUDA graph replays fresh random numbers only from PyTorch's default CUDA generator; draw from it "
+    "(leave out `generator=` and seed with `torch.manual_seed`) for the step to be graphed."
+)
+
+
 def explain_capture_error(
     exc: BaseException, what: str = "the training step", batch_end_hook: str = "on_train_batch_end"
 ) -> str:
@@ -109,6 +122,11 @@ def explain_capture_error(
     if frame is not None:
         line = (frame.line or linecache.getline(frame.filename, frame.lineno)).strip()
         where = f"{os.path.basename(frame.filename)}:{frame.lineno} in `{frame.name}`: `{line}`"
+        if _own_generator(origin):
+            return (
+                f"Could not capture {what} as a CUDA graph: it draws random numbers from a `torch.Generator` of "
+                f"its own, at {where} ({type(origin).__name__}: {first_line}). {_GENERATOR_ADVICE}"
+            )
         operation = _operation(line, origin)
         return (
             f"Could not capture {what} as a CUDA graph: {operation}, at {where} "
@@ -118,6 +136,11 @@ def explain_capture_error(
         )
     raised = _raised_in(origin.__traceback__)
     raised = f", raised in {raised}" if raised else ""
+    if _own_generator(origin):
+        return (
+            f"Could not capture {what} as a CUDA graph: it draws random numbers from a `torch.Generator` of its "
+            f"own ({type(origin).__name__}: {first_line}{raised}). {_GENERATOR_ADVICE}"
+        )
     return (
         f"Could not capture {what} as a CUDA graph ({type(origin).__name__}: {first_line}{raised}). "
         "To find the operation, run one eager step under `torch.cuda.set_sync_debug_mode('error')`, "

@@ -250,6 +250,28 @@ def test_two_graphed_runs_with_one_seed_are_identical():
     graphs_used(second)
 
 
+class NoiseFromItsOwnGenerator(models.Regressor):
+    """Input noise drawn from a generator of the module's own, seeded, as users write
+    reproducible augmentation."""
+
+    def on_fit_start(self):
+        self.noise = torch.Generator(device=self.device).manual_seed(7)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        x = x + 0.1 * torch.randn(x.shape, device=x.device, generator=self.noise)
+        loss = F.mse_loss(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+
+def test_noise_from_a_generator_of_its_own_is_fresh_every_step_or_trained_eagerly_with_a_warning():
+    eager, graphed = both(lambda: NoiseFromItsOwnGenerator("adamw", "lambda"))
+    assert_same(eager, graphed)
+    if graphed.callback.stats.replays == 0:
+        assert any("generator" in w.lower() for w in graphed.warnings), graphed.warnings
+
+
 class ClipsInItsOwnWay(models.Regressor):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         self.clip_gradients(optimizer, gradient_clip_val=0.05, gradient_clip_algorithm="norm")

@@ -84,3 +84,25 @@ def test_user_frame_skips_framework_frames():
     except RuntimeError as error:
         frame = user_frame(error.__traceback__)
     assert frame is not None and frame.filename.endswith("test_capture_errors.py")
+
+
+def test_a_draw_from_a_generator_of_the_users_own_is_named_with_the_fix(tmp_path):
+    exc = _raise_from_user_file(
+        tmp_path,
+        """
+        import torch
+        framework = {}
+        # PyTorch refuses, from inside torch, a draw from a generator the graph does not manage
+        exec(compile(
+            "def randn(*shape, generator=None):\\n"
+            "    raise RuntimeError('Attempt to increase offset for a CUDA generator not in capture mode.')",
+            torch.__file__, "exec"), framework)
+
+        def training_step():
+            noise = framework["randn"](4, generator=object())
+        """,
+    )
+    message = explain_capture_error(exc, "the training step")
+    assert "user_model.py:11" in message and "`torch.Generator` of its own" in message
+    assert "torch.manual_seed" in message and "leave out `generator=`" in message
+    assert "host" not in message  # not the advice for host reads
