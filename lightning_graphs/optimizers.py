@@ -73,6 +73,13 @@ def plan_for(optimizer: torch.optim.Optimizer) -> OptimizerPlan:
         return OptimizerPlan(unsupported="SparseAdam works on sparse gradients, which a graph cannot replay")
     if any(group.get("differentiable") for group in groups):
         return OptimizerPlan(unsupported=f"{name} was built with differentiable=True")
+    tensor_setting = _tensor_setting(groups)
+    if tensor_setting is not None:
+        return OptimizerPlan(
+            unsupported=f"{name}'s {tensor_setting} is a tensor, which schedulers change in place and a captured step "
+            "may have read as a number once (a CPU tensor, or a factor computed from it); give it as a Python "
+            "number (`lr=1e-3`) to graph the step"
+        )
 
     if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
         if adam_step_applies(optimizer):
@@ -104,6 +111,19 @@ def plan_for(optimizer: torch.optim.Optimizer) -> OptimizerPlan:
         return OptimizerPlan(while_capturing={"capturable": True}, scalar_state_on_device=True, rounding=rounding)
 
     return OptimizerPlan()
+
+
+def _tensor_setting(groups: list[dict]) -> str | None:
+    """The first hyper-parameter given as a tensor (``lr=torch.tensor(1e-3)``, tensor
+    ``betas``), as ``param_groups[i]['key']``."""
+    for index, group in enumerate(groups):
+        for key, value in group.items():
+            if key == "params":
+                continue
+            values = value if isinstance(value, (tuple, list)) else (value,)
+            if any(isinstance(v, torch.Tensor) for v in values):
+                return f"param_groups[{index}][{key!r}]"
+    return None
 
 
 def _frozen(value: Any) -> Any:

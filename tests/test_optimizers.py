@@ -47,6 +47,17 @@ def test_lbfgs_is_unsupported_with_a_reason():
     assert plan.unsupported is not None and "closure" in plan.unsupported
 
 
+@pytest.mark.parametrize("make", [
+    lambda params: torch.optim.AdamW(params, lr=torch.tensor(1e-2), weight_decay=0.5),
+    lambda params: torch.optim.Adam(params, lr=torch.tensor(1e-3)),
+    lambda params: torch.optim.SGD(params, lr=torch.tensor(0.1), momentum=0.9),
+])
+def test_a_tensor_learning_rate_is_unsupported_naming_it_and_the_fix(make):
+    plan = plan_for(make(_params()))
+    assert plan.unsupported is not None
+    assert "param_groups[0]['lr'] is a tensor" in plan.unsupported and "`lr=1e-3`" in plan.unsupported
+
+
 def test_enter_capture_swaps_floats_for_tensors_and_exit_restores_them():
     opt = torch.optim.AdamW(_params(), lr=1e-3, betas=(0.9, 0.99))
     _step(opt)

@@ -1209,3 +1209,18 @@ def test_a_graphed_step_follows_what_it_read_without_being_asked(graph_api_on_cp
     graphed, step = simulate(True)
     torch.testing.assert_close(graphed, eager, rtol=1e-6, atol=1e-6)
     assert step.stats.captures == 3 and step.stats.replays > 0, step.stats.summary()
+
+
+class TensorLearningRate(models.Regressor):
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.parameters(), lr=torch.tensor(1e-2), weight_decay=0.5)
+        return [optimizer], [torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.3)]
+
+
+def test_a_tensor_learning_rate_a_scheduler_changes_in_place_trains_eagerly_with_one_warning(replaying):
+    # the decoupled weight decay of a replay used the captured learning rate's factor
+    eager, graphed = both(TensorLearningRate, max_epochs=3)
+    assert_same(eager, graphed)
+    assert graphed.callback.stats.replays == 0, graphed.callback.stats.summary()
+    (warning,) = [w for w in graphed.warnings if "is a tensor" in w]
+    assert "param_groups[0]['lr']" in warning
