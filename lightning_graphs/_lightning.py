@@ -237,19 +237,22 @@ def count_replayed_step(trainer: pl.Trainer, batch_idx: int) -> None:
         progress.step.increment_completed()
 
 
-def step_variant(trainer: pl.Trainer, batch_idx: int) -> tuple[int, bool, bool, bool] | None:
+def step_variant(trainer: pl.Trainer, batch_idx: int) -> tuple:
     """What tells apart the programs ``run`` executes for batches of one signature.
 
-    With gradient accumulation a micro-step zeroes the gradients (the first of a
-    cycle) or not, steps the optimizer (the last of a cycle, or the epoch's last
-    batch) or not, and divides the loss by the cycle length (which a
+    The Trainer's clipping settings ``(gradient_clip_val, gradient_clip_algorithm)``,
+    which Lightning reads inside the step and a callback may change between steps.
+    With gradient accumulation, before them: a micro-step zeroes the gradients (the
+    first of a cycle) or not, steps the optimizer (the last of a cycle, or the
+    epoch's last batch) or not, and divides the loss by the cycle length (which a
     ``GradientAccumulationScheduler`` changes): ``(every, skip_backward, zeroes,
-    steps)``. ``None`` when every step does both."""
+    steps)``."""
     loop = automatic_optimization_loop(trainer)
     every = trainer.accumulate_grad_batches
+    clipping = (trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
     if every == 1 and not loop._skip_backward:
-        return None
-    return every, loop._skip_backward, batch_idx % every == 0, not trainer.fit_loop._should_accumulate()
+        return clipping
+    return (every, loop._skip_backward, batch_idx % every == 0, not trainer.fit_loop._should_accumulate()) + clipping
 
 
 # DDP samples runtime statistics (timed with CUDA events, read on the host) in its

@@ -1224,3 +1224,17 @@ def test_a_tensor_learning_rate_a_scheduler_changes_in_place_trains_eagerly_with
     assert graphed.callback.stats.replays == 0, graphed.callback.stats.summary()
     (warning,) = [w for w in graphed.warnings if "is a tensor" in w]
     assert "param_groups[0]['lr']" in warning
+
+
+class ClippingTightenedEachEpoch(pl.Callback):
+    def on_train_epoch_start(self, trainer, pl_module):
+        trainer.gradient_clip_val = [0.5, 0.05, 0.01][trainer.current_epoch]
+        trainer.gradient_clip_algorithm = ["norm", "norm", "value"][trainer.current_epoch]
+
+
+def test_trainer_clipping_a_callback_changes_between_epochs_is_captured_anew(replaying):
+    eager, graphed = both(lambda: models.Regressor("adamw", "lambda"), max_epochs=3, gradient_clip_val=0.5,
+                          extra_callbacks=lambda: [ClippingTightenedEachEpoch()])
+    assert_same(eager, graphed)
+    stats = graphed.callback.stats
+    assert stats.captures >= 3 and stats.replays > 0 and stats.disabled_reason is None, stats.summary()
