@@ -27,7 +27,7 @@ from lightning_graphs.python_state import framework_module
 
 __all__ = ["ModuleStructure", "STRUCTURE_CHANGED", "structure_key", "parameters_key"]
 
-STRUCTURE_CHANGED = "a parameter, a train/eval mode, a requires_grad flag or a torchmetrics metric changed"
+STRUCTURE_CHANGED = "a parameter, a submodule, a train/eval mode, a requires_grad flag or a torchmetrics metric changed"
 
 
 def structure_key(roots: Sequence[torch.nn.Module]) -> tuple:
@@ -36,7 +36,7 @@ def structure_key(roots: Sequence[torch.nn.Module]) -> tuple:
     return (
         tuple(m.training for m in modules),
         tuple((id(p), p.data_ptr(), p.requires_grad) for root in roots for p in root.parameters()),
-        tuple(id(m) for m in modules if is_metric(m)),  # a metric replaced by a new one
+        tuple(id(m) for m in modules),  # a submodule (an activation, a loss, a metric) replaced by another
     )
 
 

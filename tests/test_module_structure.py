@@ -83,3 +83,11 @@ def test_a_graphed_step_removes_its_hooks_when_it_gives_up_graphs(graph_api_on_c
     with pytest.warns(GraphWarning, match="given up"):
         step.disable("given up")
     assert _registration_hooks() == before
+
+
+def test_a_submodule_without_parameters_swapped_for_another_is_noticed():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    structure = ModuleStructure([model])
+    model[1] = torch.nn.Sigmoid()  # no parameters, no mode or attribute of its own that differs
+    assert structure.change() == "submodule `1` was replaced or added"
+    structure.close()
