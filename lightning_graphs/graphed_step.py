@@ -85,6 +85,7 @@ from lightning_graphs.python_state import (
     host_random_state,
     what_fn_reads,
 )
+from lightning_graphs.step_reach import optimizers_stepped, scaler_not_given, scheduler_counts, stepped_scheduler
 
 __all__ = [
     "GraphedStep", "Phase", "Action", "StepPlan", "GraphStats", "CapturedGraph", "CaptureFailed", "CaptureDeferred",
@@ -430,7 +431,8 @@ class GraphedStep:
                 scalers.append(found)
         self._grad_scalers = scalers
         watch, follow = _labelled("watch", watch), _labelled("follow", follow)
-        watch = watch + [pair for pair in what_fn_reads(fn) if all(pair[1] is not obj for _, obj in watch)]
+        self._reach = what_fn_reads(fn)  # what the step function holds: for objects it uses unprepared
+        watch = watch + [pair for pair in self._reach if all(pair[1] is not obj for _, obj in watch)]
         watched = {id(obj) for _, obj in watch}
         self._watch = watch + [(type(m).__name__, m) for m in self._modules if id(m) not in watched]
         self._watch += [(type(o.optimizer).__name__, o.optimizer) for o in self._optimizers]
@@ -460,6 +462,7 @@ class GraphedStep:
         self._structure: ModuleStructure | None = None  # modules' parameters, modes and flags at capture
         self._structure_check_due = False
         self._stepped: set[int] = set()  # optimizers that took an eager step since the last structural change
+        self._stepped_not_given: list[torch.optim.Optimizer] = []  # stepped in the last eager step, not given
         self._stepped_structure: tuple | None = None  # modules' and optimizers' structure at that step
         self._unready_warmups = 0
         self._short_lived = 0  # graphs dropped as stale after a few replays, in a row
@@ -670,7 +673,7 @@ class GraphedStep:
         if plan is not None and plan.signature is not None:
             self._warmed = [seen for seen in self._warmed if seen != plan.signature][-31:] + [plan.signature]
         problem = self._side_effects(before, hyperparameters=check_hyperparameters) if check else None
-        problem = problem or self._host_state()
+        problem = problem or self._host_state() or self._not_given()
         if problem is not None:
             self.disable(problem)
         return outputs
@@ -1068,11 +1071,15 @@ class GraphedStep:
         return params
 
     def _watching_steps(self, fn: Callable[[], Any]) -> Any:
-        """Run an eager step, noting which optimizers stepped and whether that breaks
-        what the graphs held assume."""
+        """Run an eager step, noting which optimizers stepped (those it was given, and
+        any other, see :meth:`_not_given`) and whether that breaks what the graphs held assume."""
+        stepped: list[torch.optim.Optimizer] = []
         with contextlib.ExitStack() as stack:
             taken = [stack.enter_context(optimizer.watching_steps()) for optimizer in self._optimizers]
+            stack.enter_context(optimizers_stepped(stepped))
             outputs = fn()
+        given = {id(optimizer.optimizer) for optimizer in self._optimizers}
+        self._stepped_not_given = [optimizer for optimizer in stepped if id(optimizer) not in given]
         for index, (optimizer, steps) in enumerate(zip(self._optimizers, taken)):
             if steps or steps is None:  # None: no hooks to tell; rely on the warm-up count
                 self._stepped.add(index)
@@ -1095,15 +1102,28 @@ class GraphedStep:
         self._metrics.refresh()  # which metrics' states and counts are the graphs' business
         return StateFingerprint(self._watch, self._ignore)
 
-    def _snapshot(self) -> tuple[StateFingerprint, list, dict, tuple]:
+    def _snapshot(self) -> tuple[StateFingerprint, list, dict, tuple, tuple]:
         return (
             self._fingerprint(),
             [o.hyperparameters() for o in self._optimizers],
             self._metrics.counts(),
             host_random_state(self._watch + self._follow),
+            scheduler_counts(self._reach),
         )
 
-    def _side_effects(self, before: tuple[StateFingerprint, list, dict, tuple] | None,
+    def _not_given(self) -> str | None:
+        """Names an optimizer the last eager step stepped, or a GradScaler the step
+        holds, that the step was not given: a graph would replay them as captured."""
+        if self._stepped_not_given:
+            name = type(self._stepped_not_given[0]).__name__
+            return (
+                f"{self.what} steps a {name} optimizer it was not given: a graph would keep that optimizer's "
+                "learning rate and settings as captured. Give it with the others (return it from "
+                "`configure_optimizers`; `GraphedStep(..., optimizers=[opt])` outside Lightning) to graph the step"
+            )
+        return scaler_not_given(self._reach, self._grad_scalers)
+
+    def _side_effects(self, before: tuple[StateFingerprint, list, dict, tuple, tuple] | None,
                       hyperparameters: bool = True) -> str | None:
         """A sentence naming the first Python side effect of the step, if any.
 
@@ -1111,7 +1131,14 @@ class GraphedStep:
         (their settings for capture differ from the user's on purpose)."""
         if before is None:
             return None
-        fingerprint, hyper, metric_counts, random_state = before
+        fingerprint, hyper, metric_counts, random_state, schedulers = before
+        stepped = stepped_scheduler(schedulers)
+        if stepped is not None:
+            return (
+                f"{self.what} steps the learning-rate scheduler {stepped} each time it runs. A CUDA graph replays "
+                "only the GPU work, so a replay would not step it and the learning rate would stay as captured. "
+                f"Step the scheduler outside {self.what}, after each call"
+            )
         source = host_random_draws(random_state, host_random_state(self._watch + self._follow))
         if source is not None:
             # (the global generators are shared by the process's threads: another one may have drawn)
