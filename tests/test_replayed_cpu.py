@@ -1238,3 +1238,94 @@ def test_trainer_clipping_a_callback_changes_between_epochs_is_captured_anew(rep
     assert_same(eager, graphed)
     stats = graphed.callback.stats
     assert stats.captures >= 3 and stats.replays > 0 and stats.disabled_reason is None, stats.summary()
+
+
+def train_with_what_the_step_holds(graphed, holds):
+    """Twelve calls of a plain-loop step that steps a scheduler, steps an optimizer it
+    was not given, or scales its loss with a GradScaler it was not given."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    optimizer = (torch.optim.SGD if holds == "optimizer" else torch.optim.AdamW)(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=8, gamma=0.1)  # flat through the warm-up
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0) if holds == "scaler" else None
+
+    def step(x, y):
+        optimizer.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        if holds == "scaler":
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        if holds == "scheduler":
+            scheduler.step()
+        return loss.detach()
+
+    given = [] if holds == "optimizer" else [optimizer]
+    run = GraphedStep(step, optimizers=given, modules=[model], device="cuda") if graphed else step
+    generator = torch.Generator().manual_seed(1)
+    losses = []
+    for index in range(12):
+        if holds == "optimizer" and index % 4 == 3:
+            scheduler.step()
+        x, y = torch.randn(8, 4, generator=generator), torch.randn(8, 1, generator=generator)
+        losses.append(float(run(x, y)))
+    return losses, [p.detach().clone() for p in model.parameters()], run
+
+
+@pytest.mark.parametrize("holds, needle", [
+    ("scheduler", "steps the learning-rate scheduler closure variable `scheduler` (StepLR)"),
+    ("optimizer", "steps a SGD optimizer it was not given"),
+    ("scaler", "GradScaler closure variable `scaler`, which was not given as `grad_scaler=`"),
+])
+def test_a_step_using_what_it_was_not_given_trains_eagerly_with_one_warning(graph_api_on_cpu, monkeypatch,
+                                                                           holds, needle):
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", ReplayingGraph)
+    eager_losses, eager_params, _ = train_with_what_the_step_holds(False, holds)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", GraphWarning)
+        losses, params, step = train_with_what_the_step_holds(True, holds)
+    assert losses == eager_losses
+    for a, b in zip(params, eager_params):
+        assert torch.equal(a, b)
+    assert step.stats.replays == 0, step.stats.summary()
+    (warning,) = [str(w.message) for w in caught if issubclass(w.category, GraphWarning)]
+    assert needle in warning
+
+
+class SwapsAParameterFreeModule(models.Regressor):
+    """Switches an activation off, and the loss to L1, from the second epoch: modules without parameters."""
+
+    def __init__(self, when):
+        super().__init__("adamw", "lambda")
+        self.when = when
+        self.loss_fn = torch.nn.MSELoss()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = self.loss_fn(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if self.when == "mid-epoch" and self.current_epoch == 0 and batch_idx == 5:
+            self._swap()
+
+    def on_train_epoch_start(self):
+        if self.when == "epoch start" and self.current_epoch == 1:
+            self._swap()
+
+    def _swap(self):
+        activation = next(i for i, m in enumerate(self.net) if isinstance(m, torch.nn.GELU))
+        self.net[activation] = torch.nn.Identity()
+        self.loss_fn = torch.nn.L1Loss()
+
+
+@pytest.mark.parametrize("when", ["epoch start", "mid-epoch"])
+def test_a_submodule_without_parameters_swapped_by_a_hook_is_captured_anew(replaying, when):
+    eager, graphed = both(lambda: SwapsAParameterFreeModule(when))
+    assert_same(eager, graphed)
+    stats = graphed.callback.stats
+    assert stats.captures >= 3 and stats.replays > 0 and stats.disabled_reason is None, stats.summary()
