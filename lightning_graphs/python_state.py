@@ -327,9 +327,10 @@ def _by_identity(values: Any) -> Any:
 
 def host_random_state(objects: Iterable[tuple[str, Any]] = ()) -> tuple:
     """The state of the host random generators a step might draw from: Python's
-    ``random`` module, NumPy's global generator (when NumPy is loaded), and the
-    generator objects the ``objects`` (and their submodules) hold as attributes (a
-    ``np.random.default_rng()``, a ``random.Random``)."""
+    ``random`` module, NumPy's global generator (when NumPy is loaded), PyTorch's CPU
+    generator (``torch.rand(1)`` without a CUDA device), and the generator objects the
+    ``objects`` (and their submodules) hold as attributes (a ``np.random.default_rng()``,
+    a ``random.Random``, a CPU ``torch.Generator``)."""
     numpy = sys.modules.get("numpy")
     numpy_state = None
     if numpy is not None:
@@ -351,13 +352,20 @@ def host_random_state(objects: Iterable[tuple[str, Any]] = ()) -> tuple:
             if state is not None:
                 views = isinstance(obj, _VariablesView)
                 generators.append((f"{obj._view_label} {name}" if views else f"{label}.{name}", state))
-    return random.getstate(), numpy_state, tuple(generators)
+    return random.getstate(), numpy_state, tuple(generators), _torch_cpu_state(torch.default_generator)
+
+
+def _torch_cpu_state(generator: torch.Generator) -> bytes:
+    """A CPU ``torch.Generator``'s state, comparable with ``==``."""
+    return bytes(generator.get_state().tolist())
 
 
 def _generator_state(value: Any, numpy: Any) -> Any:
     """A host random generator's state, comparable with ``==``; ``None`` for anything else."""
     if isinstance(value, random.Random):
         return value.getstate()
+    if isinstance(value, torch.Generator) and value.device.type == "cpu":
+        return _torch_cpu_state(value)
     if numpy is None:
         return None
     try:
@@ -386,6 +394,8 @@ def host_random_draws(before: tuple, after: tuple) -> str | None:
         return "Python's `random` module"
     if before[1] != after[1]:
         return "NumPy's global generator (`np.random`)"
+    if before[3] != after[3]:
+        return "PyTorch's CPU generator (`torch.rand` and the like without a CUDA `device=`)"
     drawn = dict(after[2])
     for label, state in before[2]:
         if drawn.get(label, state) != state:

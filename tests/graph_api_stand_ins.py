@@ -8,6 +8,7 @@ import contextlib
 
 import torch
 
+from lightning_graphs import python_state
 from lightning_graphs.graphed_step import Action
 
 
@@ -41,6 +42,9 @@ def stand_in_graph_api(monkeypatch) -> None:
     monkeypatch.setattr(cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(cuda, "memory_reserved", lambda device=None: 0)
     monkeypatch.setattr(cuda, "graph_pool_handle", lambda: (0, 1))
+    # the CPU stands in for the device: its generator is the one a graph's random kernels draw from,
+    # not a host generator whose draws a replay would freeze
+    monkeypatch.setattr(python_state, "_torch_cpu_state", lambda generator: b"")
 
 
 def drive(step, fn, calls) -> str:

@@ -272,6 +272,27 @@ def test_noise_from_a_generator_of_its_own_is_fresh_every_step_or_trained_eagerl
         assert any("generator" in w.lower() for w in graphed.warnings), graphed.warnings
 
 
+class FlipsOnAHostCoin(models.Regressor):
+    """An augmentation decided as torchvision's random transforms decide it: `torch.rand(1) < p`, a draw
+    from PyTorch's CPU generator, which a replay would not draw again."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if torch.rand(1) < 0.5:
+            x = -x
+        loss = F.mse_loss(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+
+def test_a_host_coin_from_pytorchs_cpu_generator_trains_eagerly_with_one_warning():
+    eager, graphed = both(lambda: FlipsOnAHostCoin("adamw", "lambda"))
+    assert_same(eager, graphed)
+    assert graphed.callback.stats.replays == 0, graphed.callback.stats.summary()
+    (warning,) = [w for w in graphed.warnings if "PyTorch's CPU generator" in w]
+    assert "torch.rand(..., device=x.device)" in warning
+
+
 class ClipsInItsOwnWay(models.Regressor):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         self.clip_gradients(optimizer, gradient_clip_val=0.05, gradient_clip_algorithm="norm")

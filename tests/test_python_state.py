@@ -548,3 +548,20 @@ def test_a_container_too_big_to_compare_is_followed_by_identity_and_length():
 ])
 def test_framework_modules_are_told_from_the_users(name, theirs):
     assert framework_module(name) is theirs
+
+
+def test_draws_from_pytorchs_cpu_generators_are_host_draws():
+    from lightning_graphs.python_state import host_random_draws, host_random_state
+
+    class Augmenter:
+        def __init__(self):
+            self.generator = torch.Generator().manual_seed(0)
+
+    augmenter = Augmenter()
+    before = host_random_state([("aug", augmenter)])
+    assert host_random_draws(before, host_random_state([("aug", augmenter)])) is None
+    torch.rand(1)  # as `if torch.rand(1) < p:` decides an augmentation
+    assert "PyTorch's CPU generator" in host_random_draws(before, host_random_state([("aug", augmenter)]))
+    before = host_random_state([("aug", augmenter)])
+    torch.randn(3, generator=augmenter.generator)
+    assert host_random_draws(before, host_random_state([("aug", augmenter)])) == "the generator `aug.generator`"
