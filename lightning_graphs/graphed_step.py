@@ -102,6 +102,8 @@ _VARIANTS_PER_SIGNATURE = 4
 _MAX_UNREADY_WARMUPS = 64
 # captures in a row put off because torch.compile still had to compile, before giving up
 _MAX_DEFERRED_CAPTURES = 3
+# warm-up steps in a row, no graph held, whose inputs' signature had not been seen: past this, none recurs
+_MAX_UNREPEATED = 64
 
 _MODULE_ATTRIBUTES = frozenset(torch.nn.Module().__dict__)
 
@@ -463,6 +465,7 @@ class GraphedStep:
         self._structure_check_due = False
         self._stepped: set[int] = set()  # optimizers that took an eager step since the last structural change
         self._stepped_not_given: list[torch.optim.Optimizer] = []  # stepped in the last eager step, not given
+        self._unrepeated = 0  # see _MAX_UNREPEATED
         self._stepped_structure: tuple | None = None  # modules' and optimizers' structure at that step
         self._unready_warmups = 0
         self._short_lived = 0  # graphs dropped as stale after a few replays, in a row
@@ -531,7 +534,16 @@ class GraphedStep:
         warmed = self.warmup_steps == 0 or not self._warmed or any(seen == signature for seen in self._warmed)
         if not self._graphs:
             # a signature not seen in warm-up (a ragged batch at capture time) runs one more warm-up step
-            return StepPlan(Action.CAPTURE if warmed else Action.WARMUP, signature, variant=variant)
+            if warmed:
+                return StepPlan(Action.CAPTURE, signature, variant=variant)
+            self._unrepeated += 1
+            if self._unrepeated >= _MAX_UNREPEATED:
+                self.disable(
+                    f"no {self.input_name} signature recurred in {self._unrepeated} calls in a row, so nothing was "
+                    f"captured: {describe_mismatch(self._warmed[-1], signature, self.input_name)}"
+                )
+                return StepPlan(Action.EAGER, signature, "graphs disabled")
+            return StepPlan(Action.WARMUP, signature, variant=variant)
         if not known_signature:  # another signature while graphs are held
             newest = self._graphs[-1].signature
             if self.max_graphs == 1:
@@ -802,6 +814,7 @@ class GraphedStep:
         plan.graph = captured
         self._retired = []
         self.stats.captures += 1
+        self._unrepeated = 0
         self._count_graphs()
         if len(self._graphs) == 1:
             self._forget_structure()

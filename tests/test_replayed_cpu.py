@@ -1329,3 +1329,34 @@ def test_a_submodule_without_parameters_swapped_by_a_hook_is_captured_anew(repla
     assert_same(eager, graphed)
     stats = graphed.callback.stats
     assert stats.captures >= 3 and stats.replays > 0 and stats.disabled_reason is None, stats.summary()
+
+
+class NamedSamples(torch.utils.data.Dataset):
+    """Samples carrying their own name: with shuffling, no two batches hold the same names."""
+
+    def __init__(self):
+        self.data = regression_data(n=64)
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, index):
+        x, y = self.data[index]
+        return {"x": x, "y": y, "name": f"sample{index}"}
+
+
+class OnNamedBatches(models.Regressor):
+    def training_step(self, batch, batch_idx):
+        loss = torch.nn.functional.mse_loss(self(batch["x"]), batch["y"])
+        self.log("train_loss", loss)
+        return loss
+
+
+def test_batches_whose_signature_never_recurs_train_eagerly_with_one_warning(replaying):
+    data = lambda: torch.utils.data.DataLoader(NamedSamples(), batch_size=8, shuffle=True)  # noqa: E731
+    eager, graphed = both(lambda: OnNamedBatches("adamw", None), train_loader=data, max_epochs=10)
+    assert_same(eager, graphed)
+    stats = graphed.callback.stats
+    assert stats.captures == 0 and stats.disabled_reason is not None, stats.summary()
+    (warning,) = graphed.warnings
+    assert "no batch signature recurred in 64 calls in a row" in warning and "batch['name']" in warning, warning
