@@ -569,6 +569,11 @@ class GraphedStep:
             return StepPlan(Action.WARMUP, signature, variant=variant)
         return StepPlan(Action.CAPTURE, signature, variant=variant)
 
+    def prepared_for(self, optimizer: Any) -> bool:
+        """Whether ``optimizer`` (or the optimizer a Lightning or Fabric wrapper holds) is one this step was given."""
+        inner = _unwrap_optimizer(optimizer)
+        return any(prepared.optimizer is inner for prepared in self._optimizers)
+
     def _optimizers_ready(self) -> bool:
         """Whether every optimizer took an eager step since the modules and optimizers
         last changed: its state (moments, momentum buffers) must exist before capture,

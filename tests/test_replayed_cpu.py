@@ -1360,3 +1360,27 @@ def test_batches_whose_signature_never_recurs_train_eagerly_with_one_warning(rep
     assert stats.captures == 0 and stats.disabled_reason is not None, stats.summary()
     (warning,) = graphed.warnings
     assert "no batch signature recurred in 64 calls in a row" in warning and "batch['name']" in warning, warning
+
+
+class SwitchesToSGD(pl.Callback):
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            trainer.optimizers = [torch.optim.SGD(pl_module.parameters(), lr=0.05)]
+
+
+class SetsUpOptimizersAgain(pl.Callback):
+    """Fresh optimizer state at a stage boundary, as `strategy.setup_optimizers` gives."""
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            trainer.strategy.setup_optimizers(trainer)
+
+
+@pytest.mark.parametrize("replaces", [SwitchesToSGD, SetsUpOptimizersAgain])
+def test_optimizers_replaced_during_the_fit_train_eagerly_from_then_with_one_warning(replaying, replaces):
+    eager, graphed = both(lambda: models.Regressor("adamw", None), max_epochs=3, extra_callbacks=lambda: [replaces()])
+    assert_same(eager, graphed)
+    stats = graphed.callback.stats
+    assert stats.replays > 0 and stats.disabled_reason is not None, stats.summary()
+    (warning,) = graphed.warnings
+    assert "optimizers were replaced during the fit" in warning, warning
