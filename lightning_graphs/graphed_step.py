@@ -82,10 +82,18 @@ from lightning_graphs.python_state import (
     StateFingerprint,
     StepReads,
     host_random_draws,
+    functions_read,
     host_random_state,
     what_fn_reads,
 )
-from lightning_graphs.step_reach import optimizers_stepped, scaler_not_given, scheduler_counts, stepped_scheduler
+from lightning_graphs.step_reach import (
+    iterator_held,
+    optimizer_hooks,
+    optimizers_stepped,
+    scaler_not_given,
+    scheduler_counts,
+    stepped_scheduler,
+)
 
 __all__ = [
     "GraphedStep", "Phase", "Action", "StepPlan", "GraphStats", "CapturedGraph", "CaptureFailed", "CaptureDeferred",
@@ -438,6 +446,9 @@ class GraphedStep:
         watched = {id(obj) for _, obj in watch}
         self._watch = watch + [(type(m).__name__, m) for m in self._modules if id(m) not in watched]
         self._watch += [(type(o.optimizer).__name__, o.optimizer) for o in self._optimizers]
+        # their step hooks run inside the step: what those hold (a counter in a closure) is the step's too
+        hooks = functions_read(optimizer_hooks([o.optimizer for o in self._optimizers]))
+        self._watch += [pair for pair in hooks if all(pair[1] is not obj for _, obj in self._watch)]
         self._follow = [pair for pair in follow if all(pair[1] is not obj for _, obj in self._watch)]
         self._params = self._gradient_params()
         # what the captured steps read, checked before every replay (not the optimizers and scalers, which
@@ -1139,7 +1150,7 @@ class GraphedStep:
                 "learning rate and settings as captured. Give it with the others (return it from "
                 "`configure_optimizers`; `GraphedStep(..., optimizers=[opt])` outside Lightning) to graph the step"
             )
-        return scaler_not_given(self._reach, self._grad_scalers)
+        return scaler_not_given(self._reach, self._grad_scalers) or iterator_held(self._reach)
 
     def _side_effects(self, before: tuple[StateFingerprint, list, dict, tuple, tuple] | None,
                       hyperparameters: bool = True) -> str | None:

@@ -1,22 +1,29 @@
-"""Optimizers, GradScalers and schedulers a step uses without having been given them.
+"""Optimizers, GradScalers, schedulers and iterators a step uses without having been given them.
 
 A graph replays an optimizer step with the settings it was captured with unless the
 optimizer was prepared for it (``optimizers=``), a GradScaler's skip of overflowing
-steps needs to be built into the capture (``grad_scaler=``), and a scheduler stepped
-inside the step is never stepped by a replay. These helpers find such objects, so that
+steps needs to be built into the capture (``grad_scaler=``), a scheduler stepped
+inside the step is never stepped by a replay, and a step that takes its data with
+``next()`` replays the captured data. Optimizer step hooks run inside the step: what
+they hold is watched like the step's own variables. These helpers find such objects, so that
 the step runs eagerly with a warning saying what to pass or move, instead of replaying
 wrong numbers.
 """
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
+from torch.optim import optimizer as optimizer_module
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-__all__ = ["held_values", "scaler_not_given", "scheduler_counts", "stepped_scheduler", "optimizers_stepped"]
+__all__ = [
+    "held_values", "scaler_not_given", "iterator_held", "scheduler_counts", "stepped_scheduler", "optimizers_stepped",
+    "optimizer_hooks",
+]
 
 _SCHEDULERS = (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
 
@@ -42,6 +49,18 @@ def scaler_not_given(reach: Sequence[tuple[str, Any]], given: Sequence[Any]) -> 
                 f"the step uses the GradScaler {label}, which was not given as `grad_scaler=`: a capture needs it "
                 "to skip overflowing steps on the device as eager training does. Pass it (`grad_scaler=scaler`) "
                 "to graph the step"
+            )
+    return None
+
+
+def iterator_held(reach: Sequence[tuple[str, Any]]) -> str | None:
+    """A sentence naming an iterator the step holds (its data taken with ``next()``), if any."""
+    for label, value in held_values(reach):
+        if isinstance(value, collections.abc.Iterator):
+            return (
+                f"the step holds the iterator {label} ({type(value).__name__}): a step that takes its data from it "
+                "with `next()` would get the captured data at every replay. Pass each batch as an argument "
+                "(`step(x, y)`) to graph the step"
             )
     return None
 
@@ -76,3 +95,13 @@ def optimizers_stepped(found: list[torch.optim.Optimizer]) -> Iterator[None]:
         yield
     finally:
         handle.remove()
+
+
+def optimizer_hooks(optimizers: Sequence[torch.optim.Optimizer]) -> list[tuple[Callable[..., Any], None]]:
+    """``(hook, None)`` for every step hook that runs when ``optimizers`` step: their own
+    (``register_step_pre_hook``, ``register_step_post_hook``) and the global ones."""
+    registries = [getattr(o, name, {}) for o in optimizers
+                  for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks")]
+    registries += [getattr(optimizer_module, name, {})
+                   for name in ("_global_optimizer_pre_hooks", "_global_optimizer_post_hooks")]
+    return [(hook, None) for registry in registries for hook in list(registry.values())]

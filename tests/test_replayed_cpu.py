@@ -1384,3 +1384,90 @@ def test_optimizers_replaced_during_the_fit_train_eagerly_from_then_with_one_war
     assert stats.replays > 0 and stats.disabled_reason is not None, stats.summary()
     (warning,) = graphed.warnings
     assert "optimizers were replaced during the fit" in warning, warning
+
+
+class CutsTheLearningRateInAStepHook(models.Regressor):
+    """The learning rate cut tenfold at the sixth optimizer step, counted by a step pre-hook."""
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.parameters(), lr=1e-2)
+        count = {"steps": 0}
+
+        def cut(optimizer, args, kwargs):
+            count["steps"] += 1
+            if count["steps"] == 6:
+                for group in optimizer.param_groups:
+                    group["lr"] *= 0.1
+
+        optimizer.register_step_pre_hook(cut)
+        return optimizer
+
+
+class AverageWithWarmUp:
+    """A weight average whose decay warms up with the number of updates, as EMA helpers do."""
+
+    def __init__(self, module):
+        self.module, self.updates = module, 0
+        self.average = [p.detach().clone() for p in module.parameters()]
+
+    def __call__(self, optimizer, args, kwargs):
+        self.updates += 1
+        decay = min(0.999, (1 + self.updates) / (10 + self.updates))
+        with torch.no_grad():
+            for average, p in zip(self.average, self.module.parameters()):
+                average.mul_(decay).add_(p, alpha=1 - decay)
+
+
+class AveragesInAStepPostHook(models.Regressor):
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.parameters(), lr=1e-2)
+        self.averaging = AverageWithWarmUp(self.net)
+        optimizer.register_step_post_hook(self.averaging)
+        return optimizer
+
+
+@pytest.mark.parametrize("make_module, needle", [
+    (CutsTheLearningRateInAStepHook, "`closure variable count`"),
+    (AveragesInAStepPostHook, "`self.averaging`"),
+])
+def test_optimizer_step_hooks_counting_in_python_train_eagerly_with_one_warning(replaying, make_module, needle):
+    eager, graphed = both(make_module)
+    assert_same(eager, graphed)
+    assert graphed.callback.stats.replays == 0, graphed.callback.stats.summary()
+    (warning,) = graphed.warnings
+    assert needle in warning, warning
+    if make_module is AveragesInAStepPostHook:
+        for a, b in zip(eager.module.averaging.average, graphed.module.averaging.average):
+            assert torch.equal(a, b)
+
+
+def test_a_step_taking_its_data_with_next_trains_eagerly_with_one_warning(graph_api_on_cpu, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", ReplayingGraph)
+
+    def train(graphed):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 1)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        generator = torch.Generator().manual_seed(1)
+        batches = iter([(torch.randn(8, 4, generator=generator), torch.randn(8, 1, generator=generator))
+                        for _ in range(10)])
+
+        def step():
+            x, y = next(batches)
+            optimizer.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            optimizer.step()
+            return loss.detach()
+
+        run = GraphedStep(step, optimizers=[optimizer], modules=[model], device="cuda") if graphed else step
+        return [float(run()) for _ in range(10)], run
+
+    eager, _ = train(False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", GraphWarning)
+        graphed, step = train(True)
+    assert graphed == eager
+    assert step.stats.replays == 0, step.stats.summary()
+    (warning,) = [str(w.message) for w in caught if issubclass(w.category, GraphWarning)]
+    assert "holds the iterator closure variable `batches`" in warning and "`next()`" in warning
