@@ -618,16 +618,42 @@ def _holds_data(value: Any) -> bool:
 
 def what_fn_reads(fn: Callable[..., Any] | None) -> list[tuple[str, Any]]:
     """``(label, object)`` pairs for the object a bound-method step belongs to, for
-    the variables a closure step closes over and for the module-level data it reads:
+    the variables a closure step closes over (and those of the helper functions it
+    holds in them, a loss defined next to it) and for the module-level data they read:
     Python state a replay bakes in."""
     found: list[tuple[str, Any]] = []
     owner = getattr(fn, "__self__", None)
     if owner is not None and not isinstance(owner, type) and hasattr(owner, "__dict__"):
         found.append(("self", owner))
     function = getattr(fn, "__func__", fn)
-    if getattr(function, "__closure__", None):
-        found.append((getattr(function, "__name__", "step"), _ClosureVariables.of(function)))
-    return found + globals_fn_reads(fn)
+    helpers = _closure_helpers(function)
+    for held in [function] + helpers:
+        if getattr(held, "__closure__", None):
+            found.append((getattr(held, "__name__", "step"), _ClosureVariables.of(held)))
+    if fn is None:
+        return found
+    view = _GlobalVariables.of([(fn, _owner(fn, None))] + [(helper, None) for helper in helpers])
+    return found + ([(f"{getattr(_unwrapped(fn), '__name__', 'step')} globals", view)] if view._source else [])
+
+
+def _closure_helpers(function: Any) -> list[types.FunctionType]:
+    """The user's own functions ``function`` holds in its closure, and those they hold in
+    theirs, up to ``_SCAN_DEPTH`` deep."""
+    found: list[types.FunctionType] = []
+    layer = [function]
+    for _ in range(_SCAN_DEPTH):
+        next_layer = []
+        for holder in layer:
+            for cell in getattr(holder, "__closure__", None) or ():
+                try:
+                    value = cell.cell_contents
+                except ValueError:  # a variable not bound yet
+                    continue
+                if _users_function(value) and value is not function and all(value is not f for f in found):
+                    found.append(value)
+                    next_layer.append(value)
+        layer = next_layer
+    return found[:_SCAN_FUNCTIONS]
 
 
 def globals_fn_reads(fn: Callable[..., Any] | None, owner: type | None = None) -> list[tuple[str, Any]]:

@@ -1471,3 +1471,44 @@ def test_a_step_taking_its_data_with_next_trains_eagerly_with_one_warning(graph_
     assert step.stats.replays == 0, step.stats.summary()
     (warning,) = [str(w.message) for w in caught if issubclass(w.category, GraphWarning)]
     assert "holds the iterator closure variable `batches`" in warning and "`next()`" in warning
+
+
+LOSS_WEIGHT = 1.0
+
+
+@pytest.mark.parametrize("where", ["closure dict", "global"])
+def test_a_value_read_by_a_helper_the_step_closes_over_is_followed(graph_api_on_cpu, monkeypatch, where):
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", ReplayingGraph)
+
+    def train(graphed):
+        global LOSS_WEIGHT
+        LOSS_WEIGHT = 1.0
+        settings = {"loss_weight": 1.0}
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 1)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+        def weighted_mse(prediction, target):  # a helper defined next to the step: held in its closure
+            weight = settings["loss_weight"] if where == "closure dict" else LOSS_WEIGHT
+            return weight * torch.nn.functional.mse_loss(prediction, target)
+
+        def step(x, y):
+            optimizer.zero_grad()
+            loss = weighted_mse(model(x), y)
+            loss.backward()
+            optimizer.step()
+            return loss.detach()
+
+        run = GraphedStep(step, optimizers=[optimizer], modules=[model], device="cuda") if graphed else step
+        generator = torch.Generator().manual_seed(1)
+        losses = []
+        for index in range(12):
+            if index == 7:
+                settings["loss_weight"] = LOSS_WEIGHT = 0.1
+            losses.append(float(run(torch.randn(8, 4, generator=generator), torch.randn(8, 1, generator=generator))))
+        return losses, run
+
+    eager, _ = train(False)
+    graphed, step = train(True)
+    assert graphed == eager
+    assert step.stats.replays > 0 and step.stats.disabled_reason is None, step.stats.summary()
