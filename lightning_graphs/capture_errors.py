@@ -46,6 +46,9 @@ _FRAMEWORK_DIRS = tuple(
 
 # source patterns that synchronise with the host, most specific first
 _SYNC_PATTERNS = [
+    (r"param_groups", "reading an optimizer setting as a number: while a step is captured, the settings a scheduler "
+                      "changes (the learning rate, Adam's betas) are device tensors, so that replays follow them; "
+                      "use the setting as a tensor (`loss * group['lr']`) or read it outside the step"),
     (r"\.item\(\)", "`.item()` copies a GPU value to the host"),
     (r"\.tolist\(\)", "`.tolist()` copies GPU values to the host"),
     (r"\.cpu\(\)", "`.cpu()` copies a GPU tensor to the host"),

@@ -612,7 +612,9 @@ class GraphedStep:
             if captured.needs_no_grads and any(p.grad is not None for p in captured.params):
                 return (
                     "gradients from earlier calls are held, to which this step adds its own, but it was captured "
-                    "without any (zero them with `zero_grad(set_to_none=True)`, inside the step or before each call)"
+                    "without any (to accumulate over several calls, use one `GraphedStep` for the first call of "
+                    "each cycle and another for the rest; otherwise zero them with `zero_grad(set_to_none=True)`, "
+                    "inside the step or before each call)"
                 )
             return None
         if tuple(p.grad is not None for p in captured.params) != captured.grads_before:
@@ -1197,8 +1199,8 @@ class GraphedStep:
             if change is not None:
                 return (
                     f"{self.what} changes its optimizer's hyper-parameters while it runs ({change}); "
-                    "a graph would keep the captured value. Set them outside the step, e.g. with a learning-rate "
-                    "scheduler"
+                    "a graph would keep the captured value. Set them outside the step (a learning-rate scheduler "
+                    "stepped after each call, not inside it)"
                 )
         return None
 

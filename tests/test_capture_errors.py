@@ -106,3 +106,28 @@ def test_a_draw_from_a_generator_of_the_users_own_is_named_with_the_fix(tmp_path
     assert "user_model.py:11" in message and "`torch.Generator` of its own" in message
     assert "torch.manual_seed" in message and "leave out `generator=`" in message
     assert "host" not in message  # not the advice for host reads
+
+
+def test_reading_a_learning_rate_as_a_number_is_named_as_that(tmp_path):
+    exc = _raise_from_user_file(
+        tmp_path,
+        """
+        import torch
+        framework = {}
+        # `float()` of the device tensor a captured step's learning rate is, refused inside torch
+        exec(compile(
+            "class Rate:\\n"
+            "    def __float__(self):\\n"
+            "        raise RuntimeError('CUDA error: operation not permitted when stream is capturing')",
+            torch.__file__, "exec"), framework)
+
+        class Optimizer:
+            param_groups = [{"lr": framework["Rate"]()}]
+
+        def training_step():
+            lr = float(Optimizer.param_groups[0]["lr"])
+        """,
+    )
+    message = explain_capture_error(exc, "the training step")
+    assert "user_model.py:15" in message
+    assert "reading an optimizer setting as a number" in message and "loss * group['lr']" in message
