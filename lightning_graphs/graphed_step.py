@@ -81,8 +81,8 @@ from lightning_graphs.optimizers import GraphSafeOptimizer
 from lightning_graphs.python_state import (
     StateFingerprint,
     StepReads,
-    host_random_draws,
     functions_read,
+    host_random_draws,
     host_random_state,
     what_fn_reads,
 )
