@@ -57,6 +57,7 @@ import contextlib
 import operator
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
 from typing import Any, Callable, Iterable, Sequence
@@ -82,6 +83,7 @@ from lightning_graphs.python_state import (
     StateFingerprint,
     StepReads,
     functions_read,
+    globals_loaded,
     host_random_draws,
     host_random_state,
     what_fn_reads,
@@ -91,8 +93,7 @@ from lightning_graphs.step_reach import (
     optimizer_hooks,
     optimizers_stepped,
     scaler_not_given,
-    scheduler_counts,
-    stepped_scheduler,
+    schedulers_stepped,
 )
 
 __all__ = [
@@ -446,9 +447,8 @@ class GraphedStep:
         watched = {id(obj) for _, obj in watch}
         self._watch = watch + [(type(m).__name__, m) for m in self._modules if id(m) not in watched]
         self._watch += [(type(o.optimizer).__name__, o.optimizer) for o in self._optimizers]
-        # their step hooks run inside the step: what those hold (a counter in a closure) is the step's too
-        hooks = functions_read(optimizer_hooks([o.optimizer for o in self._optimizers]))
-        self._watch += [pair for pair in hooks if all(pair[1] is not obj for _, obj in self._watch)]
+        self._hooks_watched: list[Callable[..., Any]] = []
+        self._watch_step_hooks()
         self._follow = [pair for pair in follow if all(pair[1] is not obj for _, obj in self._watch)]
         self._params = self._gradient_params()
         # what the captured steps read, checked before every replay (not the optimizers and scalers, which
@@ -475,7 +475,11 @@ class GraphedStep:
         self._structure: ModuleStructure | None = None  # modules' parameters, modes and flags at capture
         self._structure_check_due = False
         self._stepped: set[int] = set()  # optimizers that took an eager step since the last structural change
-        self._stepped_not_given: list[torch.optim.Optimizer] = []  # stepped in the last eager step, not given
+        # optimizers not given that stepped in the last eager step, and in the one before it too (one made
+        # inside the step, stepping once, is the step's own business); schedulers that stepped in it
+        self._stepped_not_given: list[torch.optim.Optimizer] = []
+        self._not_given_before: weakref.WeakSet = weakref.WeakSet()
+        self._stepped_schedulers: list[Any] = []
         self._unrepeated = 0  # see _MAX_UNREPEATED
         self._stepped_structure: tuple | None = None  # modules' and optimizers' structure at that step
         self._unready_warmups = 0
@@ -690,6 +694,7 @@ class GraphedStep:
             return self._warmup(fn, plan, check_hyperparameters)
 
     def _warmup(self, fn: Callable[[], Any], plan: StepPlan | None, check_hyperparameters: bool = True) -> Any:
+        self._watch_step_hooks()
         check = self.stats.warmup_steps > 0  # the first step may initialise lazily; judge the later ones
         before = self._snapshot() if check else None
         stream = self._side_stream()
@@ -723,6 +728,7 @@ class GraphedStep:
             return self._capture(plan, fn)
 
     def _capture(self, plan: StepPlan, fn: Callable[[Any], Any]) -> Any:
+        self._watch_step_hooks()
         signature = plan.signature
         self._params = self._gradient_params()  # param groups may have been added since the last capture
         held = self._signatures_held()
@@ -1105,12 +1111,18 @@ class GraphedStep:
         """Run an eager step, noting which optimizers stepped (those it was given, and
         any other, see :meth:`_not_given`) and whether that breaks what the graphs held assume."""
         stepped: list[torch.optim.Optimizer] = []
+        schedulers: list[Any] = []
         with contextlib.ExitStack() as stack:
             taken = [stack.enter_context(optimizer.watching_steps()) for optimizer in self._optimizers]
             stack.enter_context(optimizers_stepped(stepped))
+            if self.fn is not None:  # (Lightning steps its schedulers outside the step, or after every replay)
+                stack.enter_context(schedulers_stepped(schedulers))
             outputs = fn()
         given = {id(optimizer.optimizer) for optimizer in self._optimizers}
-        self._stepped_not_given = [optimizer for optimizer in stepped if id(optimizer) not in given]
+        not_given = [optimizer for optimizer in stepped if id(optimizer) not in given]
+        self._stepped_not_given = [optimizer for optimizer in not_given if optimizer in self._not_given_before]
+        self._not_given_before = weakref.WeakSet(not_given)
+        self._stepped_schedulers = schedulers
         for index, (optimizer, steps) in enumerate(zip(self._optimizers, taken)):
             if steps or steps is None:  # None: no hooks to tell; rely on the warm-up count
                 self._stepped.add(index)
@@ -1133,18 +1145,34 @@ class GraphedStep:
         self._metrics.refresh()  # which metrics' states and counts are the graphs' business
         return StateFingerprint(self._watch, self._ignore)
 
-    def _snapshot(self) -> tuple[StateFingerprint, list, dict, tuple, tuple]:
+    def _snapshot(self) -> tuple[StateFingerprint, list, dict, tuple]:
         return (
             self._fingerprint(),
             [o.hyperparameters() for o in self._optimizers],
             self._metrics.counts(),
             host_random_state(self._watch + self._follow),
-            scheduler_counts(self._reach),
         )
 
+    def _watch_step_hooks(self) -> None:
+        """Optimizer step hooks run inside the step: what those registered since the last
+        look hold (a counter in a closure, the object a hook is bound to) is watched too."""
+        new = [(hook, owner) for hook, owner in optimizer_hooks([o.optimizer for o in self._optimizers])
+               if all(hook is not seen for seen in self._hooks_watched)]
+        if new:
+            self._hooks_watched += [hook for hook, _ in new]
+            self._watch += [pair for pair in functions_read(new) if all(pair[1] is not obj for _, obj in self._watch)]
+
     def _not_given(self) -> str | None:
-        """Names an optimizer the last eager step stepped, or a GradScaler the step
-        holds, that the step was not given: a graph would replay them as captured."""
+        """Names what the last eager step used that a graph would replay as captured: a
+        scheduler it stepped, an optimizer it stepped (in the step before too) or a
+        GradScaler it holds that it was not given, an iterator it takes its data from."""
+        if self._stepped_schedulers:
+            scheduler = self._stepped_schedulers[0]
+            return (
+                f"{self.what} steps a {type(scheduler).__name__} learning-rate scheduler each time it runs. A CUDA "
+                "graph replays only the GPU work, so a replay would not step it and the learning rate would stay "
+                f"as captured. Step the scheduler outside {self.what}, after each call"
+            )
         if self._stepped_not_given:
             name = type(self._stepped_not_given[0]).__name__
             return (
@@ -1152,9 +1180,10 @@ class GraphedStep:
                 "learning rate and settings as captured. Give it with the others (return it from "
                 "`configure_optimizers`; `GraphedStep(..., optimizers=[opt])` outside Lightning) to graph the step"
             )
-        return scaler_not_given(self._reach, self._grad_scalers) or iterator_held(self._reach)
+        loaded = globals_loaded(self.fn) if self.fn is not None else []
+        return scaler_not_given(self._reach, loaded, self._grad_scalers) or iterator_held(self._reach, loaded)
 
-    def _side_effects(self, before: tuple[StateFingerprint, list, dict, tuple, tuple] | None,
+    def _side_effects(self, before: tuple[StateFingerprint, list, dict, tuple] | None,
                       hyperparameters: bool = True) -> str | None:
         """A sentence naming the first Python side effect of the step, if any.
 
@@ -1162,14 +1191,7 @@ class GraphedStep:
         (their settings for capture differ from the user's on purpose)."""
         if before is None:
             return None
-        fingerprint, hyper, metric_counts, random_state, schedulers = before
-        stepped = stepped_scheduler(schedulers)
-        if stepped is not None:
-            return (
-                f"{self.what} steps the learning-rate scheduler {stepped} each time it runs. A CUDA graph replays "
-                "only the GPU work, so a replay would not step it and the learning rate would stay as captured. "
-                f"Step the scheduler outside {self.what}, after each call"
-            )
+        fingerprint, hyper, metric_counts, random_state = before
         source = host_random_draws(random_state, host_random_state(self._watch + self._follow))
         if source is not None:
             # (the global generators are shared by the process's threads: another one may have drawn)

@@ -357,7 +357,11 @@ def host_random_state(objects: Iterable[tuple[str, Any]] = ()) -> tuple:
 
 def _torch_cpu_state(generator: torch.Generator) -> bytes:
     """A CPU ``torch.Generator``'s state, comparable with ``==``."""
-    return bytes(generator.get_state().tolist())
+    state = generator.get_state()
+    try:
+        return state.numpy().tobytes()
+    except (RuntimeError, TypeError):  # PyTorch without NumPy
+        return bytes(state.tolist())
 
 
 def _generator_state(value: Any, numpy: Any) -> Any:
@@ -634,6 +638,26 @@ def what_fn_reads(fn: Callable[..., Any] | None) -> list[tuple[str, Any]]:
         return found
     view = _GlobalVariables.of([(fn, _owner(fn, None))] + [(helper, None) for helper in helpers])
     return found + ([(f"{getattr(_unwrapped(fn), '__name__', 'step')} globals", view)] if view._source else [])
+
+
+def globals_loaded(fn: Callable[..., Any] | None) -> list[tuple[str, Any]]:
+    """``(name, value)`` of every module-level name ``fn`` (and the helper functions it
+    holds in its closure) loads, whatever the value: objects a step uses by name (a
+    scheduler, an iterator), which :func:`what_fn_reads` leaves out as not data."""
+    import dis
+
+    function = _unwrapped(getattr(fn, "__func__", fn))
+    found: dict[str, Any] = {}
+    for held in [function] + _closure_helpers(function):
+        code, namespace = getattr(held, "__code__", None), getattr(held, "__globals__", None)
+        if not isinstance(code, types.CodeType) or not isinstance(namespace, dict):
+            continue
+        for each in _code_objects(code):
+            for instruction in dis.get_instructions(each):
+                name = instruction.argval
+                if instruction.opname in ("LOAD_GLOBAL", "LOAD_NAME") and isinstance(name, str) and name in namespace:
+                    found.setdefault(name, namespace[name])
+    return list(found.items())
 
 
 def _closure_helpers(function: Any) -> list[types.FunctionType]:

@@ -5,45 +5,52 @@ optimizer was prepared for it (``optimizers=``), a GradScaler's skip of overflow
 steps needs to be built into the capture (``grad_scaler=``), a scheduler stepped
 inside the step is never stepped by a replay, and a step that takes its data with
 ``next()`` replays the captured data. Optimizer step hooks run inside the step: what
-they hold is watched like the step's own variables. These helpers find such objects, so that
-the step runs eagerly with a warning saying what to pass or move, instead of replaying
-wrong numbers.
+they hold is watched like the step's own variables. These helpers find such objects,
+so that the step runs eagerly with a warning saying what to pass or move, instead of
+replaying wrong numbers.
 """
 
 from __future__ import annotations
 
 import collections.abc
 import contextlib
+import io
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
+from torch.optim import lr_scheduler
 from torch.optim import optimizer as optimizer_module
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 __all__ = [
-    "held_values", "scaler_not_given", "iterator_held", "scheduler_counts", "stepped_scheduler", "optimizers_stepped",
-    "optimizer_hooks",
+    "held_values", "scaler_not_given", "iterator_held", "schedulers_stepped", "optimizers_stepped", "optimizer_hooks",
 ]
 
-_SCHEDULERS = (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
 
-
-def held_values(reach: Sequence[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
+def held_values(reach: Sequence[tuple[str, Any]], objects: bool = True) -> Iterator[tuple[str, Any]]:
     """``(label, value)`` for every value one step into ``reach``: the variables of a
-    closure or module-level view, the attributes of an object (a bound step's ``self``)."""
+    closure view (and, with ``objects``, the attributes of an object, a bound step's ``self``)."""
     for label, holder in reach:
+        view = getattr(holder, "_view_label", None)
+        if view is None and not objects:
+            continue
         try:
             values = dict(vars(holder))
         except TypeError:  # an object without attributes to look at
             continue
-        view = getattr(holder, "_view_label", None)
         for name, value in values.items():
             yield (f"{view} `{name}`" if view else f"`{label}.{name}`"), value
 
 
-def scaler_not_given(reach: Sequence[tuple[str, Any]], given: Sequence[Any]) -> str | None:
-    """A sentence naming an enabled GradScaler the step reaches but was not given, if any."""
-    for label, value in held_values(reach):
+def _named_globals(loaded: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    return [(f"global `{name}`", value) for name, value in loaded]
+
+
+def scaler_not_given(reach: Sequence[tuple[str, Any]], loaded: Sequence[tuple[str, Any]],
+                     given: Sequence[Any]) -> str | None:
+    """A sentence naming an enabled GradScaler the step holds or loads by name (``loaded``:
+    module-level ``(name, value)`` pairs) but was not given, if any."""
+    for label, value in [*held_values(reach), *_named_globals(loaded)]:
         if isinstance(value, torch.amp.GradScaler) and value.is_enabled() and all(value is not g for g in given):
             return (
                 f"the step uses the GradScaler {label}, which was not given as `grad_scaler=`: a capture needs it "
@@ -53,10 +60,12 @@ def scaler_not_given(reach: Sequence[tuple[str, Any]], given: Sequence[Any]) -> 
     return None
 
 
-def iterator_held(reach: Sequence[tuple[str, Any]]) -> str | None:
-    """A sentence naming an iterator the step holds (its data taken with ``next()``), if any."""
-    for label, value in held_values(reach):
-        if isinstance(value, collections.abc.Iterator):
+def iterator_held(reach: Sequence[tuple[str, Any]], loaded: Sequence[tuple[str, Any]]) -> str | None:
+    """A sentence naming an iterator the step closes over or loads by name (its data
+    taken with ``next()``), if any. (An object's attributes are left out: a bound step's
+    ``self`` may hold iterators it never reads; so are files, which are iterators too.)"""
+    for label, value in [*held_values(reach, objects=False), *_named_globals(loaded)]:
+        if isinstance(value, collections.abc.Iterator) and not isinstance(value, io.IOBase):
             return (
                 f"the step holds the iterator {label} ({type(value).__name__}): a step that takes its data from it "
                 "with `next()` would get the captured data at every replay. Pass each batch as an argument "
@@ -65,21 +74,28 @@ def iterator_held(reach: Sequence[tuple[str, Any]]) -> str | None:
     return None
 
 
-def scheduler_counts(reach: Sequence[tuple[str, Any]]) -> tuple[tuple[str, Any, int], ...]:
-    """``(label, scheduler, last_epoch)`` for every learning-rate scheduler the step reaches."""
-    return tuple(
-        (label, value, value.last_epoch)
-        for label, value in held_values(reach)
-        if isinstance(value, _SCHEDULERS)
-    )
+@contextlib.contextmanager
+def schedulers_stepped(found: list[Any]) -> Iterator[None]:
+    """Within the block, every learning-rate scheduler that steps is appended (once) to
+    ``found``: the schedulers' ``step`` methods are stood in for, and put back after."""
+    classes = [cls for cls in (lr_scheduler.LRScheduler, lr_scheduler.ReduceLROnPlateau) if "step" in vars(cls)]
+    originals = [vars(cls)["step"] for cls in classes]
 
+    def noting(original: Callable[..., Any]) -> Callable[..., Any]:
+        def step(scheduler: Any, *args: Any, **kwargs: Any) -> Any:
+            if all(scheduler is not seen for seen in found):
+                found.append(scheduler)
+            return original(scheduler, *args, **kwargs)
 
-def stepped_scheduler(before: tuple[tuple[str, Any, int], ...]) -> str | None:
-    """Which scheduler of ``before`` (see :func:`scheduler_counts`) was stepped since, if any."""
-    for label, scheduler, last_epoch in before:
-        if scheduler.last_epoch != last_epoch:
-            return f"{label} ({type(scheduler).__name__})"
-    return None
+        return step
+
+    for cls, original in zip(classes, originals):
+        cls.step = noting(original)
+    try:
+        yield
+    finally:
+        for cls, original in zip(classes, originals):
+            cls.step = original
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import random
 import types
 import warnings
@@ -1276,7 +1277,7 @@ def train_with_what_the_step_holds(graphed, holds):
 
 
 @pytest.mark.parametrize("holds, needle", [
-    ("scheduler", "steps the learning-rate scheduler closure variable `scheduler` (StepLR)"),
+    ("scheduler", "steps a StepLR learning-rate scheduler each time it runs"),
     ("optimizer", "steps a SGD optimizer it was not given"),
     ("scaler", "GradScaler closure variable `scaler`, which was not given as `grad_scaler=`"),
 ])
@@ -1512,3 +1513,128 @@ def test_a_value_read_by_a_helper_the_step_closes_over_is_followed(graph_api_on_
     graphed, step = train(True)
     assert graphed == eager
     assert step.stats.replays > 0 and step.stats.disabled_reason is None, step.stats.summary()
+
+
+GLOBAL_SCHEDULE: dict = {}
+
+
+def _global_schedule_step(x, y):
+    GLOBAL_SCHEDULE["optimizer"].zero_grad()
+    loss = torch.nn.functional.mse_loss(GLOBAL_SCHEDULE["model"](x), y)
+    loss.backward()
+    GLOBAL_SCHEDULE["optimizer"].step()
+    GLOBAL_SCHEDULE["scheduler"].step()  # a scheduler reached through module-level data
+    return loss.detach()
+
+
+def test_a_scheduler_a_step_reaches_through_a_global_is_noticed(graph_api_on_cpu, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", ReplayingGraph)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    GLOBAL_SCHEDULE.update(model=model, optimizer=optimizer,
+                           scheduler=torch.optim.lr_scheduler.StepLR(optimizer, step_size=6, gamma=0.1))
+    step = GraphedStep(_global_schedule_step, optimizers=[optimizer], modules=[model], device="cuda")
+    with pytest.warns(GraphWarning, match="steps a StepLR learning-rate scheduler"):
+        for _ in range(5):
+            step(torch.randn(8, 4), torch.randn(8, 1))
+    assert step.stats.replays == 0, step.stats.summary()
+
+
+class Trainer:
+    """A plain training loop's object: the step is its method; it also holds the loop's own iterator and a log file."""
+
+    def __init__(self, log):
+        torch.manual_seed(0)
+        self.model = torch.nn.Linear(4, 1)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-2)
+        self.batches = itertools.cycle([(torch.randn(8, 4), torch.randn(8, 1))])  # read by the loop, not the step
+        self.log = log
+
+    def step(self, x, y):
+        self.optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(self.model(x), y)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+
+def test_a_bound_step_whose_object_holds_an_iterator_and_a_file_it_does_not_read_is_graphed(
+        graph_api_on_cpu, monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", ReplayingGraph)
+    with open(tmp_path / "log.txt", "w") as log:
+        trainer = Trainer(log)
+        step = GraphedStep(trainer.step, optimizers=[trainer.optimizer], modules=[trainer.model], device="cuda")
+        for _ in range(8):
+            step(*next(trainer.batches))
+    assert step.stats.replays > 0 and step.stats.disabled_reason is None, step.stats.summary()
+
+
+def test_an_optimizer_made_inside_the_step_for_an_inner_loop_is_graphed(graph_api_on_cpu, monkeypatch):
+    """An adversarial perturbation optimized by a fresh optimizer at every call: that optimizer's settings are
+    the same every time, so the graph replays them rightly."""
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", ReplayingGraph)
+
+    def train(graphed):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 1)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+        def step(x, y):
+            delta = torch.zeros_like(x, requires_grad=True)
+            inner = torch.optim.SGD([delta], lr=0.1)
+            (-torch.nn.functional.mse_loss(model(x + delta), y)).backward(inputs=[delta])
+            inner.step()
+            optimizer.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x + delta.detach()), y)
+            loss.backward()
+            optimizer.step()
+            return loss.detach()
+
+        run = GraphedStep(step, optimizers=[optimizer], modules=[model], device="cuda") if graphed else step
+        generator = torch.Generator().manual_seed(1)
+        return [float(run(torch.randn(8, 4, generator=generator), torch.randn(8, 1, generator=generator)))
+                for _ in range(10)], run
+
+    eager, _ = train(False)
+    graphed, step = train(True)
+    assert graphed == pytest.approx(eager, rel=1e-6)  # (AdamW's step rounds in the last place now and then)
+    assert step.stats.replays > 0 and step.stats.disabled_reason is None, step.stats.summary()
+
+
+class AveragesInAHookRegisteredLater(models.Regressor):
+    """A constant-decay weight average in an optimizer post-hook registered once training runs."""
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if not hasattr(self, "average"):
+            self.average = [p.detach().clone() for p in self.net.parameters()]
+
+            def update(optimizer, args, kwargs):
+                with torch.no_grad():
+                    for average, p in zip(self.average, self.net.parameters()):
+                        average.mul_(0.9).add_(p, alpha=0.1)
+
+            self.trainer.optimizers[0].register_step_post_hook(update)
+
+
+def test_an_optimizer_hook_registered_once_training_runs_is_replayed(replaying):
+    eager, graphed = both(lambda: AveragesInAHookRegisteredLater("adamw", "lambda"))
+    assert_same(eager, graphed)
+    assert graphed.callback.stats.replays > 0, graphed.callback.stats.summary()
+    for a, b in zip(eager.module.average, graphed.module.average):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+class ManualSwitchesToSGD(pl.Callback):
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            trainer.optimizers = [torch.optim.SGD(pl_module.parameters(), lr=0.05)]
+
+
+def test_manual_optimization_with_optimizers_replaced_during_the_fit_trains_eagerly_with_one_warning(replaying):
+    eager, graphed = both(models.ManualRegressor, max_epochs=3, extra_callbacks=lambda: [ManualSwitchesToSGD()])
+    assert_same(eager, graphed)
+    stats = graphed.callback.stats
+    assert stats.replays > 0 and stats.disabled_reason is not None, stats.summary()
+    (warning,) = graphed.warnings
+    assert "optimizers were replaced during the fit" in warning, warning
