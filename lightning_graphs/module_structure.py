@@ -36,7 +36,9 @@ def structure_key(roots: Sequence[torch.nn.Module]) -> tuple:
     return (
         tuple(m.training for m in modules),
         tuple((id(p), p.data_ptr(), p.requires_grad) for root in roots for p in root.parameters()),
-        tuple(id(m) for m in modules),  # a submodule (an activation, a loss, a metric) replaced by another
+        # a submodule (an activation, a loss, a metric) replaced by another: by its `__dict__`, which a
+        # ModuleStructure holds, so that a module made after the old one was freed cannot share its id
+        tuple(id(m.__dict__) for m in modules),
     )
 
 

@@ -91,3 +91,14 @@ def test_a_submodule_without_parameters_swapped_for_another_is_noticed():
     model[1] = torch.nn.Sigmoid()  # no parameters, no mode or attribute of its own that differs
     assert structure.change() == "submodule `1` was replaced or added"
     structure.close()
+
+
+def test_a_submodule_deleted_then_another_assigned_is_noticed_though_it_may_reuse_the_id():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8))
+    model.act = torch.nn.Tanh()
+    structure = ModuleStructure([model])
+    old = id(model.act)
+    del model.act  # freed: a module made now may take its address
+    model.act = torch.nn.Sigmoid()
+    assert structure.differs(), f"ids {old} and {id(model.act)}"
+    structure.close()
