@@ -1195,9 +1195,11 @@ class GraphedStep:
         source = host_random_draws(random_state, host_random_state(self._watch + self._follow))
         if source is not None:
             # (the global generators are shared by the process's threads: another one may have drawn)
+            own = "`torch.Generator()`, passed as `generator=`" if source.startswith("PyTorch") \
+                else "`np.random.default_rng()`, `random.Random()`"
             others = (
                 f". If it draws none, another thread drew from {source} while it ran: give that thread a generator "
-                "of its own (`np.random.default_rng()`, `random.Random()`)"
+                f"of its own ({own})"
             ) if threading.active_count() > 1 and not source.startswith("the generator") else ""
             return (
                 f"{self.what} draws random numbers from {source} each time it runs. A CUDA graph replays only the "
