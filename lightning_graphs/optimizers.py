@@ -32,9 +32,9 @@ from functools import partial
 from typing import Any, Iterator
 
 import torch
-from torch.optim import optimizer as optimizer_module
 
 from lightning_graphs.adam_step import AdamHostScalars, adam_step_applies, adam_step_on_device, uniform_step_groups
+from lightning_graphs.step_reach import with_step_hooks
 
 __all__ = ["OptimizerPlan", "GraphSafeOptimizer", "plan_for"]
 
@@ -125,26 +125,6 @@ def _tensor_setting(groups: list[dict]) -> str | None:
             if any(isinstance(v, torch.Tensor) for v in values):
                 return f"param_groups[{index}][{key!r}]"
     return None
-
-
-def _with_step_hooks(optimizer: torch.optim.Optimizer, step: Any) -> Any:
-    """``step`` calling ``optimizer``'s step hooks (and the global ones) around it, in the
-    order ``Optimizer.step`` calls them: a step put in its place for capture must run an
-    EMA post-hook registered on the optimizer, as the step it stands in for would."""
-
-    def stepped(*args: Any, **kwargs: Any) -> Any:
-        for pre_hook in (*optimizer_module._global_optimizer_pre_hooks.values(),
-                         *optimizer._optimizer_step_pre_hooks.values()):
-            result = pre_hook(optimizer, args, kwargs)
-            if result is not None:
-                args, kwargs = result
-        out = step(*args, **kwargs)
-        for post_hook in (*optimizer._optimizer_step_post_hooks.values(),
-                          *optimizer_module._global_optimizer_post_hooks.values()):
-            post_hook(optimizer, args, kwargs)
-        return out
-
-    return stepped
 
 
 def _frozen(value: Any) -> Any:
@@ -301,7 +281,7 @@ class GraphSafeOptimizer:
         if self.plan.own_adam_step:
             self._saved_step = self.optimizer.__dict__.get("step", _MISSING)
             self._updated = []
-            self.optimizer.step = _with_step_hooks(self.optimizer, partial(
+            self.optimizer.step = with_step_hooks(self.optimizer, partial(
                 adam_step_on_device, self.optimizer, uniform_step_groups(self.optimizer), self._host_scalars,
                 self._updated,
             ))

@@ -5,7 +5,8 @@ optimizer was prepared for it (``optimizers=``), a GradScaler's skip of overflow
 steps needs to be built into the capture (``grad_scaler=``), a scheduler stepped
 inside the step is never stepped by a replay, and a step that takes its data with
 ``next()`` replays the captured data. Optimizer step hooks run inside the step: what
-they hold is watched like the step's own variables. These helpers find such objects,
+they hold is watched like the step's own variables, and a step put in the place of
+``Optimizer.step`` for capture calls them as it does. These helpers find such objects,
 so that the step runs eagerly with a warning saying what to pass or move, instead of
 replaying wrong numbers.
 """
@@ -24,6 +25,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 __all__ = [
     "held_values", "scaler_not_given", "iterator_held", "schedulers_stepped", "optimizers_stepped", "optimizer_hooks",
+    "step_hooks", "with_step_hooks",
 ]
 
 
@@ -113,11 +115,41 @@ def optimizers_stepped(found: list[torch.optim.Optimizer]) -> Iterator[None]:
         handle.remove()
 
 
+def step_hooks(optimizer: torch.optim.Optimizer) -> tuple[list[Callable[..., Any]], list[Callable[..., Any]]]:
+    """The pre-hooks and post-hooks that run when ``optimizer`` steps, in the order
+    ``Optimizer.step`` calls them (the global pre-hooks first, the global post-hooks last)."""
+    own_pre, own_post = (list(getattr(optimizer, name, {}).values()) for name in _OWN_HOOKS)
+    global_pre, global_post = (list(getattr(optimizer_module, name, {}).values()) for name in _GLOBAL_HOOKS)
+    return global_pre + own_pre, own_post + global_post
+
+
+def with_step_hooks(optimizer: torch.optim.Optimizer, step: Callable[..., Any]) -> Callable[..., Any]:
+    """``step`` calling ``optimizer``'s step hooks around it as ``Optimizer.step`` does: a
+    step put in its place for capture must run an EMA post-hook registered on the
+    optimizer, as the step it stands in for would."""
+
+    def stepped(*args: Any, **kwargs: Any) -> Any:
+        pre_hooks, post_hooks = step_hooks(optimizer)
+        for pre_hook in pre_hooks:
+            result = pre_hook(optimizer, args, kwargs)
+            if result is not None:
+                args, kwargs = result
+        out = step(*args, **kwargs)
+        for post_hook in post_hooks:
+            post_hook(optimizer, args, kwargs)
+        return out
+
+    return stepped
+
+
 def optimizer_hooks(optimizers: Sequence[torch.optim.Optimizer]) -> list[tuple[Callable[..., Any], None]]:
     """``(hook, None)`` for every step hook that runs when ``optimizers`` step: their own
     (``register_step_pre_hook``, ``register_step_post_hook``) and the global ones."""
-    registries = [getattr(o, name, {}) for o in optimizers
-                  for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks")]
-    registries += [getattr(optimizer_module, name, {})
-                   for name in ("_global_optimizer_pre_hooks", "_global_optimizer_post_hooks")]
+    registries = [getattr(o, name, {}) for o in optimizers for name in _OWN_HOOKS]
+    registries += [getattr(optimizer_module, name, {}) for name in _GLOBAL_HOOKS]
     return [(hook, None) for registry in registries for hook in list(registry.values())]
+
+
+# where PyTorch keeps step hooks: each optimizer's own (pre, post), and the global ones (pre, post)
+_OWN_HOOKS = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks")
+_GLOBAL_HOOKS = ("_global_optimizer_pre_hooks", "_global_optimizer_post_hooks")
