@@ -45,7 +45,7 @@ import sys
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -222,6 +222,18 @@ def end_unfinished_manual_step(trainer: pl.Trainer) -> None:
             trainer.profiler.stop("optimizer_step")
         except Exception:  # a profiler that was not timing it
             pass
+
+
+def replaced_optimizers(engine: Any, optimizers: Sequence[Any]) -> str | None:
+    """Why ``engine``'s graphs cannot step ``optimizers`` (the ones a step is run with now),
+    if one of them is not among those it was prepared for."""
+    replaced = [optimizer for optimizer in optimizers if not engine.prepared_for(optimizer)]
+    if not replaced:
+        return None
+    return (
+        f"the Trainer's optimizers were replaced during the fit (now a {type(replaced[0]).__name__}), after the "
+        "graphs were prepared for the ones `configure_optimizers` returned"
+    )
 
 
 def count_replayed_step(trainer: pl.Trainer, batch_idx: int) -> None:

@@ -428,11 +428,9 @@ class CUDAGraphCallback(pl.Callback):
         """Stands in for Lightning's automatic-optimization ``run``: one training step.
         (In manual optimization :class:`~lightning_graphs.manual.ManualSteps` does.)"""
         engine, trainer, run = self._engine, self._trainer, self._original_run
-        if not engine.prepared_for(optimizer):
-            engine.disable(
-                f"the Trainer's optimizers were replaced during the fit (now a {type(optimizer).__name__}), after "
-                "the graphs were prepared for the ones `configure_optimizers` returned"
-            )
+        replaced = internals.replaced_optimizers(engine, [optimizer])
+        if replaced is not None:
+            engine.disable(replaced)
         plan = engine.plan(kwargs["batch"], internals.step_variant(trainer, batch_idx))
         if self._ranks is not None:
             plan = agree_on_plan(self._ranks, self._schedule, plan, batch_idx, trainer.num_training_batches)

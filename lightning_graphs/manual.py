@@ -221,11 +221,9 @@ class ManualSteps:
     def run(self, kwargs: OrderedDict) -> dict:
         """One manual training step, as Lightning's ``run(kwargs)`` returns it."""
         engine, trainer = self.engine, self.trainer
-        if not all(map(engine.prepared_for, trainer.optimizers)):
-            engine.disable(
-                "the Trainer's optimizers were replaced during the fit, after the graphs were prepared for the ones "
-                "`configure_optimizers` returned"
-            )
+        replaced = internals.replaced_optimizers(engine, trainer.optimizers)
+        if replaced is not None:
+            engine.disable(replaced)
         plan = engine.plan(kwargs["batch"])
         batch_idx = kwargs.get("batch_idx", trainer.fit_loop.epoch_loop.batch_idx)
         if plan.action is Action.REPLAY:
