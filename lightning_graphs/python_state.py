@@ -634,10 +634,7 @@ def what_fn_reads(fn: Callable[..., Any] | None) -> list[tuple[str, Any]]:
     for held in [function] + helpers:
         if getattr(held, "__closure__", None):
             found.append((getattr(held, "__name__", "step"), _ClosureVariables.of(held)))
-    if fn is None:
-        return found
-    view = _GlobalVariables.of([(fn, _owner(fn, None))] + [(helper, None) for helper in helpers])
-    return found + ([(f"{getattr(_unwrapped(fn), '__name__', 'step')} globals", view)] if view._source else [])
+    return found + globals_fn_reads(fn, helpers=helpers)
 
 
 def globals_loaded(fn: Callable[..., Any] | None) -> list[tuple[str, Any]]:
@@ -680,13 +677,14 @@ def _closure_helpers(function: Any) -> list[types.FunctionType]:
     return found[:_SCAN_FUNCTIONS]
 
 
-def globals_fn_reads(fn: Callable[..., Any] | None, owner: type | None = None) -> list[tuple[str, Any]]:
+def globals_fn_reads(fn: Callable[..., Any] | None, owner: type | None = None,
+                     helpers: Sequence[Callable[..., Any]] = ()) -> list[tuple[str, Any]]:
     """``[(label, view)]`` of the module-level data ``fn`` reads (and the user's own
-    functions it calls, and the methods of ``owner`` it calls on its first
-    argument), or ``[]``."""
+    functions it calls, the methods of ``owner`` it calls on its first argument, and
+    the ``helpers`` it holds), or ``[]``."""
     if fn is None:
         return []
-    view = _GlobalVariables.of([(fn, _owner(fn, owner))])
+    view = _GlobalVariables.of([(fn, _owner(fn, owner))] + [(helper, None) for helper in helpers])
     return [(f"{getattr(_unwrapped(fn), '__name__', 'step')} globals", view)] if view._source else []
 
 
