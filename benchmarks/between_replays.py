@@ -1,12 +1,14 @@
 """How GPU work outside graphs changes the speed of a whole-step graph.
 
-    python benchmarks/between_replays.py [--workload rollout] [--variants ...]
+    python benchmarks/between_replays.py [--workload rollout] [--variants ...] [--gaps]
 
 Each variant runs in a fresh process. The ``between`` variants capture the
 workload's hand-written whole-step graph (AdamW, capturable), time back-to-back
 replays, then run 300 steps (``--between-steps``) that do something between
 replays, and time back-to-back replays again. The ``once`` variants do their work a
-single time, at a chosen point, and time the graph after it.
+single time, at a chosen point, and time the graph after it. ``--gaps`` also
+profiles 20 replays before and after (where the variant has a before): the GPU
+time of the graph's kernels, and the gaps between them.
 
 On an H200, a rollout graph that replayed 555 steps/s replays about 7% slower
 (515 to 520) once the process has launched some 30 to 40 kernels, memsets or
@@ -14,7 +16,8 @@ device-to-device copies outside a graph after its first capture: between replays
 or all at once, before the graph's first replay, after the graph was reset and
 captured again, after a one-kernel graph that was never replayed. It stays slow
 for the rest of the process (a graph captured afterwards, replays on another
-stream and idle seconds are as slow), at the same clocks. Three such launches,
+stream and idle seconds are as slow), at the same clocks. The kernels themselves
+take as long as before; the gaps between them grow (``--gaps``). Three such launches,
 copies from pinned host memory, eager warm-up steps before the first capture, and
 work captured in graphs of its own leave it at 555. A training process loses the
 faster speed at its first few dozen launches outside graphs after a capture (a
@@ -57,8 +60,11 @@ ONCE = {
 }
 
 
-def measure(workload_name: str, variant: str, between_steps: int = 300) -> tuple[list[float], list[float]]:
-    """Steps/s of three windows of back-to-back replays, before and after the variant's loop."""
+def measure(workload_name: str, variant: str, between_steps: int = 300,
+            gaps: list[str] | None = None) -> tuple[list[float], list[float]]:
+    """Steps/s of three windows of back-to-back replays, before and after the
+    variant's loop. With ``gaps`` (a list), what :func:`kernel_gaps` finds before and
+    after is appended to it."""
     import torch
 
     from benchmarks.workloads import WORKLOADS, hand_written_graph
@@ -96,16 +102,21 @@ def measure(workload_name: str, variant: str, between_steps: int = 300) -> tuple
             copy_graph.replay()
 
     before = [_window(graph) for _ in range(3)]
+    profiled_before = kernel_gaps(graph) if gaps is not None else None
     with torch.no_grad():
         for index in range(between_steps):
             between(index)
             graph.replay()
     torch.cuda.synchronize()
-    return before, [_window(graph) for _ in range(3)]
+    after = [_window(graph) for _ in range(3)]
+    if gaps is not None:
+        gaps += [f"before: {profiled_before}", f"after: {kernel_gaps(graph)}"]
+    return before, after
 
 
-def measure_once(workload_name: str, variant: str) -> tuple[list[float], list[float]]:
-    """Steps/s of back-to-back replays before (where the variant allows) and after its one-off work."""
+def measure_once(workload_name: str, variant: str, gaps: list[str] | None = None) -> tuple[list[float], list[float]]:
+    """Steps/s of back-to-back replays before (where the variant allows) and after
+    its one-off work; ``gaps`` as in :func:`measure`."""
     import torch
 
     from benchmarks.workloads import WORKLOADS, hand_written_graph
@@ -137,6 +148,8 @@ def measure_once(workload_name: str, variant: str) -> tuple[list[float], list[fl
         graph, *held = hand_written_graph(workload, static)
     elif variant in ("3-kernels", "40-kernels", "40-memsets", "5-eager-steps", "lightning-fit"):
         before = [_window(graph) for _ in range(3)]
+        if gaps is not None:
+            gaps.append(f"before: {kernel_gaps(graph)}")
         if variant == "lightning-fit":
             _fit_with_callback(workload, steps=100)
         elif variant == "40-memsets":
@@ -151,7 +164,33 @@ def measure_once(workload_name: str, variant: str) -> tuple[list[float], list[fl
                 optimizer.step()
         else:
             kernels(int(variant.split("-")[0]))
-    return before, [_window(graph) for _ in range(3)]
+    after = [_window(graph) for _ in range(3)]
+    if gaps is not None:
+        gaps.append(f"after: {kernel_gaps(graph)}")
+    return before, after
+
+
+def kernel_gaps(graph, replays: int = 20) -> str:
+    """Per replay of ``graph`` under the PyTorch profiler: the GPU time of its
+    kernels, the time from the first kernel's start to the last one's end, and the
+    median and 90th percentile of the idle gaps between consecutive kernels."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as profiled:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    spans = sorted((e.time_range.start, e.time_range.end) for e in profiled.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    if not spans:
+        return "no kernels recorded"
+    busy = sum(end - start for start, end in spans) / replays
+    wall = (spans[-1][1] - spans[0][0]) / replays
+    idle = sorted(max(0.0, b[0] - a[1]) for a, b in zip(spans, spans[1:]))
+    return (f"{len(spans) / replays:.0f} kernels, {busy:.0f} us of kernel time, {wall:.0f} us first to last, "
+            f"gaps median {idle[len(idle) // 2]:.2f} us, 90th percentile {idle[int(len(idle) * 0.9)]:.2f} us")
 
 
 def _fit_with_callback(workload, steps: int) -> None:
@@ -201,24 +240,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS) + list(ONCE),
                         choices=list(VARIANTS) + list(ONCE))
     parser.add_argument("--between-steps", type=int, default=300, help="steps doing the variant's work (default 300)")
+    parser.add_argument("--gaps", action="store_true",
+                        help="also profile 20 replays before and after: kernel time and the gaps between kernels "
+                             "(profiling may itself move the timed figures a little)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         variant = args.variants[0]
+        gaps: list[str] | None = [] if args.gaps else None
         if variant in ONCE:
-            before, after = measure_once(args.workload, variant)
+            before, after = measure_once(args.workload, variant, gaps)
         else:
-            before, after = measure(args.workload, variant, args.between_steps)
+            before, after = measure(args.workload, variant, args.between_steps, gaps)
+        for line in gaps or ():
+            print(f"GAPS {line}")
         print(" ".join(f"{v:.0f}" for v in before) or "-", "|", " ".join(f"{v:.0f}" for v in after), flush=True)
         return 0
     print(f"{args.workload}: steps/s of back-to-back replays (three windows of 200), before | after "
           f"{args.between_steps} steps of (between variants) or the work done once")
     for variant in args.variants:
         done = subprocess.run([sys.executable, __file__, "--worker", "--workload", args.workload, "--variants", variant,
-                               "--between-steps", str(args.between_steps)],
+                               "--between-steps", str(args.between_steps)] + (["--gaps"] if args.gaps else []),
                               capture_output=True, text=True)
-        result = done.stdout.strip().splitlines()[-1] if done.returncode == 0 and done.stdout.strip() else "failed"
+        lines = done.stdout.strip().splitlines()
+        result = lines[-1] if done.returncode == 0 and lines else "failed"
         print(f"  {variant:30s} {result:28s} ({VARIANTS.get(variant) or ONCE[variant]})", flush=True)
+        for line in lines:
+            if line.startswith("GAPS "):
+                print(f"      {line[len('GAPS '):]}")
         if result == "failed":
             print("\n".join(done.stderr.strip().splitlines()[-5:]))
     return 0
