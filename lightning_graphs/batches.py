@@ -124,19 +124,23 @@ def _rebuild(tree: Any, leaves: Iterator[Any]) -> Any:
 
 class _Value:
     """A non-tensor leaf compared by value; objects whose ``==`` is not a plain bool
-    (NumPy arrays, for instance) are compared by identity."""
+    (NumPy arrays, for instance) are compared by identity. What an in-place change to
+    the object would change is kept apart (:func:`_contents`): the same object
+    changed since compares unequal, and the step is not replayed with what it read
+    before."""
 
-    __slots__ = ("value",)
+    __slots__ = ("value", "contents")
 
     def __init__(self, value: Any) -> None:
         self.value = value
+        self.contents = _contents(value)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, _Value):
             return False
         a, b = self.value, other.value
         if a is b:
-            return True
+            return self.contents == other.contents
         if type(a) is not type(b):
             return False
         if isinstance(a, float) and math.isnan(a) and math.isnan(b):
@@ -152,6 +156,24 @@ class _Value:
 
     def __repr__(self) -> str:
         return repr(self.value)
+
+
+_ARRAY_BYTES_COMPARED = 1 << 16
+
+
+def _contents(value: Any) -> Any:
+    """What can change in place in a mutable non-tensor leaf: an array's values (a
+    NumPy array up to 64 KiB), or an object's attributes of plain types (a config
+    namespace, a dataclass, a module's flags). ``None`` for anything else; a larger
+    array is never taken as unchanged."""
+    if all(hasattr(value, name) for name in ("tobytes", "dtype", "shape", "nbytes")):
+        if value.nbytes <= _ARRAY_BYTES_COMPARED:
+            return tuple(value.shape), str(value.dtype), value.tobytes()
+        return object()  # too large to compare at every call: never taken as unchanged
+    attributes = getattr(value, "__dict__", None)
+    if isinstance(attributes, dict):
+        return tuple((name, v) for name, v in attributes.items() if type(v) in _PLAIN_TYPES)
+    return None
 
 
 _PLAIN_TYPES = (bool, int, float, complex, str, bytes, type(None))

@@ -315,9 +315,21 @@ def _as_list(name: str, value: Any) -> list:
     if isinstance(value, (torch.optim.Optimizer, torch.nn.Module)) or hasattr(value, "optimizer"):
         return [value]  # (Lightning and Fabric wrap optimizers: they have `.optimizer`)
     try:
-        return list(value)
+        items = list(value)
     except TypeError:
         raise TypeError(f"`{name}` must be a list, got {type(value).__name__}: pass [{name[:-1]}]") from None
+    for item in items:
+        wanted, label = (torch.optim.Optimizer, "torch.optim.Optimizer") if name == "optimizers" \
+            else (torch.nn.Module, "torch.nn.Module")
+        # (Lightning and Fabric wrap optimizers; an optimizer of one's own may only look like one)
+        looks_like_one = name == "optimizers" and (hasattr(item, "optimizer") or hasattr(item, "param_groups"))
+        if not isinstance(item, wanted) and not looks_like_one:
+            raise TypeError(
+                f"`{name}` takes {label} objects, got a {type(item).__name__}: "
+                f"pass `{name}=[{name[:-1]}]`" + (" (the optimizer, not the parameters it updates)"
+                                                  if isinstance(item, torch.Tensor) else "")
+            )
+    return items
 
 
 class GraphedStep:
@@ -621,7 +633,14 @@ class GraphedStep:
                     "inside the step or before each call)"
                 )
             return None
-        if tuple(p.grad is not None for p in captured.params) != captured.grads_before:
+        held = tuple(p.grad is not None for p in captured.params)
+        if held != captured.grads_before and not any(held):
+            return (
+                f"{self.what} adds to the gradients, was captured adding to gradients held then, and none are "
+                "held now (zeroed between calls). To accumulate over several calls, use one `GraphedStep` for "
+                "the first call of each cycle and another for the rest"
+            )
+        if held != captured.grads_before:
             return (
                 "the parameters holding gradients differ from those when this accumulating step was captured "
                 "(a parameter some batches do not use)"
@@ -759,12 +778,13 @@ class GraphedStep:
             self._pool = self._given_pool if self._given_pool is not None else torch.cuda.graph_pool_handle()
         failure: Exception | None = None
         ended_cleanly = False  # whether the capture, given up or not, was ended without a CUDA error
+        stepped: list[torch.optim.Optimizer] = []
         try:
             with torch.cuda.device(self._device), torch.cuda.stream(stream):
                 graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
                 try:
                     with no_compilation(), graph_safe_grad_scalers(self._grad_scalers, self._step_unless_found_inf), \
-                            self._reads.recording(self._watch + self._follow):
+                            self._reads.recording(self._watch + self._follow), optimizers_stepped(stepped):
                         versions = static.versions()
                         outputs = fn(static.value)
                         static.note_written(versions)
@@ -813,6 +833,7 @@ class GraphedStep:
         self._deferred_captures = 0
         problems = [optimizer.exit_capture() for optimizer in self._optimizers]
         problems.append(self._side_effects(before, hyperparameters=False))
+        problems.append(self._not_given_in_capture(stepped))
         self.stats.capture_seconds += time.perf_counter() - started
         zeroed = any(optimizer.zeroed_in_capture for optimizer in self._optimizers)
         # the gradients this graph writes: the optimizers' parameters', and those of the modules' other
@@ -950,28 +971,34 @@ class GraphedStep:
             self.stats.eager_reasons[key] = self.stats.eager_reasons.get(key, 0) + 1
         return outputs
 
-    def __call__(self, *inputs: Any) -> Any:
-        """Run the step on ``inputs``: warm-up, capture, replay or eager, as :meth:`plan` decides.
+    def __call__(self, *inputs: Any, **keyword_inputs: Any) -> Any:
+        """Run the step on ``inputs`` (positional and keyword): warm-up, capture, replay
+        or eager, as :meth:`plan` decides.
 
         Outputs of a replay are cloned, so they stay valid after the next call.
         """
         if self.fn is None:
             raise TypeError("GraphedStep was built without `fn`; pass one, or drive plan()/replay()/... yourself")
-        plan = self.plan(inputs)
+        if keyword_inputs:
+            value: Any = (inputs, keyword_inputs)
+            call = lambda given: self.fn(*given[0], **given[1])  # noqa: E731
+        else:
+            value, call = inputs, lambda given: self.fn(*given)  # noqa: E731
+        plan = self.plan(value)
         if plan.action is Action.REPLAY:
             return clone_tensors(self.replay(plan))
         if plan.action is Action.WARMUP:
-            return self.warmup(lambda: self.fn(*inputs), plan)
+            return self.warmup(lambda: call(value), plan)
         if plan.action is Action.CAPTURE:
             try:
-                return clone_tensors(self.capture(plan, lambda static: self.fn(*static)))
+                return clone_tensors(self.capture(plan, call))
             except CaptureDeferred:
-                return self(*inputs)  # planned again: an eager warm-up step
+                return self(*inputs, **keyword_inputs)  # planned again: an eager warm-up step
             except CaptureFailed as failure:
                 self.disable(failure.explanation, cause=failure)
-                return self.eager(lambda: self.fn(*inputs), "capture failed")
+                return self.eager(lambda: call(value), "capture failed")
         self.warn_fallback(plan)
-        return self.eager(lambda: self.fn(*inputs), plan.reason)
+        return self.eager(lambda: call(value), plan.reason)
 
     def warn_fallback(self, plan: StepPlan, advice: str = "") -> None:
         """Tell once per differing input why calls like this one run eagerly."""
@@ -1174,14 +1201,23 @@ class GraphedStep:
                 f"as captured. Step the scheduler outside {self.what}, after each call"
             )
         if self._stepped_not_given:
-            name = type(self._stepped_not_given[0]).__name__
-            return (
-                f"{self.what} steps a {name} optimizer it was not given: a graph would keep that optimizer's "
-                "learning rate and settings as captured. Give it with the others (return it from "
-                "`configure_optimizers`; `GraphedStep(..., optimizers=[opt])` outside Lightning) to graph the step"
-            )
+            return self._not_given_message(self._stepped_not_given[0])
         loaded = globals_loaded(self.fn) if self.fn is not None else []
         return scaler_not_given(self._reach, loaded, self._grad_scalers) or iterator_held(self._reach, loaded)
+
+    def _not_given_in_capture(self, stepped: list[torch.optim.Optimizer]) -> str | None:
+        """Names an optimizer not given that the captured step stepped, as the eager step
+        before it did (one made inside the step for an inner loop is the step's own)."""
+        given = {id(optimizer.optimizer) for optimizer in self._optimizers}
+        kept = [o for o in stepped if id(o) not in given and o in self._not_given_before]
+        return self._not_given_message(kept[0]) if kept else None
+
+    def _not_given_message(self, optimizer: torch.optim.Optimizer) -> str:
+        return (
+            f"{self.what} steps a {type(optimizer).__name__} optimizer it was not given: a graph would keep that "
+            "optimizer's learning rate and settings as captured. Give it with the others (return it from "
+            "`configure_optimizers`; `GraphedStep(..., optimizers=[opt])` outside Lightning) to graph the step"
+        )
 
     def _side_effects(self, before: tuple[StateFingerprint, list, dict, tuple] | None,
                       hyperparameters: bool = True) -> str | None:

@@ -165,7 +165,9 @@ class GraphSafeOptimizer:
         self._while_capturing: list[dict[str, Any]] = []  # per group: settings to restore after capturing
         self._saved_step: Any = _MISSING  # the optimizer's own `step` attribute, while ours stands in
         self._saved_zero_grad: Any = _MISSING  # its own `zero_grad` attribute, while a watcher stands in
-        self.zeroed_in_capture = False  # whether the captured step called zero_grad
+        # whether the captured step called zero_grad before it touched the gradients it
+        # found (then its graph reads none of them; one zeroing after its backward read them)
+        self.zeroed_in_capture = False
         self._host_scalars: list[AdamHostScalars | None] = []  # per group, for our Adam step
         self._updated: list[torch.Tensor] = []  # parameters our Adam step updated in the capture under way
         # parameters the graphs held update: our Adam step shares bias corrections among
@@ -272,9 +274,13 @@ class GraphSafeOptimizer:
         self.zeroed_in_capture = False
         self._saved_zero_grad = self.optimizer.__dict__.get("zero_grad", _MISSING)
         zero_grad = self.optimizer.zero_grad
+        found = [(p, p.grad, p.grad._version) for group in groups for p in group["params"] if p.grad is not None]
+        first_call = [True]
 
         def watched_zero_grad(*args: Any, **kwargs: Any) -> Any:
-            self.zeroed_in_capture = True
+            if first_call[0]:
+                first_call[0] = False
+                self.zeroed_in_capture = all(p.grad is grad and grad._version == version for p, grad, version in found)
             return zero_grad(*args, **kwargs)
 
         self.optimizer.zero_grad = watched_zero_grad
@@ -348,9 +354,10 @@ class GraphSafeOptimizer:
         return [{k: _frozen(v) for k, v in baked.items()} for baked in self._baked_values()]
 
     def structure_key(self) -> tuple:
-        """Identities of the state, the param groups and their parameter lists."""
+        """Identities of the state, the param groups and their parameter lists, and how
+        many parameters have state (``optimizer.state.clear()`` resets it in place)."""
         opt = self.optimizer
-        return (id(opt.state), id(opt.param_groups), tuple(id(g["params"]) for g in opt.param_groups))
+        return (id(opt.state), len(opt.state), id(opt.param_groups), tuple(id(g["params"]) for g in opt.param_groups))
 
     def _move_scalar_state_to_device(self) -> None:
         for group in self.optimizer.param_groups:

@@ -89,6 +89,13 @@ def test_graphed_step_arguments_of_the_wrong_kind_are_named():
         GraphedStep(lambda: None, watch=[torch.nn.Linear(2, 1)])
     with pytest.raises(TypeError, match=re.escape("`follow` takes (label, object) pairs")):
         GraphedStep(lambda: None, follow=("data", object()))
+    model = torch.nn.Linear(2, 1)
+    with pytest.raises(TypeError, match=re.escape("got a Parameter: pass `optimizers=[optimizer]` (the optimizer, not")):
+        GraphedStep(lambda: None, optimizers=model.parameters())
+    with pytest.raises(TypeError, match="`optimizers` takes torch.optim.Optimizer objects, got a Linear"):
+        GraphedStep(lambda: None, optimizers=[model])
+    with pytest.raises(TypeError, match="`modules` takes torch.nn.Module objects, got a SGD"):
+        GraphedStep(lambda: None, modules=[torch.optim.SGD(model.parameters(), lr=0.1)])
 
 
 def test_one_optimizer_or_module_alone_is_taken_as_a_list_of_it():

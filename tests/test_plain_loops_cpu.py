@@ -1,0 +1,208 @@
+"""``GraphedStep`` in training loops as users write them, eager against graphed on
+the CPU (``replaying_graph.ReplayingGraph`` replays only what was captured, none of
+the step's Python, as a CUDA graph does)."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_graphs import GraphedStep, GraphWarning
+from replaying_graph import ReplayingGraph
+
+
+@pytest.fixture
+def replaying(graph_api_on_cpu, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", ReplayingGraph)
+
+
+def _weight():
+    weight = torch.nn.Parameter(torch.ones(3))
+    module = torch.nn.Module()
+    module.weight = weight
+    return weight, module
+
+
+def test_a_step_that_zeroes_the_gradients_after_stepping_adds_to_those_held_before(replaying):
+    """Accumulation decided by an argument: each call adds to the gradients; every
+    second one also steps and zeroes them at its end, so its graph reads the gradients
+    the call before left, which another graph wrote."""
+
+    def train(graphed):
+        weight, module = _weight()
+        optimizer = torch.optim.SGD([weight], lr=0.1)
+
+        def step(x, take_step):
+            (weight * x).sum().backward()
+            if take_step:
+                optimizer.step()
+                optimizer.zero_grad()
+
+        run = GraphedStep(step, optimizers=[optimizer], modules=[module], device="cuda") if graphed else step
+        trace = []
+        for index in range(12):
+            run(torch.full((3,), float(index + 1)), index % 2 == 1)
+            trace.append(weight.detach().clone())
+        return trace, run
+
+    eager, _ = train(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GraphWarning)
+        graphed, run = train(True)
+    for got, want in zip(graphed, eager):
+        torch.testing.assert_close(got, want)
+    assert run.stats.replays > 0, run.stats.summary()
+
+
+@pytest.mark.parametrize("warmup_steps", [1, 3])
+def test_an_optimizer_not_given_is_noticed_whatever_the_warm_up(replaying, warmup_steps):
+    def train(graphed):
+        weight, module = _weight()
+        optimizer = torch.optim.SGD([weight], lr=0.1)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.1)
+
+        def step(x):
+            optimizer.zero_grad()
+            (weight * x).sum().backward()
+            optimizer.step()
+
+        run = GraphedStep(step, modules=[module], warmup_steps=warmup_steps, device="cuda") if graphed else step
+        trace = []
+        for _ in range(9):
+            run(torch.ones(3))
+            scheduler.step()
+            trace.append(float(weight.detach()[0]))
+        return trace
+
+    eager = train(False)
+    with pytest.warns(GraphWarning, match="steps a SGD optimizer it was not given"):
+        graphed = train(True)
+    assert graphed == pytest.approx(eager, abs=1e-7)
+
+
+@pytest.mark.parametrize("make_optimizer", [lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+                                            lambda p: torch.optim.AdamW(p, lr=0.1)], ids=["sgd-momentum", "adamw"])
+def test_an_optimizer_state_cleared_between_calls_starts_afresh(replaying, make_optimizer):
+    def train(graphed):
+        weight, module = _weight()
+        optimizer = make_optimizer([weight])
+
+        def step(x):
+            optimizer.zero_grad()
+            (weight * x).sum().backward()
+            optimizer.step()
+
+        run = GraphedStep(step, optimizers=[optimizer], modules=[module], device="cuda") if graphed else step
+        trace = []
+        for index in range(12):
+            if index == 7:
+                optimizer.state.clear()  # a warm restart
+            run(torch.full((3,), float(index % 4 + 1)))
+            trace.append(float(weight.detach()[0]))
+        return trace, run
+
+    eager, _ = train(False)
+    graphed, run = train(True)
+    assert graphed == pytest.approx(eager, rel=1e-6, abs=1e-7)
+    assert run.stats.replays > 0, run.stats.summary()
+
+
+@dataclasses.dataclass
+class Settings:
+    scale: float = 1.0
+
+
+def _set_scale(settings, value):
+    if isinstance(settings, np.ndarray):
+        settings[0] = value
+    else:
+        settings.scale = value
+
+
+@pytest.mark.parametrize("make_settings", [lambda: types.SimpleNamespace(scale=1.0), Settings,
+                                           lambda: np.array([1.0])], ids=["namespace", "dataclass", "numpy"])
+def test_an_argument_object_changed_in_place_is_never_replayed_stale(replaying, make_settings):
+    def train(graphed):
+        weight, module = _weight()
+        optimizer = torch.optim.SGD([weight], lr=0.1)
+
+        def step(x, settings):
+            scale = float(settings[0]) if isinstance(settings, np.ndarray) else settings.scale
+            optimizer.zero_grad()
+            (scale * weight * x).sum().backward()
+            optimizer.step()
+
+        run = GraphedStep(step, optimizers=[optimizer], modules=[module], device="cuda") if graphed else step
+        settings, trace = make_settings(), []
+        for index in range(12):
+            if index in (6, 9):
+                _set_scale(settings, float(index))
+            run(torch.ones(3), settings)
+            trace.append(float(weight.detach()[0]))
+        return trace, run
+
+    eager, _ = train(False)
+    graphed, run = train(True)
+    assert graphed == pytest.approx(eager, rel=1e-6)
+    assert run.stats.replays >= 4 and run.stats.captures == 3, run.stats.summary()
+
+
+def test_a_step_called_with_keyword_arguments(replaying):
+    def train(graphed):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 1)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+
+        def step(x, y, weight=1.0):
+            optimizer.zero_grad()
+            loss = weight * torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            optimizer.step()
+            return loss.detach()
+
+        run = GraphedStep(step, optimizers=[optimizer], modules=[model], device="cuda") if graphed else step
+        generator = torch.Generator().manual_seed(1)
+        losses = [float(run(x=torch.randn(8, 4, generator=generator), y=torch.randn(8, 1, generator=generator),
+                            weight=0.5 if index >= 6 else 1.0))
+                  for index in range(10)]
+        return losses, run
+
+    eager, _ = train(False)
+    graphed, run = train(True)
+    assert graphed == pytest.approx(eager, rel=1e-6)
+    assert run.stats.replays > 0, run.stats.summary()
+
+
+def test_micro_steps_with_the_gradients_zeroed_between_cycles_name_the_fix(replaying):
+    """A backward-only micro-step, the optimizer stepped and the gradients zeroed outside
+    every second call: the call after each zeroing runs eagerly, and the warning says how
+    to keep it graphed."""
+
+    def train(graphed):
+        weight, module = _weight()
+        optimizer = torch.optim.SGD([weight], lr=0.1)
+
+        def micro_step(x):
+            (weight * x).sum().backward()
+
+        run = GraphedStep(micro_step, modules=[module], device="cuda") if graphed else micro_step
+        trace = []
+        for index in range(10):
+            run(torch.full((3,), float(index + 1)))
+            if index % 2 == 1:
+                optimizer.step()
+                optimizer.zero_grad()
+            trace.append(weight.detach().clone())
+        return trace
+
+    eager = train(False)
+    with pytest.warns(GraphWarning, match="none are held now .zeroed between calls.. To accumulate over several "
+                                          "calls, use one `GraphedStep` for the first call of each cycle"):
+        graphed = train(True)
+    for got, want in zip(graphed, eager):
+        torch.testing.assert_close(got, want)
