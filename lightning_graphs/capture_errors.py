@@ -134,8 +134,9 @@ def explain_capture_error(
         return (
             f"Could not capture {what} as a CUDA graph: {operation}, at {where} "
             f"({type(origin).__name__}: {first_line}). A graph can only hold GPU work that needs no answer "
-            "from the host; keep such reads out of the step (log the tensor itself with `self.log`, or read "
-            f"values in `{batch_end_hook}`)."
+            "from the host; keep such reads out of the step (with Lightning, log the tensor itself with "
+            f"`self.log`, or read values in `{batch_end_hook}`; in a loop of your own, return the tensor and "
+            "read it after the call)."
         )
     raised = _raised_in(origin.__traceback__)
     raised = f", raised in {raised}" if raised else ""
