@@ -49,6 +49,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.loops import _FitLoop, _TrainingEpochLoop
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch.nn.parallel import DistributedDataParallel
@@ -455,6 +456,12 @@ class LogCall:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
+_BUFFER_ADVICE = (
+    "give the step what it needs from it in a tensor of the module's own that a hook updates in place "
+    "(`self.weight.fill_(value)` in `on_train_batch_start`): a replay reads the tensor's new value"
+)
+
+
 class StepProbe:
     """Watches one eager or captured step (training, validation, test or predict)
     for what a replay cannot repeat.
@@ -471,6 +478,13 @@ class StepProbe:
 
     # (``is_last_batch`` exists on the Trainer only: a step that steps a scheduler at the epoch's end reads it)
     _WATCHED_PROPERTIES = ("global_step", "current_epoch", "is_last_batch")
+    # values the fit changes between steps that user code may read from the Trainer or its
+    # loops (only reads from the user's own code count: Lightning's are its business)
+    _WATCHED_TRAINER_VALUES = (
+        (pl.Trainer, "self.trainer", ("callback_metrics", "logged_metrics", "progress_bar_metrics")),
+        (_FitLoop, "self.trainer.fit_loop", ("total_batch_idx", "batch_idx")),
+        (_TrainingEpochLoop, "self.trainer.fit_loop.epoch_loop", ("total_batch_idx", "batch_idx")),
+    )
     # hooks in which user code runs and Lightning itself reads no epoch or step counter
     _USER_HOOKS = frozenset(
         {"training_step", "on_before_backward", "on_after_backward", "on_before_optimizer_step", "on_before_zero_grad",
@@ -548,32 +562,40 @@ class StepProbe:
             hook in self._SHARED_HOOKS and not framework_module(caller.f_globals.get("__name__"))
         )
 
-    def _watch_property(self, owner: type, name: str, module_level: bool) -> tuple[type, str, Any] | None:
+    def _watch_property(self, owner: type, name: str, module_level: bool,
+                        where: str | None = None) -> tuple[type, str, Any] | None:
+        """``owner.name`` notes a read from the step (with ``where``, the user's name for
+        the owner: only reads from code outside the frameworks count)."""
         original = owner.__dict__.get(name)
         if not isinstance(original, property):
             return None
         probe = self
 
         def read(instance: Any) -> Any:
-            if module_level or probe._user_code(sys._getframe(1)):
-                where = "self" if module_level else "self.trainer"
+            caller = sys._getframe(1)
+            if where is not None and framework_module(caller.f_globals.get("__name__")):
+                return original.fget(instance)
+            if module_level or probe._user_code(caller):
+                owner_name = where or ("self" if module_level else "self.trainer")
                 probe.note(
-                    f"{probe.what} reads `{where}.{name}`; a CUDA graph would replay the captured step's "
+                    f"{probe.what} reads `{owner_name}.{name}`; a CUDA graph would replay the captured step's "
                     f"Python decisions at every step. Do what depends on it in `{probe.batch_end_hook}` or at the "
                     "epoch's end" + (" (a scheduler stepped per epoch: `interval: \"epoch\"`, or in "
                                      "`on_train_epoch_end`)" if probe.batch_end_hook == "on_train_batch_end" else "")
+                    + f", or {_BUFFER_ADVICE}"
                 )
             return original.fget(instance)
 
         setattr(owner, name, property(read))
         return owner, name, original
 
-    def _watch_scheduler_reads(self, patched: list[tuple[type, Any]]) -> None:
-        """The classes of the fit's learning-rate schedulers get a ``get_last_lr`` that
-        notes a call on one of them from inside the step (each added to ``patched``): the scheduler changes that
-        host value between steps, and a replay would keep the captured one. (On the
-        class, not the instance: a scheduler's ``state_dict`` holds its instance
-        attributes.)"""
+    def _watch_scheduler_reads(self, patched: list[tuple[type, str, Any]]) -> None:
+        """The classes of the fit's learning-rate schedulers get a ``get_last_lr`` and a
+        ``last_epoch`` that note a call or read on one of them from inside the step
+        (``(class, name, own attribute)`` added to ``patched``): the scheduler changes
+        those host values between steps, and a replay would keep the captured ones.
+        (On the class, not the instance: a scheduler's ``state_dict`` holds its
+        instance attributes.)"""
         trainer = getattr(self.module, "_trainer", None)
         configs = getattr(trainer, "lr_scheduler_configs", None) or []
         watched = {id(config.scheduler) for config in configs}
@@ -598,7 +620,34 @@ class StepProbe:
                 cls.get_last_lr = get_last_lr
             except Exception:  # a class that takes no new attributes: its reads go unnoticed
                 continue
-            patched.append((cls, own))  # (at once: an interruption leaves nothing patched unnoted)
+            patched.append((cls, "get_last_lr", own))  # (at once: an interruption leaves nothing patched unnoted)
+            if "last_epoch" not in cls.__dict__:
+                cls.last_epoch = self._watched_step_count(watched)
+                patched.append((cls, "last_epoch", _MISSING))
+
+    def _watched_step_count(self, watched: set[int]) -> property:
+        """A scheduler's ``last_epoch`` (the count of its steps, kept in the instance as
+        ever) that notes a read from the step on one of the fit's schedulers."""
+        probe = self
+
+        def read(scheduler: Any) -> Any:
+            caller = sys._getframe(1)  # (a scheduler stepped in the step reads its own count)
+            if id(scheduler) in watched and not framework_module(caller.f_globals.get("__name__")) \
+                    and probe._user_code(caller):
+                probe.note(
+                    f"{probe.what} reads `last_epoch` of its {type(scheduler).__name__} scheduler, a count the "
+                    "scheduler changes outside the step; a CUDA graph would keep the captured value at every "
+                    f"replay. Instead, {_BUFFER_ADVICE}"
+                )
+            try:
+                return scheduler.__dict__["last_epoch"]
+            except KeyError:
+                raise AttributeError("last_epoch") from None
+
+        def write(scheduler: Any, value: Any) -> None:
+            scheduler.__dict__["last_epoch"] = value
+
+        return property(read, write)
 
     def _watch_counter_arguments(self, hook: str) -> bool:
         """A user's ``optimizer_step`` or ``optimizer_zero_grad`` gets its ``epoch`` and
@@ -634,6 +683,9 @@ class StepProbe:
             for name in self._WATCHED_PROPERTIES:
                 patched.append(self._watch_property(pl.LightningModule, name, module_level=True))
                 patched.append(self._watch_property(pl.Trainer, name, module_level=False))
+            for owner, where, names in self._WATCHED_TRAINER_VALUES:
+                for name in names:
+                    patched.append(self._watch_property(owner, name, module_level=False, where=where))
             for hook in ("optimizer_step", "optimizer_zero_grad"):
                 own = self.module.__dict__.get(hook, _MISSING)  # a user's own instance attribute, kept
                 if self._watch_counter_arguments(hook):
@@ -642,11 +694,11 @@ class StepProbe:
         finally:
             for owner, name, original in (p for p in reversed(patched) if p is not None):
                 setattr(owner, name, original)
-            for cls, own in reversed(schedulers):
+            for cls, name, own in reversed(schedulers):
                 if own is _MISSING:
-                    del cls.get_last_lr
+                    delattr(cls, name)
                 else:
-                    cls.get_last_lr = own
+                    setattr(cls, name, own)
             self.module.__dict__.pop("log", None)
             for hook, own in wrapped:
                 if own is _MISSING:

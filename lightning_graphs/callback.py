@@ -354,6 +354,12 @@ class CUDAGraphCallback(pl.Callback):
         if str(trainer.precision) not in _SUPPORTED_PRECISION:
             supported = ", ".join(f'"{p}"' for p in _SUPPORTED_PRECISION if p != "32")
             return f'precision="{trainer.precision}" is not graphed yet (supported: {supported})'
+        if training and (getattr(trainer, "_detect_anomaly", False) or torch.is_anomaly_enabled()):
+            return (
+                "autograd's anomaly detection (`Trainer(detect_anomaly=True)` or `torch.autograd.set_detect_anomaly`) "
+                "reads every gradient on the host during the backward pass to look for NaNs, which a CUDA graph "
+                "cannot hold; train without it to get the graph speed-up"
+            )
         return None
 
     @staticmethod

@@ -1638,3 +1638,53 @@ def test_manual_optimization_with_optimizers_replaced_during_the_fit_trains_eage
     assert stats.replays > 0 and stats.disabled_reason is not None, stats.summary()
     (warning,) = graphed.warnings
     assert "optimizers were replaced during the fit" in warning, warning
+
+
+# -- values the fit changes between steps, read from the step ------------------------------------------------------
+
+
+class RampedBy(models.Regressor):
+    """A penalty ramped up by a count or a metric the fit keeps, read where the step runs."""
+
+    def __init__(self, read):
+        super().__init__("adamw", "cosine", epochs=3)
+        self.read = read
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        pred = self(x)
+        ramp = self.read(self)
+        loss = torch.nn.functional.mse_loss(pred, y) * (1.0 + ramp) + 0.1 * ramp * pred.pow(2).mean()
+        self.log("train_loss", loss)
+        return loss
+
+
+_FIT_VALUES = {
+    "last_epoch": (lambda m: min(1.0, m.lr_schedulers().last_epoch / 10), "reads `last_epoch` of its"),
+    "callback_metrics": (lambda m: m.trainer.callback_metrics.get("val_loss", torch.tensor(0.0)),
+                         "reads `self.trainer.callback_metrics`"),
+    "total_batch_idx": (lambda m: min(1.0, m.trainer.fit_loop.total_batch_idx / 10),
+                        "reads `self.trainer.fit_loop.total_batch_idx`"),
+    "epoch batch_idx": (lambda m: m.trainer.fit_loop.epoch_loop.batch_idx / 10,
+                        "reads `self.trainer.fit_loop.epoch_loop.batch_idx`"),
+}
+
+
+@pytest.mark.parametrize("value", list(_FIT_VALUES))
+def test_a_step_reading_a_value_the_fit_changes_between_steps_trains_eagerly_with_one_warning(replaying, value):
+    read, named = _FIT_VALUES[value]
+    eager, graphed = both(lambda: RampedBy(read), max_epochs=3, val_loader=lambda: loader(batch_size=16))
+    assert_same(eager, graphed)
+    (warning,) = graphed.warnings
+    assert named in warning and "updates in place" in warning
+    assert graphed.callback.stats.replays == 0, graphed.callback.stats.summary()
+
+
+
+def test_anomaly_detection_trains_eagerly_with_one_warning_naming_it(replaying):
+    eager, graphed = both(lambda: models.Regressor("adamw", "lambda"), detect_anomaly=True)
+    assert_same(eager, graphed)
+    (warning,) = graphed.warnings
+    assert "detect_anomaly=True" in warning
+    stats = graphed.callback.stats
+    assert stats is None or stats.captures == 0, stats.summary()
