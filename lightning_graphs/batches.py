@@ -275,13 +275,15 @@ def differs_in_a_tensor(expected: BatchSignature, got: BatchSignature) -> bool:
     return first is not None and _is_tensor_spec(first[0]) and _is_tensor_spec(first[1])
 
 
-def describe_mismatch(expected: BatchSignature, got: BatchSignature, root: str = "batch") -> str:
-    """One sentence naming the first difference between two signatures."""
+def describe_mismatch(expected: BatchSignature, got: BatchSignature, root: str = "batch",
+                      expected_by: str = "the captured graph expects") -> str:
+    """One sentence naming the first difference between two signatures (``expected_by``:
+    who holds ``expected``)."""
     if expected.tree != got.tree:
         return f"{root} has a different structure than the captured one"
     for path, a, b in zip(leaf_paths(expected.tree, root), expected.specs, got.specs):
         if a != b:
-            text = f"{path} has {_describe_leaf(b, a)}; the captured graph expects {_describe_leaf(a, b)}"
+            text = f"{path} has {_describe_leaf(b, a)}; {expected_by} {_describe_leaf(a, b)}"
             if not _is_tensor_spec(a) and not _is_tensor_spec(b):
                 text += (
                     " (values that are not tensors are part of a batch's signature, as a graph replays the "

@@ -567,7 +567,7 @@ class GraphedStep:
             if self._unrepeated >= _MAX_UNREPEATED:
                 self.disable(
                     f"no {self.input_name} signature recurred in {self._unrepeated} calls in a row, so nothing was "
-                    f"captured: {describe_mismatch(self._warmed[-1], signature, self.input_name)}"
+                    f"captured: {describe_mismatch(self._warmed[-1], signature, self.input_name, 'one before had')}"
                 )
                 return StepPlan(Action.EAGER, signature, "graphs disabled")
             return StepPlan(Action.WARMUP, signature, variant=variant)

@@ -1361,6 +1361,7 @@ def test_batches_whose_signature_never_recurs_train_eagerly_with_one_warning(rep
     assert stats.captures == 0 and stats.disabled_reason is not None, stats.summary()
     (warning,) = graphed.warnings
     assert "no batch signature recurred in 64 calls in a row" in warning and "batch['name']" in warning, warning
+    assert "one before had" in warning and "captured graph" not in warning, warning
 
 
 class SwitchesToSGD(pl.Callback):
