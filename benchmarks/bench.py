@@ -27,6 +27,10 @@ their compile time (the first step) is reported apart from steps/s.
 Each (workload, mode) runs in a fresh process: ``--warmup`` steps, then ``--repeats``
 timed windows of ``--steps`` steps each (device synchronised at window edges only).
 The table reports the median window; ratios compare medians measured in this one run.
+``--rounds N`` measures each (workload, mode) in N processes, taking the modes in
+turn round after round, and reports the median of their medians: where the host sets
+the pace, its speed drifts from process to process, and taking turns spreads the
+drift over every mode.
 Results go to ``--out`` as JSON and a PNG bar chart (with matplotlib installed).
 """
 
@@ -315,6 +319,26 @@ def run_one(workload: str, mode: str, args: argparse.Namespace) -> dict:
     return result
 
 
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One result from the processes that measured one (workload, mode): the median of
+    their medians, every window, each process's median (``process_medians``), the
+    highest peak memory; the first error if any failed."""
+    failed = [r for r in rounds if "median_steps_per_s" not in r]
+    if failed or len(rounds) == 1:
+        return failed[0] if failed else rounds[0]
+    medians = [r["median_steps_per_s"] for r in rounds]
+    merged = dict(rounds[0])
+    merged.update(
+        median_steps_per_s=statistics.median(medians),
+        process_medians=medians,
+        steps_per_s=[window for r in rounds for window in r["steps_per_s"]],
+        wall_seconds=sum(r.get("wall_seconds", 0.0) for r in rounds),
+    )
+    peaks = [r["peak_memory_mib"] for r in rounds if r.get("peak_memory_mib") is not None]
+    merged["peak_memory_mib"] = max(peaks) if peaks else None
+    return merged
+
+
 def ratios(results: list[dict]) -> dict[str, dict[str, float]]:
     """Per workload: the callback's median steps/s (``lightning-graphs``, and
     ``lightning-graphs-compiled`` and ``lightning-graphs-ddp`` as rows of their own,
@@ -425,6 +449,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=300, help="steps per timed window")
     parser.add_argument("--warmup", type=int, default=30, help="untimed steps first")
     parser.add_argument("--repeats", type=int, default=3, help="timed windows; the median is reported")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="fresh processes per (workload, mode), the modes taken in turn round after round; "
+                             "the median of their medians is reported (for modes the host sets the pace of)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--tiny", action="store_true", help="tiny workloads (for testing the harness)")
     parser.add_argument("--prog-bar", action="store_true",
@@ -473,19 +500,25 @@ def main(argv: list[str] | None = None) -> int:
 
     runs = [(w, m) for w in args.workloads for m in args.modes
             if m not in COMPILING_MODES or WORKLOADS[w](tiny=True).compilable]
-    results = []
-    for workload, mode in runs:
-        print(f"[{len(results) + 1}/{len(runs)}] {workload} / {mode} ...", flush=True)
-        result = run_one(workload, mode, args)
-        results.append(result)
-        summary = f"{result['median_steps_per_s']:.0f} steps/s" if "median_steps_per_s" in result else "ERROR"
-        print(f"    {summary}", flush=True)
+    rounds = max(args.rounds, 1)
+    measured: dict[tuple[str, str], list[dict]] = {}
+    for round_index in range(rounds):
+        for workload, mode in runs:
+            done = sum(len(r) for r in measured.values())
+            of_rounds = f" (round {round_index + 1}/{rounds})" if rounds > 1 else ""
+            print(f"[{done + 1}/{len(runs) * rounds}] {workload} / {mode}{of_rounds} ...", flush=True)
+            result = run_one(workload, mode, args)
+            measured.setdefault((workload, mode), []).append(result)
+            summary = f"{result['median_steps_per_s']:.0f} steps/s" if "median_steps_per_s" in result else "ERROR"
+            print(f"    {summary}", flush=True)
+    results = [merge_rounds(measured[key]) for key in runs]
     print_table(results, args.modes)
     args.out.mkdir(parents=True, exist_ok=True)
     record = {
         "command": "python benchmarks/bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "environment": environment(),
-        "settings": {"steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "tiny": args.tiny,
+        "settings": {"steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "rounds": rounds,
+                     "tiny": args.tiny,
                      "prog_bar": args.prog_bar, "ddp_devices": args.ddp_devices, "rank_agreement": args.rank_agreement},
         "results": results,
         "ratios": ratios(results),

@@ -102,3 +102,23 @@ MEMSET
 }
 }"""
     assert graph_shape(dot) == {"KERNEL": 2, "MEMSET": 1, "EVENT_RECORD": 1, "edges": 3}
+
+
+def test_rounds_take_the_modes_in_turn_and_report_the_median_of_their_medians(tmp_path, capsys):
+    code = bench.main(["--tiny", "--workloads", "mlp", "--modes", "raw-eager", "lightning-eager", "--rounds", "3",
+                       "--steps", "2", "--warmup", "1", "--repeats", "2", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    order = [line.split("] ")[1].split(" (round")[0] for line in out.splitlines() if line.startswith("[")]
+    assert order == ["mlp / raw-eager", "mlp / lightning-eager"] * 3
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert record["settings"]["rounds"] == 3
+    for result in record["results"]:
+        assert len(result["process_medians"]) == 3 and len(result["steps_per_s"]) == 6
+        assert result["median_steps_per_s"] == sorted(result["process_medians"])[1]
+
+
+def test_one_failed_round_reports_the_failure():
+    good = {"median_steps_per_s": 10.0, "steps_per_s": [10.0], "peak_memory_mib": None}
+    failed = {"workload": "mlp", "mode": "raw-eager", "error": "boom"}
+    assert bench.merge_rounds([good, failed]) is failed
