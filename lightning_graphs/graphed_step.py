@@ -157,14 +157,14 @@ class CapturedGraph:
     variant: Any = None  # see GraphedStep.plan
     params: list[torch.Tensor] = field(default_factory=list)  # the parameters whose gradients it writes
     grads_before: tuple[bool, ...] = ()  # which parameters had gradients when it was captured
-    # whether the step replaces the gradients (it calls the optimizer's zero_grad, as
-    # Lightning's steps do) rather than adding to them (a micro-step of gradient accumulation)
+    # which parameters' gradients the step zeroes (their optimizer's zero_grad) before it
+    # touches them, as Lightning's steps do: it reads none of those it finds
+    grads_zeroed: tuple[bool, ...] = ()
+    # whether the step reads none of the gradients it finds (it zeroes them first, or
+    # there were none) rather than adding to some (a micro-step of gradient accumulation)
     replaces_grads: bool = True
-    # a step that replaces them only because none existed when it was captured (it adds to
-    # gradients, but there were none): replayed only where there are none again
-    needs_no_grads: bool = False
-    # for a step that adds to them: the gradient tensors it reads (p.grad when captured;
-    # out-of-place accumulation writes others)
+    # the gradient tensors it reads, per parameter (p.grad when captured; out-of-place
+    # accumulation writes others), None for those it does not read; empty if it reads none
     grads_in: list[torch.Tensor | None] = field(default_factory=list)
     replays: int = 0
     notes: dict[str, Any] = field(default_factory=dict)  # an adapter's per-graph data (the callback's log calls)
@@ -623,29 +623,32 @@ class GraphedStep:
         return parameters_key(self._modules), tuple(o.structure_key() for o in self._optimizers)
 
     def _cannot_continue(self, captured: CapturedGraph) -> str | None:
-        """Why a graph that adds to the gradients cannot take over the ones held now, if so."""
-        if captured.replaces_grads:
-            if captured.needs_no_grads and any(p.grad is not None for p in captured.params):
-                return (
-                    "gradients from earlier calls are held, to which this step adds its own, but it was captured "
-                    "without any (to accumulate over several calls, use one `GraphedStep` for the first call of "
-                    "each cycle and another for the rest; otherwise zero them with `zero_grad(set_to_none=True)`, "
-                    "inside the step or before each call)"
-                )
+        """Why a graph cannot take over the gradients held now, if so: those it does not
+        zero first must be held where they were held when it was captured (it adds to
+        them, or, where there were none, writes them anew)."""
+        zeroed = captured.grads_zeroed or (False,) * len(captured.params)
+        pairs = [(p.grad is not None, before)
+                 for p, before, first_zeroed in zip(captured.params, captured.grads_before, zeroed) if not first_zeroed]
+        if all(now == before for now, before in pairs):
             return None
-        held = tuple(p.grad is not None for p in captured.params)
-        if held != captured.grads_before and not any(held):
+        held = tuple(now for now, _ in pairs)
+        if not any(before for _, before in pairs):
+            return (
+                "gradients from earlier calls are held, to which this step adds its own, but it was captured "
+                "without any (to accumulate over several calls, use one `GraphedStep` for the first call of "
+                "each cycle and another for the rest; otherwise zero them with `zero_grad(set_to_none=True)`, "
+                "inside the step or before each call)"
+            )
+        if not any(held):
             return (
                 f"{self.what} adds to the gradients, was captured adding to gradients held then, and none are "
                 "held now (zeroed between calls). To accumulate over several calls, use one `GraphedStep` for "
                 "the first call of each cycle and another for the rest"
             )
-        if held != captured.grads_before:
-            return (
-                "the parameters holding gradients differ from those when this accumulating step was captured "
-                "(a parameter some batches do not use)"
-            )
-        return None
+        return (
+            "the parameters holding gradients differ from those when this accumulating step was captured "
+            "(a parameter some batches do not use)"
+        )
 
     @property
     def graphs(self) -> tuple[CapturedGraph, ...]:
@@ -835,7 +838,8 @@ class GraphedStep:
         problems.append(self._side_effects(before, hyperparameters=False))
         problems.append(self._not_given_in_capture(stepped))
         self.stats.capture_seconds += time.perf_counter() - started
-        zeroed = any(optimizer.zeroed_in_capture for optimizer in self._optimizers)
+        zeroed_first = {id(p) for optimizer in self._optimizers if optimizer.zeroed_in_capture
+                        for group in optimizer.optimizer.param_groups for p in group["params"]}
         # the gradients this graph writes: the optimizers' parameters', and those of the modules' other
         # parameters whose gradients the step made or added to (a backward-only micro-step; not an
         # evaluation step, which leaves them as they are)
@@ -845,15 +849,17 @@ class GraphedStep:
             if i < optimized or p.grad is not grad or (grad is not None and grad._version != version)
         ]
         params, held = [self._params[i] for i in written], [saved_grads[i] for i in written]
-        replaces = zeroed or not any(g is not None for g in held)
+        zeroed = tuple(id(p) in zeroed_first for p in params)
+        reads = [None if first_zeroed else grad for grad, first_zeroed in zip(held, zeroed)]
+        replaces = all(grad is None for grad in reads)
         captured = CapturedGraph(
             signature, graph, static, outputs, [p.grad for p in params],
             memory_bytes=max(torch.cuda.memory_reserved(self._device) - reserved, 0), variant=plan.variant,
             params=params,
             grads_before=tuple(g is not None for g in held),
+            grads_zeroed=zeroed,
             replaces_grads=replaces,
-            needs_no_grads=replaces and not zeroed and bool(params),
-            grads_in=[] if replaces else held,
+            grads_in=[] if replaces else reads,
         )
         self._graphs.append(captured)
         plan.graph = captured

@@ -206,3 +206,38 @@ def test_micro_steps_with_the_gradients_zeroed_between_cycles_name_the_fix(repla
         graphed = train(True)
     for got, want in zip(graphed, eager):
         torch.testing.assert_close(got, want)
+
+
+def test_gradients_one_optimizer_zeroes_and_another_accumulates_are_kept_apart(replaying):
+    """Two optimizers: the step zeroes only the first one's gradients before its
+    backward; the second one's build up over two calls and are zeroed outside. The
+    graph must add to the second one's gradients as they are at each call."""
+
+    def train(graphed):
+        first, second = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+        module = torch.nn.Module()
+        module.first, module.second = first, second
+        opt_first, opt_second = torch.optim.SGD([first], lr=0.1), torch.optim.SGD([second], lr=0.1)
+
+        def step(x):
+            opt_first.zero_grad()
+            ((first * x).sum() + (second * x).sum() ** 2).backward()
+            opt_first.step()
+            opt_second.step()
+
+        run = GraphedStep(step, optimizers=[opt_first, opt_second], modules=[module], device="cuda") \
+            if graphed else step
+        trace = []
+        for index in range(16):
+            run(torch.full((3,), 0.1 * (index % 3 + 1)))
+            if index % 2 == 1:
+                opt_second.zero_grad()
+            trace.append(torch.cat([first.detach(), second.detach()]))
+        return trace, run
+
+    eager, _ = train(False)
+    with pytest.warns(GraphWarning, match="none are held now"):
+        graphed, run = train(True)
+    for got, want in zip(graphed, eager):
+        torch.testing.assert_close(got, want)
+    assert run.stats.replays > 0, run.stats.summary()
