@@ -60,7 +60,7 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import torch
 
@@ -330,6 +330,13 @@ def _as_list(name: str, value: Any) -> list:
                                                   if isinstance(item, torch.Tensor) else "")
             )
     return items
+
+
+class _KeywordCall(NamedTuple):
+    """The inputs of a call with keyword arguments."""
+
+    args: tuple
+    kwargs: dict
 
 
 class GraphedStep:
@@ -717,6 +724,8 @@ class GraphedStep:
 
     def _warmup(self, fn: Callable[[], Any], plan: StepPlan | None, check_hyperparameters: bool = True) -> Any:
         self._watch_step_hooks()
+        if plan is not None and plan.signature is not None:
+            plan.signature.keep_contents()  # kept among the warmed signatures
         check = self.stats.warmup_steps > 0  # the first step may initialise lazily; judge the later ones
         before = self._snapshot() if check else None
         stream = self._side_stream()
@@ -752,6 +761,7 @@ class GraphedStep:
     def _capture(self, plan: StepPlan, fn: Callable[[Any], Any]) -> Any:
         self._watch_step_hooks()
         signature = plan.signature
+        signature.keep_contents()
         self._params = self._gradient_params()  # param groups may have been added since the last capture
         held = self._signatures_held()
         if not any(seen == signature for seen in held) and len(held) >= self.max_graphs:
@@ -985,9 +995,9 @@ class GraphedStep:
         """
         if self.fn is None:
             raise TypeError("GraphedStep was built without `fn`; pass one, or drive plan()/replay()/... yourself")
-        if keyword_inputs:
-            value: Any = (inputs, keyword_inputs)
-            call = lambda given: self.fn(*given[0], **given[1])  # noqa: E731
+        if keyword_inputs:  # (a structure of its own: never the signature of a call by position)
+            value: Any = _KeywordCall(inputs, keyword_inputs)
+            call = lambda given: self.fn(*given.args, **given.kwargs)  # noqa: E731
         else:
             value, call = inputs, lambda given: self.fn(*given)  # noqa: E731
         plan = self.plan(value)

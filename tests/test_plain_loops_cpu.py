@@ -241,3 +241,119 @@ def test_gradients_one_optimizer_zeroes_and_another_accumulates_are_kept_apart(r
     for got, want in zip(graphed, eager):
         torch.testing.assert_close(got, want)
     assert run.stats.replays > 0, run.stats.summary()
+
+
+class KeyedSettings:
+    """Settings read as attributes from a dict it holds (a missing one raises KeyError)."""
+
+    def __init__(self, **settings):
+        self._settings = dict(settings)
+
+    def __getattr__(self, name):
+        return self._settings[name]
+
+
+class LenientSettings:
+    """Settings whose missing names read as None."""
+
+    def __init__(self, **settings):
+        self.__dict__.update(settings)
+
+    def __getattr__(self, name):
+        return None
+
+
+def _nothing(settings, index):
+    pass
+
+
+def _at_six(change):
+    def changed(settings, index):
+        if index == 6:
+            change(settings)
+    return changed
+
+
+_ARGUMENT_OBJECTS = {
+    # name: (make, change before each call, what the step reads)
+    "keyed settings": (lambda: KeyedSettings(scale=1.0), _nothing, lambda s: s.scale),
+    "lenient settings": (lambda: LenientSettings(scale=1.0), _nothing, lambda s: s.scale),
+    "a set changed": (lambda: {1.0}, _at_six(lambda s: s.add(2.0)), lambda s: sum(s)),
+    "nested settings changed": (lambda: types.SimpleNamespace(loss=types.SimpleNamespace(scale=1.0)),
+                                _at_six(lambda s: setattr(s.loss, "scale", 3.0)), lambda s: s.loss.scale),
+    "a list attribute changed": (lambda: types.SimpleNamespace(scales=[1.0]),
+                                 _at_six(lambda s: s.scales.__setitem__(0, 3.0)), lambda s: s.scales[0]),
+    "an array attribute changed": (lambda: types.SimpleNamespace(scales=np.array([1.0])),
+                                   _at_six(lambda s: s.scales.__setitem__(0, 3.0)), lambda s: float(s.scales[0])),
+    "a large array": (lambda: np.ones(20000), _nothing, lambda s: float(s[0])),
+    "a large array changed": (lambda: np.ones(20000), _at_six(lambda s: s.__setitem__(0, 3.0)),
+                              lambda s: float(s[0])),
+    "a NaN setting set again": (lambda: types.SimpleNamespace(scale=1.0, clip=float("nan")),
+                                lambda s, i: setattr(s, "clip", float("nan")), lambda s: s.scale),
+}
+
+
+@pytest.mark.parametrize("case", list(_ARGUMENT_OBJECTS))
+def test_argument_objects_of_many_kinds_are_replayed_while_unchanged_only(replaying, case):
+    make, change, read = _ARGUMENT_OBJECTS[case]
+
+    def train(graphed):
+        weight, module = _weight()
+        optimizer = torch.optim.SGD([weight], lr=0.1)
+
+        def step(x, settings):
+            optimizer.zero_grad()
+            (float(read(settings)) * weight * x).sum().backward()
+            optimizer.step()
+
+        run = GraphedStep(step, optimizers=[optimizer], modules=[module], device="cuda") if graphed else step
+        settings, trace = make(), []
+        for index in range(12):
+            change(settings, index)
+            run(torch.ones(3), settings)
+            trace.append(float(weight.detach()[0]))
+        return trace, run
+
+    eager, _ = train(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GraphWarning)
+        graphed, run = train(True)
+    assert graphed == pytest.approx(eager, rel=1e-6)
+    assert run.stats.replays >= 4, run.stats.summary()
+
+
+def test_a_metric_given_as_an_argument_is_replayed(replaying):
+    torchmetrics = pytest.importorskip("torchmetrics")
+
+    def train(graphed):
+        weight, module = _weight()
+        optimizer = torch.optim.SGD([weight], lr=0.1)
+        metric = torchmetrics.MeanSquaredError()
+
+        def step(x, y, metric):
+            optimizer.zero_grad()
+            loss = ((weight * x).sum() - y) ** 2
+            loss.backward()
+            optimizer.step()
+            return loss.detach()
+
+        run = GraphedStep(step, optimizers=[optimizer], modules=[module], device="cuda") if graphed else step
+        return [float(run(torch.ones(3) * 0.1, torch.tensor(1.0), metric)) for _ in range(10)], run
+
+    eager, _ = train(False)
+    graphed, run = train(True)
+    assert graphed == pytest.approx(eager, rel=1e-6)
+    assert run.stats.replays > 0, run.stats.summary()
+
+
+def test_a_call_by_keyword_never_takes_the_graph_of_a_call_by_position(replaying):
+    def step(a, b=None):
+        return a[0] * 2 if isinstance(a, tuple) else a + 3 * b
+
+    run = GraphedStep(step, warmup_steps=1, device="cuda")
+    x = torch.ones(2)
+    for _ in range(3):
+        torch.testing.assert_close(run((x,), {"b": x}), 2 * x)  # by position: a tuple and a dict
+    for _ in range(3):
+        torch.testing.assert_close(run(x, b=x), 4 * x)  # the same leaves, by keyword
+    assert run.stats.captures == 2 and run.stats.replays == 2, run.stats.summary()
