@@ -621,7 +621,7 @@ class StepProbe:
             except Exception:  # a class that takes no new attributes: its reads go unnoticed
                 continue
             patched.append((cls, "get_last_lr", own))  # (at once: an interruption leaves nothing patched unnoted)
-            if "last_epoch" not in cls.__dict__:
+            if not any("last_epoch" in klass.__dict__ for klass in cls.__mro__):  # (an attribute of the instance)
                 cls.last_epoch = self._watched_step_count(watched)
                 patched.append((cls, "last_epoch", _MISSING))
 
@@ -631,9 +631,10 @@ class StepProbe:
         probe = self
 
         def read(scheduler: Any) -> Any:
-            caller = sys._getframe(1)  # (a scheduler stepped in the step reads its own count)
-            if id(scheduler) in watched and not framework_module(caller.f_globals.get("__name__")) \
-                    and probe._user_code(caller):
+            caller = sys._getframe(1)
+            # (a scheduler stepped in the step reads its own count: PyTorch's code, or its own method)
+            own = caller.f_locals.get("self") is scheduler or framework_module(caller.f_globals.get("__name__"))
+            if id(scheduler) in watched and not own and probe._user_code(caller):
                 probe.note(
                     f"{probe.what} reads `last_epoch` of its {type(scheduler).__name__} scheduler, a count the "
                     "scheduler changes outside the step; a CUDA graph would keep the captured value at every "

@@ -1689,3 +1689,47 @@ def test_anomaly_detection_trains_eagerly_with_one_warning_naming_it(replaying):
     assert "detect_anomaly=True" in warning
     stats = graphed.callback.stats
     assert stats is None or stats.captures == 0, stats.summary()
+
+
+class WarmupThenFlat(torch.optim.lr_scheduler.LRScheduler):
+    """A scheduler of one's own: its `get_lr` reads its own step count."""
+
+    def get_lr(self):
+        return [base * min(1.0, (self.last_epoch + 1) / 5) for base in self.base_lrs]
+
+
+class CountKeptApart(torch.optim.lr_scheduler.LRScheduler):
+    """A scheduler keeping its step count behind a property of its own."""
+
+    @property
+    def last_epoch(self):
+        return self._count
+
+    @last_epoch.setter
+    def last_epoch(self, value):
+        self._count = value
+
+    def get_lr(self):
+        return [base / (1 + 0.1 * self.last_epoch) for base in self.base_lrs]
+
+
+class CountKeptApartByItsBase(CountKeptApart):
+    pass
+
+
+class SchedulerOfOnesOwn(models.ManualRegressor):
+    def __init__(self, scheduler):
+        super().__init__("adamw", None)
+        self.make_scheduler = scheduler
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.parameters(), lr=1e-3)
+        return [opt], [self.make_scheduler(opt)]
+
+
+@pytest.mark.parametrize("scheduler", [WarmupThenFlat, CountKeptApartByItsBase])
+def test_a_scheduler_of_ones_own_stepped_in_a_manual_step_stays_graphed(replaying, scheduler):
+    eager, graphed = both(lambda: SchedulerOfOnesOwn(scheduler), max_epochs=2)
+    assert_same(eager, graphed)
+    assert not graphed.warnings
+    replayed(graphed)
