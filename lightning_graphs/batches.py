@@ -398,6 +398,16 @@ class StaticBatch:
         self.written = [i for i, (t, version) in enumerate(zip(self.tensors, before))
                         if version is not None and t._version != version]
 
+    def note_changed_contents(self) -> None:
+        """After the captured step ran (its first replay): count as written the inference
+        tensors whose values now differ from the batch's (their writes leave no version
+        count to compare; a write that happens to leave this batch's values as they were
+        goes unseen)."""
+        sources = [self.signature.leaves[i] for i in self._positions]
+        changed = [i for i, (t, source) in enumerate(zip(self.tensors, sources))
+                   if t.is_inference() and i not in self.written and not torch.equal(t, source)]
+        self.written = sorted(self.written + changed)
+
     def write_back_problem(self, root: str = "batch") -> str | None:
         """Why copying back what the step wrote could not leave the batch as eager
         training would, if so: the written tensor shares memory with another tensor
@@ -422,7 +432,7 @@ class StaticBatch:
         stays what eager training would have made of it."""
         if not self.written:
             return
-        with torch.no_grad():
+        with torch.inference_mode() if self._inference else torch.no_grad():
             torch._foreach_copy_([signature.leaves[self._positions[i]] for i in self.written],
                                  [self.tensors[i] for i in self.written])
 

@@ -884,6 +884,7 @@ class GraphedStep:
             self._structure_check_due = False
         self.phase = Phase.CAPTURED
         graph.replay()
+        static.note_changed_contents()
         static.copy_back(signature)
         captured.metric_updates, reset_problem = self._metrics.after_capture(metrics_before)
         problems += [metric_problem, reset_problem]

@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import EarlyStopping, LambdaCallback, LearningR
 
 import loss_settings
 import models
-from lightning_graphs import GraphedStep, GraphWarning
+from lightning_graphs import CUDAGraphCallback, GraphedStep, GraphWarning
 from parity import assert_same, fit, loader, regression_data
 from replaying_graph import ReplayingGraph
 from test_eval_graphs_cpu import cuda_on_cpu  # noqa: F401  (a fixture)
@@ -1733,3 +1733,51 @@ def test_a_scheduler_of_ones_own_stepped_in_a_manual_step_stays_graphed(replayin
     assert_same(eager, graphed)
     assert not graphed.warnings
     replayed(graphed)
+
+
+class ScalesItsBatch(pl.LightningModule):
+    """Evaluation steps that write their batch in place before the forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Linear(4, 1)
+
+    def validation_step(self, batch, batch_idx):
+        (x,) = batch
+        x.mul_(0.5)
+        self.log("val_out", self.net(x).mean())
+
+    def predict_step(self, batch, batch_idx):
+        (x,) = batch
+        x.mul_(0.5)
+        return self.net(x)
+
+
+class BatchSums(pl.Callback):
+    """What hooks after the step see of the batch."""
+
+    def __init__(self):
+        self.sums = []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.sums.append(float(batch[0].sum()))
+
+    on_predict_batch_end = on_validation_batch_end
+
+
+@pytest.mark.parametrize("stage", ["validate", "predict"])
+def test_an_evaluation_step_writing_its_batch_in_place_leaves_it_written_under_inference_mode(replaying, stage):
+    seen, callbacks = {}, {}
+    for graphed in (False, True):
+        pl.seed_everything(0, verbose=False)
+        sums = BatchSums()
+        callbacks[graphed] = CUDAGraphCallback(graph_evaluation=True) if graphed else None
+        trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                             callbacks=[sums] + ([callbacks[graphed]] if graphed else []))
+        data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(48.0).reshape(12, 4)),
+                                           batch_size=2)
+        getattr(trainer, stage)(ScalesItsBatch(), dataloaders=data)
+        seen[graphed] = sums.sums
+    assert seen[True] == seen[False]
+    stats = callbacks[True].evaluation_stats["validation" if stage == "validate" else "predict"]
+    assert stats.replays > 0, stats.summary()
