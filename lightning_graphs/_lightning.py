@@ -520,7 +520,9 @@ class StepProbe:
             lambda: self.note(
                 f"{self.what} reads `batch_idx` (to branch, count or log). A CUDA graph would replay the path "
                 f"of the captured batch for every batch. Do what depends on it in `{self.batch_end_hook}`, which "
-                "gets `batch_idx` at every step (and accumulate gradients with `Trainer(accumulate_grad_batches=N)`)"
+                "gets `batch_idx` at every step" + (" (and accumulate gradients with "
+                                                    "`Trainer(accumulate_grad_batches=N)`)"
+                                                    if self.batch_end_hook == "on_train_batch_end" else "")
             ),
         )
 
