@@ -416,13 +416,17 @@ class StaticBatch:
         sources = [self.signature.leaves[i] for i in self._positions]
         every_path = leaf_paths(self.signature.tree, root)
         paths = [every_path[i] for i in self._positions]
-        for i in self.written:
+        # an inference tensor keeps no count of writes: it may have been written
+        unknown = [i for i, t in enumerate(self.tensors) if t.is_inference() and i not in self.written]
+        for i in self.written + unknown:
+            written = "written in place" if i in self.written else \
+                "which the step may write in place (an inference tensor keeps no count of its writes)"
             # (a write into an expanded tensor fails in the eager warm-up already, unless there is none)
-            if torch._debug_has_internal_overlap(sources[i]) == 1:  # its elements share memory
-                return f"{paths[i]}, written in place, is a view whose elements share memory (an expanded tensor)"
+            if i in self.written and torch._debug_has_internal_overlap(sources[i]) == 1:  # its elements share memory
+                return f"{paths[i]}, {written}, is a view whose elements share memory (an expanded tensor)"
             for j, other in enumerate(sources):
                 if j != i and _overlap(sources[i], other):
-                    return f"{paths[i]}, written in place, shares memory with {paths[j]}"
+                    return f"{paths[i]}, {written}, shares memory with {paths[j]}"
         return None
 
     def copy_back(self, signature: BatchSignature) -> None:

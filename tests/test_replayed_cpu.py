@@ -1781,3 +1781,30 @@ def test_an_evaluation_step_writing_its_batch_in_place_leaves_it_written_under_i
     assert seen[True] == seen[False]
     stats = callbacks[True].evaluation_stats["validation" if stage == "validate" else "predict"]
     assert stats.replays > 0, stats.summary()
+
+
+class SameTensorTwice(ScalesItsBatch):
+    def validation_step(self, batch, batch_idx):
+        x, again = batch
+        x.mul_(0.5)  # eagerly, `again` is the same memory and sees the write
+        self.log("val_out", self.net(x).mean() + again.sum())
+
+
+def test_an_evaluation_batch_holding_one_tensor_twice_is_not_graphed_under_inference_mode(replaying):
+    logged, warned = {}, {}
+    for graphed in (False, True):
+        pl.seed_everything(0, verbose=False)
+        callback = CUDAGraphCallback(graph_evaluation=True)
+        trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                             callbacks=[callback] if graphed else [])
+        with torch.inference_mode():  # (as batches moved to the device in an evaluation loop)
+            table = torch.arange(48.0).reshape(12, 4)
+        data = torch.utils.data.DataLoader([(table[i:i + 2], table[i:i + 2]) for i in range(0, 12, 2)],
+                                           batch_size=None)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", GraphWarning)
+            logged[graphed] = trainer.validate(SameTensorTwice(), dataloaders=data)[0]["val_out"]
+        warned[graphed] = [str(w.message) for w in caught if issubclass(w.category, GraphWarning)]
+    assert logged[True] == pytest.approx(logged[False])
+    (warning,) = warned[True]
+    assert "may write in place" in warning and "shares memory with" in warning, warning
