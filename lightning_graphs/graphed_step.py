@@ -817,7 +817,8 @@ class GraphedStep:
         if unreplayable is not None:
             self._abandon_capture(saved_grads, saved_flags, metrics_before, failed=False, pool_broken=False)
             failure = _InputsShareMemory(
-                f"{self.what} writes its {self.input_name} in place, and {unreplayable}. A CUDA graph copies each "
+                f"{self.what} {'writes' if static.written else 'may write'} its {self.input_name} in place, and "
+                f"{unreplayable}. A CUDA graph copies each "
                 f"tensor of the {self.input_name} into memory of its own, so the {self.input_name} could not be "
                 "left as an eager step leaves it. Write into a copy (`x = x.clone()` first) or give each tensor "
                 "memory of its own"

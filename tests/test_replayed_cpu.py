@@ -1807,4 +1807,5 @@ def test_an_evaluation_batch_holding_one_tensor_twice_is_not_graphed_under_infer
         warned[graphed] = [str(w.message) for w in caught if issubclass(w.category, GraphWarning)]
     assert logged[True] == pytest.approx(logged[False])
     (warning,) = warned[True]
-    assert "may write in place" in warning and "shares memory with" in warning, warning
+    assert "may write its batch in place" in warning and "may write in place" in warning, warning
+    assert "shares memory with batch[1]" in warning, warning
