@@ -343,7 +343,8 @@ class GraphedStep:
     """A step function captured as one CUDA graph and replayed, with eager fallback.
 
     Args:
-        fn: the step. Called as ``fn(*inputs)``; may be ``None`` when the caller
+        fn: the step. Called as ``fn(*inputs, **keyword_inputs)``, with what the
+            ``GraphedStep`` is called with; may be ``None`` when the caller
             drives :meth:`plan`, :meth:`warmup`, :meth:`capture`, :meth:`replay`
             and :meth:`eager` itself (the Lightning callback does).
         warmup_steps: eager steps before the first capture (at least one when
