@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import math
-import sys
 from collections.abc import Mapping
 from typing import Any, Callable, Iterator
 
 import torch
 
-from lightning_graphs.python_state import framework_module
+from lightning_graphs.python_state import contents_key
 
 __all__ = ["BatchSignature", "StaticBatch", "flatten", "signature_of", "describe_mismatch", "clone_tensors"]
 
@@ -132,7 +130,7 @@ _NOT_TAKEN = object()  # contents not taken yet
 class _Value:
     """A non-tensor leaf compared by value; objects whose ``==`` is not a plain bool
     (NumPy arrays, for instance) are compared by identity. What an in-place change to
-    the object would change (:func:`_contents`) is compared too: the same object
+    the object would change (:func:`~lightning_graphs.python_state.contents_key`) is compared too: the same object
     changed since compares unequal, and the step is not replayed with what it read
     before. It is taken when first needed (comparing the same object), or when the
     signature is kept (:meth:`BatchSignature.keep_contents`), so that a batch of new
@@ -147,7 +145,7 @@ class _Value:
     @property
     def contents(self) -> Any:
         if self._contents is _NOT_TAKEN:
-            self._contents = _contents(self.value)
+            self._contents = contents_key(self.value)
         return self._contents
 
     def __eq__(self, other: object) -> bool:
@@ -171,67 +169,6 @@ class _Value:
 
     def __repr__(self) -> str:
         return repr(self.value)
-
-
-_ARRAY_BYTES_KEPT = 1 << 16  # larger arrays are kept as a digest of their bytes
-_ITEMS_KEPT = 256  # larger containers inside an object are never taken as unchanged
-_NAN = ("nan",)  # a NaN, equal to any other (a NaN is not equal to itself)
-
-
-class _Same:
-    """An object inside a leaf's contents that only stays the same by identity (a
-    tensor attribute rebound to another tensor, say)."""
-
-    __slots__ = ("obj",)
-
-    def __init__(self, obj: Any) -> None:
-        self.obj = obj
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Same) and other.obj is self.obj
-
-    __hash__ = None
-
-
-def _contents(value: Any) -> Any:
-    """What can change in place in a mutable non-tensor leaf, as a value to compare: a
-    NumPy array's values, a set's members, and an object's attributes (a config
-    namespace, a module of one's own: plain values, tensors by identity, small arrays
-    and containers, objects two levels down). ``None`` for what has nothing to
-    compare, objects of PyTorch, Lightning or torchmetrics included (their own
-    bookkeeping changes at every call), and for an object that errs when looked at."""
-    try:
-        return _snapshot(value, depth=3)
-    except Exception:
-        return None
-
-
-def _snapshot(value: Any, depth: int) -> Any:
-    if type(value) in _PLAIN_TYPES:
-        return _NAN if type(value) is float and math.isnan(value) else value
-    if isinstance(value, torch.Tensor):
-        return _Same(value)
-    numpy = sys.modules.get("numpy")
-    if numpy is not None and isinstance(value, numpy.ndarray):
-        data = value.tobytes()
-        if len(data) > _ARRAY_BYTES_KEPT:
-            data = hashlib.blake2b(data, digest_size=16).digest()
-        return tuple(value.shape), str(value.dtype), data
-    if depth == 0 or framework_module(type(value).__module__):
-        return None
-    if isinstance(value, (set, frozenset, list, tuple, dict)):
-        if len(value) > _ITEMS_KEPT:
-            return _Same(object())  # never equal: too large to compare at every call
-        if isinstance(value, (set, frozenset)):
-            return frozenset(value) if all(type(v) in _PLAIN_TYPES for v in value) else None
-        items = value.items() if isinstance(value, dict) else enumerate(value)
-        return type(value).__name__, tuple((key, _snapshot(v, depth - 1)) for key, v in items)
-    attributes = getattr(value, "__dict__", None)
-    if isinstance(attributes, dict):
-        if len(attributes) > _ITEMS_KEPT:
-            return _Same(object())
-        return tuple((name, _snapshot(v, depth - 1)) for name, v in attributes.items())
-    return None
 
 
 _PLAIN_TYPES = (bool, int, float, complex, str, bytes, type(None))

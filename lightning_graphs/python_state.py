@@ -14,6 +14,7 @@ import argparse
 import collections.abc
 import dataclasses
 import functools
+import hashlib
 import math
 import random
 import sys
@@ -24,7 +25,7 @@ import torch
 
 __all__ = [
     "StateFingerprint", "StepReads", "WatchedInt", "what_fn_reads", "globals_fn_reads", "host_random_state",
-    "host_random_draws", "framework_module", "functions_read",
+    "host_random_draws", "framework_module", "functions_read", "contents_key",
 ]
 
 _PLAIN = (bool, int, complex, str, bytes, type(None))
@@ -104,6 +105,37 @@ def _slot_names(cls: type) -> tuple[str, ...]:
     return tuple(names)
 
 
+_ARRAY_BYTES = 1 << 16  # NumPy arrays up to this size are compared by their values
+
+
+def _array_key(value: Any, digest_larger: bool = False) -> tuple | None:
+    """A NumPy array's values as a key (``None`` for anything else): its bytes up to
+    64 KiB; a larger one by identity, or with ``digest_larger`` by a digest of its
+    bytes (too slow to take before every replay, fine once per call)."""
+    numpy = sys.modules.get("numpy")
+    if numpy is None or not isinstance(value, numpy.ndarray):
+        return None
+    if value.nbytes > _ARRAY_BYTES:
+        if not digest_larger:
+            return ("object", id(value))
+        return ("array", value.shape, str(value.dtype), hashlib.blake2b(value.tobytes(), digest_size=16).digest())
+    return ("array", value.shape, str(value.dtype), value.tobytes())
+
+
+def contents_key(value: Any) -> Any:
+    """What about a value passed to a step must stay the same for its graph to be
+    replayed: :func:`_value_key` with the contents of settings objects, containers and
+    NumPy arrays (larger ones by a digest), tensors by identity; ``None`` for an
+    object of PyTorch, Lightning or torchmetrics (its own bookkeeping changes as it
+    runs) or one that errs when looked at."""
+    try:
+        if _framework_class(type(value)):
+            return None
+        return _array_key(value, digest_larger=True) or _value_key(value)
+    except Exception:
+        return None
+
+
 def _digest(value: Any) -> tuple[Any, Any] | object:
     """A container's contents as ``(values, sizes)``: ``values`` nests its plain
     values (a setting in ``self.hparams``, a loss weight in a dict), the identities
@@ -122,6 +154,9 @@ def _digest(value: Any) -> tuple[Any, Any] | object:
             return item, None
         if isinstance(item, torch.Tensor):
             return ("tensor", id(item)), None
+        array = _array_key(item)
+        if array is not None:
+            return array, None
         if not isinstance(item, _SIZED) or isinstance(item, bytearray):
             view = _settings_view(item)
             if view is None:
@@ -167,6 +202,9 @@ def _value_key(value: Any) -> tuple:
         return ("container", id(value), len(value), _digest(value))  # contents: (values, sizes)
     if isinstance(value, torch.Tensor):
         return ("tensor", id(value))
+    array = _array_key(value)
+    if array is not None:
+        return array
     view = _settings_view(value)
     if view is not None:
         digest = _digest(value)
@@ -195,6 +233,8 @@ def _describe(name: str, before: tuple, after: tuple | None, value: Any) -> str:
         return f"{how} `{name}` (a {type(value).__name__})"
     if before[0] == "number" and after[0] == "number":
         return f"changes `{name}` from {before[1]!r} to {after[1]!r}"
+    if before[0] == "array" and after[0] == "array":
+        return f"changes the values of `{name}` (a NumPy array)"
     if isinstance(value, torch.Tensor):
         return f"rebinds `{name}` to a new tensor"
     return f"rebinds `{name}`"
@@ -222,6 +262,17 @@ def _with_submodules(objects: Iterable[tuple[str, Any]]) -> Iterable[tuple[str, 
                 yield from modules(f"{label}.{name}", value)
 
 
+def _instance_values(obj: Any) -> dict[str, Any]:
+    """An object's instance attributes, in its ``__dict__`` and its ``__slots__``."""
+    values = dict(getattr(obj, "__dict__", None) or {})
+    if not isinstance(obj, _VariablesView):
+        for name in _slot_names(type(obj)):
+            value = getattr(obj, name, _ABSENT)
+            if value is not _ABSENT:
+                values[name] = value
+    return values
+
+
 def _attributes(obj: Any) -> dict[str, Any]:
     """A copy of ``obj``'s instance attributes, or ``{}`` where it has none (or its ``__dict__`` raises)."""
     try:
@@ -244,8 +295,7 @@ class StateFingerprint:
         self._objects: dict[str, Any] = {}
         for label, obj in _with_submodules(objects):
             self._objects[label] = obj
-            attributes = getattr(obj, "__dict__", {})
-            for name, value in list(attributes.items()):
+            for name, value in _instance_values(obj).items():
                 if ignore(obj, name):
                     continue
                 self._entries[(label, name)] = _value_key(value)
@@ -626,14 +676,30 @@ def what_fn_reads(fn: Callable[..., Any] | None) -> list[tuple[str, Any]]:
     holds in them, a loss defined next to it) and for the module-level data they read:
     Python state a replay bakes in."""
     found: list[tuple[str, Any]] = []
+    if isinstance(fn, functools.partial):  # the arguments it was made with, then the function
+        arguments = {str(i): a for i, a in enumerate(fn.args)} | dict(fn.keywords)
+        if arguments:
+            found.append(("partial", _StepArguments({k: types.CellType(v) for k, v in arguments.items()})))
+        return found + what_fn_reads(fn.func)
     owner = getattr(fn, "__self__", None)
-    if owner is not None and not isinstance(owner, type) and hasattr(owner, "__dict__"):
-        found.append(("self", owner))
     function = getattr(fn, "__func__", fn)
+    if owner is None and fn is not None and not isinstance(fn, (types.FunctionType, type)):
+        # an object called as the step: its class's `__call__` (a module's `forward`) is the step
+        call = _class_function(type(fn), "__call__")
+        if call is None and isinstance(fn, torch.nn.Module):
+            call = _class_function(type(fn), "forward")
+        if call is not None:
+            owner, function = fn, call
+    if owner is not None and not isinstance(owner, type) and (
+        hasattr(owner, "__dict__") or _slot_names(type(owner))
+    ):
+        found.append(("self", owner))
     helpers = _closure_helpers(function)
     for held in [function] + helpers:
         if getattr(held, "__closure__", None):
             found.append((getattr(held, "__name__", "step"), _ClosureVariables.of(held)))
+    if owner is fn:  # (the method its class calls it through)
+        return found + globals_fn_reads(function, owner=type(fn), helpers=helpers)
     return found + globals_fn_reads(fn, helpers=helpers)
 
 
@@ -699,6 +765,12 @@ def functions_read(functions: Sequence[tuple[Callable[..., Any], type | None]]) 
             found.append((label if label not in taken else f"{label} ({len(found)})", held))
     view = _GlobalVariables.of([(fn, _owner(fn, owner)) for fn, owner in functions])
     return found + ([("step globals", view)] if view._source else [])
+
+
+class _StepArguments(_ClosureVariables):
+    """The arguments a step made with ``functools.partial`` is always called with."""
+
+    _view_label = "step argument"
 
 
 class _HookArguments(_ClosureVariables):
@@ -826,6 +898,13 @@ class StepReads:
         copy = _plain_copy(value, follow=follow) if key[0] in _CONTAINERS else _UNCOMPARABLE
         self._read[(id(obj), name)] = (obj, name, key, copy)
 
+    def keep_whole(self, obj: Any) -> None:
+        """Keep a settings object whose reads cannot be recorded one by one (a
+        ``types.SimpleNamespace``, a class with ``__slots__`` or ``__getattr__``),
+        given to watch or held by the step: compared whole before every replay."""
+        if _settings_view(obj) is not None:
+            self._read[(id(obj), "__dict__")] = (obj, "__dict__", _value_key(obj), _plain_copy(obj))
+
     def _keep_buffers(self, obj: Any, name: str) -> bool:
         """Keep a read of a module's registered buffer (of all of them where the step
         read ``_buffers``: ``named_buffers()``, ``state_dict()``): a graph reads the
@@ -912,6 +991,19 @@ class _Same:
         return other is self.obj
 
 
+class _ArrayCopy:
+    """A copy of a small NumPy array's values: equal to an array holding the same ones."""
+
+    __slots__ = ("key",)
+    __hash__ = None  # type: ignore[assignment]
+
+    def __init__(self, key: tuple) -> None:
+        self.key = key
+
+    def __eq__(self, other: Any) -> bool:
+        return _array_key(other) == self.key
+
+
 class _SettingsCopy:
     """A plain copy of a settings object: equal to an object of the same class whose
     attributes equal the copied ones."""
@@ -940,6 +1032,9 @@ def _plain_copy(value: Any, depth: int = 0, follow: Callable[[Any], bool] | None
     if not isinstance(value, (list, tuple, dict)):
         if isinstance(value, _SIZED):
             return _UNCOMPARABLE
+        array = _array_key(value)
+        if array is not None:
+            return _ArrayCopy(array) if array[0] == "array" else _Same(value)
         view = _settings_view(value)
         if view is None or isinstance(value, collections.abc.Mapping) or (
             follow is not None and depth > 0 and follow(value)
@@ -1027,11 +1122,22 @@ class _Recording:
             raise
 
     def _install(self) -> _Recording:
-        for cls in self._classes:
-            self._stand_in(cls)
-        # closure variables and module-level data (no attribute access to watch): all of them are read
-        for obj in list(self._objects.values()):
+        objects = list(self._objects.values())
+        # (looked at before any class records reads: looking is not the step's read)
+        whole = [not isinstance(obj, (_VariablesView, torch.nn.Module)) and not _followable(obj) for obj in objects]
+        recorded = [cls for cls in self._classes if self._stand_in(cls)]
+        self._keeping = True
+        try:
+            for obj, compared_whole in zip(objects, whole):
+                if compared_whole or (not isinstance(obj, (_VariablesView, torch.nn.Module))
+                                      and all(type(obj) is not cls for cls in recorded)):
+                    # reads that cannot be recorded one by one: the object is compared whole
+                    self._reads.keep_whole(obj)
+        finally:
+            self._keeping = False
+        for obj in objects:
             if isinstance(obj, _VariablesView):
+                # closure variables and module-level data (no attribute access to watch): all of them are read
                 for name in obj.__dict__:
                     self._reads._keep(obj, name, self._follow)
         return self

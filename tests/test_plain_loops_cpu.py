@@ -5,6 +5,7 @@ the step's Python, as a CUDA graph does)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import warnings
 
@@ -357,3 +358,142 @@ def test_a_call_by_keyword_never_takes_the_graph_of_a_call_by_position(replaying
     for _ in range(3):
         torch.testing.assert_close(run(x, b=x), 4 * x)  # the same leaves, by keyword
     assert run.stats.captures == 2 and run.stats.replays == 2, run.stats.summary()
+
+
+# -- what a simulation step holds: its settings, however the step is given ---------------------------------------
+
+
+class Settings_:
+    pass
+
+
+class Drift:
+    """A state advanced in place by ``dt`` times a velocity."""
+
+    def __init__(self, settings):
+        self.x = torch.zeros(4)
+        self.v = torch.linspace(0.5, 2.0, 4)
+        self.settings = settings
+
+    def advance(self):
+        self.x.add_(float(_dt(self.settings)) * self.v)
+
+    __call__ = advance
+
+
+class SlottedDrift:
+    __slots__ = ("x", "v", "dt")
+
+    def __init__(self):
+        self.x, self.v, self.dt = torch.zeros(4), torch.linspace(0.5, 2.0, 4), 0.1
+
+    def advance(self):
+        self.x.add_(self.dt * self.v)
+
+
+class ModuleDrift(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("x", torch.zeros(4))
+        self.v, self.dt = torch.linspace(0.5, 2.0, 4), 0.1
+
+    def forward(self):
+        self.x.add_(self.dt * self.v)
+
+
+def _dt(settings):
+    return settings.dt[0] if isinstance(getattr(settings, "dt", None), np.ndarray) else settings.dt
+
+
+@dataclasses.dataclass(slots=True)
+class SlottedSettings:
+    dt: float = 0.1
+
+
+def _namespace_watched():
+    settings = types.SimpleNamespace(dt=0.1)
+    sim = Drift(settings)
+    return sim, sim.advance, dict(watch=[("settings", settings)]), lambda: setattr(settings, "dt", settings.dt / 2)
+
+
+def _slotted_settings_watched():
+    settings = SlottedSettings()
+    sim = Drift(settings)
+    return sim, sim.advance, dict(watch=[("settings", settings)]), lambda: setattr(settings, "dt", settings.dt / 2)
+
+
+def _array_setting():
+    sim = Drift(types.SimpleNamespace(dt=np.array([0.1])))
+    return sim, sim.advance, {}, lambda: sim.settings.dt.__setitem__(0, sim.settings.dt[0] / 2)
+
+
+def _callable_object():
+    sim = Drift(Settings_())
+    sim.settings.dt = 0.1
+    return sim, sim, {}, lambda: setattr(sim.settings, "dt", sim.settings.dt / 2)
+
+
+def _partial():
+    sim = Drift(Settings_())
+    sim.settings.dt = 0.1
+    step = functools.partial(lambda s: s.x.add_(s.settings.dt * s.v), sim)
+    return sim, step, {}, lambda: setattr(sim.settings, "dt", sim.settings.dt / 2)
+
+
+def _slotted_method():
+    sim = SlottedDrift()
+    return sim, sim.advance, {}, lambda: setattr(sim, "dt", sim.dt / 2)
+
+
+def _module_called():
+    sim = ModuleDrift()
+    return sim, sim, {}, lambda: setattr(sim, "dt", sim.dt / 2)
+
+
+_SIMULATIONS = {
+    "a namespace given to watch": _namespace_watched,
+    "slotted settings given to watch": _slotted_settings_watched,
+    "a NumPy setting changed in place": _array_setting,
+    "an object called as the step": _callable_object,
+    "a functools.partial": _partial,
+    "a method of a slotted class": _slotted_method,
+    "a module called as the step": _module_called,
+}
+
+
+@pytest.mark.parametrize("setup", list(_SIMULATIONS))
+def test_a_simulation_setting_changed_between_calls_is_never_replayed_stale(replaying, setup):
+    def simulate(graphed):
+        sim, step, options, halve_dt = _SIMULATIONS[setup]()
+        run = GraphedStep(step, warmup_steps=1, device="cuda", **options) if graphed else step
+        trace = []
+        for index in range(10):
+            if index in (4, 7):
+                halve_dt()
+            run()
+            trace.append(sim.x.clone())
+        return trace, run
+
+    eager, _ = simulate(False)
+    graphed, run = simulate(True)
+    for got, want in zip(graphed, eager):
+        torch.testing.assert_close(got, want)
+    assert run.stats.replays >= 4, run.stats.summary()
+
+
+class CountsInCall:
+    def __init__(self):
+        self.x, self.calls = torch.zeros(2), 0
+
+    def __call__(self):
+        self.x.add_(1.0)
+        self.calls += 1  # Python a replay would not run
+
+
+def test_an_object_called_as_the_step_counting_in_itself_runs_eagerly_with_one_warning(replaying):
+    counter = CountsInCall()
+    run = GraphedStep(counter, warmup_steps=1, device="cuda")
+    with pytest.warns(GraphWarning, match="calls"):
+        for _ in range(6):
+            run()
+    assert counter.calls == 6 and float(counter.x[0]) == 6.0

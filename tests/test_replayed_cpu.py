@@ -1083,7 +1083,7 @@ def test_a_setting_on_the_data_module_is_followed(replaying):
     assert_same(eager, graphed)
     replayed(graphed)
     stats = graphed.callback.stats
-    assert any("CurriculumData.noise" in reason for reason in stats.recaptures), stats.summary()
+    assert any("CurriculumData.noise" in reason for reason in stats.recaptures), (stats.summary(), stats.recaptures)
 
 
 class TemperatureOnTheClass(models.Regressor):
