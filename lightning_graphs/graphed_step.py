@@ -79,6 +79,7 @@ from lightning_graphs.messages import GraphCaptureError, WarnOnce
 from lightning_graphs.metrics import InStepMetrics, MetricUpdate
 from lightning_graphs.module_structure import STRUCTURE_CHANGED, ModuleStructure, parameters_key
 from lightning_graphs.optimizers import GraphSafeOptimizer
+from lightning_graphs.output import output_noticed
 from lightning_graphs.python_state import (
     StateFingerprint,
     StepReads,
@@ -793,12 +794,14 @@ class GraphedStep:
         failure: Exception | None = None
         ended_cleanly = False  # whether the capture, given up or not, was ended without a CUDA error
         stepped: list[torch.optim.Optimizer] = []
+        printed: list[str] = []
         try:
             with torch.cuda.device(self._device), torch.cuda.stream(stream):
                 graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
                 try:
                     with no_compilation(), graph_safe_grad_scalers(self._grad_scalers, self._step_unless_found_inf), \
-                            self._reads.recording(self._watch + self._follow), optimizers_stepped(stepped):
+                            self._reads.recording(self._watch + self._follow), optimizers_stepped(stepped), \
+                            output_noticed(printed):
                         versions = static.versions()
                         outputs = fn(static.value)
                         static.note_written(versions)
@@ -849,6 +852,13 @@ class GraphedStep:
         problems = [optimizer.exit_capture() for optimizer in self._optimizers]
         problems.append(self._side_effects(before, hyperparameters=False))
         problems.append(self._not_given_in_capture(stepped))
+        if printed:
+            self._warn("output", (
+                f"{self.what} {'prints' if printed[0] == 'print' else 'logs with `logging`'} from inside the step. "
+                "A replay runs none of the step's Python, so its messages appear only on the steps that run "
+                f"eagerly (the warm-up, each capture). To see them at every step, print from `{self.batch_end_hook}` "
+                "(with Lightning), or after each call; training itself is graphed as usual"
+            ))
         self.stats.capture_seconds += time.perf_counter() - started
         zeroed_first = {id(p) for optimizer in self._optimizers if optimizer.zeroed_in_capture
                         for group in optimizer.optimizer.param_groups for p in group["params"]}

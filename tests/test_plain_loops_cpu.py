@@ -497,3 +497,24 @@ def test_an_object_called_as_the_step_counting_in_itself_runs_eagerly_with_one_w
         for _ in range(6):
             run()
     assert counter.calls == 6 and float(counter.x[0]) == 6.0
+
+
+def test_a_step_that_logs_is_graphed_and_says_so_once(replaying):
+    import logging
+
+    logger = logging.getLogger("a_simulation_of_ones_own")
+    weight, module = _weight()
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+
+    def step(x):
+        optimizer.zero_grad()
+        (weight * x).sum().backward()
+        optimizer.step()
+        logger.warning("stepped")
+
+    run = GraphedStep(step, optimizers=[optimizer], modules=[module], device="cuda")
+    with pytest.warns(GraphWarning, match="logs with `logging` from inside the step") as caught:
+        for _ in range(8):
+            run(torch.ones(3))
+    assert len([w for w in caught if issubclass(w.category, GraphWarning)]) == 1
+    assert run.stats.replays == 4, run.stats.summary()

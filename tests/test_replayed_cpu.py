@@ -1809,3 +1809,18 @@ def test_an_evaluation_batch_holding_one_tensor_twice_is_not_graphed_under_infer
     (warning,) = warned[True]
     assert "may write its batch in place" in warning and "may write in place" in warning, warning
     assert "shares memory with batch[1]" in warning, warning
+
+
+class PrintsEachStep(models.Regressor):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.print("a step")
+        return loss
+
+
+def test_a_step_that_prints_stays_graphed_and_says_once_where_its_messages_go(replaying, capsys):
+    eager, graphed = both(lambda: PrintsEachStep("adamw", "lambda"), max_epochs=2)
+    assert_same(eager, graphed)
+    replayed(graphed)
+    (warning,) = graphed.warnings
+    assert "prints from inside the step" in warning and "on_train_batch_end" in warning, warning

@@ -1,0 +1,52 @@
+"""Messages a step prints or logs: a replay runs none of the step's Python, so they
+appear only on the steps that run eagerly. Noticed while a step is captured, so that
+the user can be told once; training itself is not affected."""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import logging
+import sys
+from typing import Any, Iterator
+
+from lightning_graphs.python_state import framework_module
+
+__all__ = ["output_noticed"]
+
+_FRAMES_LOOKED_AT = 6  # how far up from a print its caller is looked for (Lightning's `self.print` calls print)
+
+
+def _from_users_code(frame: Any) -> bool:
+    """Whether a frame or one of its callers close by runs code outside the frameworks."""
+    for _ in range(_FRAMES_LOOKED_AT):
+        if frame is None:
+            return False
+        if not framework_module(frame.f_globals.get("__name__")) and \
+                frame.f_globals.get("__name__") not in ("logging", "builtins"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+@contextlib.contextmanager
+def output_noticed(found: list[str]) -> Iterator[None]:
+    """Within the block, a ``print`` or a ``logging`` record (of a logger outside the
+    frameworks) made from the user's code is named in ``found`` ("print", "logging")."""
+    printing, handling = builtins.print, logging.Logger.handle
+
+    def noticed_print(*args: Any, **kwargs: Any) -> None:
+        if "print" not in found and _from_users_code(sys._getframe(1)):
+            found.append("print")
+        printing(*args, **kwargs)
+
+    def noticed_handle(logger: logging.Logger, record: logging.LogRecord) -> None:
+        if "logging" not in found and not framework_module(logger.name):
+            found.append("logging")
+        handling(logger, record)
+
+    builtins.print, logging.Logger.handle = noticed_print, noticed_handle
+    try:
+        yield
+    finally:
+        builtins.print, logging.Logger.handle = printing, handling
