@@ -33,7 +33,10 @@ def held_values(reach: Sequence[tuple[str, Any]], objects: bool = True) -> Itera
     """``(label, value)`` for every value one step into ``reach``: the variables of a
     closure view (and, with ``objects``, the attributes of an object, a bound step's ``self``)."""
     for label, holder in reach:
-        view = getattr(holder, "_view_label", None)
+        try:
+            view = getattr(holder, "_view_label", None)
+        except Exception:  # an object whose `__getattr__` raises something else than AttributeError
+            view = None
         if view is None and not objects:
             continue
         try:
