@@ -518,3 +518,25 @@ def test_a_step_that_logs_is_graphed_and_says_so_once(replaying):
             run(torch.ones(3))
     assert len([w for w in caught if issubclass(w.category, GraphWarning)]) == 1
     assert run.stats.replays == 4, run.stats.summary()
+
+
+class LooksUpInADict:
+    """A simulation whose missing attributes are looked up in a dict (a KeyError for unknown names)."""
+
+    def __init__(self):
+        self._fields = {"dt": 0.1}
+        self.x = torch.zeros(3)
+
+    def __getattr__(self, name):
+        return self.__dict__["_fields"][name]
+
+    def advance(self):
+        self.x.add_(self.dt)
+
+
+def test_a_step_bound_to_an_object_with_an_unusual_getattr_runs(replaying):
+    sim = LooksUpInADict()
+    run = GraphedStep(sim.advance, warmup_steps=1, device="cuda")
+    for _ in range(5):
+        run()
+    torch.testing.assert_close(sim.x, torch.full((3,), 0.5))
