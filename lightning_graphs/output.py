@@ -8,9 +8,10 @@ import builtins
 import contextlib
 import logging
 import sys
+import threading
 from typing import Any, Iterator
 
-from lightning_graphs.python_state import framework_module
+from lightning_graphs.python_state import users_code
 
 __all__ = ["output_noticed"]
 
@@ -18,12 +19,12 @@ _FRAMES_LOOKED_AT = 6  # how far up from a print its caller is looked for (Light
 
 
 def _from_users_code(frame: Any) -> bool:
-    """Whether a frame or one of its callers close by runs code outside the frameworks."""
+    """Whether a frame or one of its callers close by runs the user's own code (not
+    Python's, nor an installed package's)."""
     for _ in range(_FRAMES_LOOKED_AT):
         if frame is None:
             return False
-        if not framework_module(frame.f_globals.get("__name__")) and \
-                frame.f_globals.get("__name__") not in ("logging", "builtins"):
+        if users_code(frame.f_globals.get("__name__")):
             return True
         frame = frame.f_back
     return False
@@ -31,17 +32,18 @@ def _from_users_code(frame: Any) -> bool:
 
 @contextlib.contextmanager
 def output_noticed(found: list[str]) -> Iterator[None]:
-    """Within the block, a ``print`` or a ``logging`` record (of a logger outside the
-    frameworks) made from the user's code is named in ``found`` ("print", "logging")."""
+    """Within the block, a ``print`` or a ``logging`` record made by the user's own code
+    in this thread is named in ``found`` ("print", "logging")."""
     printing, handling = builtins.print, logging.Logger.handle
+    thread = threading.get_ident()
 
     def noticed_print(*args: Any, **kwargs: Any) -> None:
-        if "print" not in found and _from_users_code(sys._getframe(1)):
+        if "print" not in found and threading.get_ident() == thread and _from_users_code(sys._getframe(1)):
             found.append("print")
         printing(*args, **kwargs)
 
     def noticed_handle(logger: logging.Logger, record: logging.LogRecord) -> None:
-        if "logging" not in found and not framework_module(logger.name):
+        if "logging" not in found and threading.get_ident() == thread and _from_users_code(sys._getframe(1)):
             found.append("logging")
         handling(logger, record)
 

@@ -25,7 +25,7 @@ import torch
 
 __all__ = [
     "StateFingerprint", "StepReads", "WatchedInt", "what_fn_reads", "globals_fn_reads", "host_random_state",
-    "host_random_draws", "framework_module", "functions_read", "contents_key",
+    "host_random_draws", "framework_module", "functions_read", "contents_key", "users_code",
 ]
 
 _PLAIN = (bool, int, complex, str, bytes, type(None))
@@ -108,18 +108,16 @@ def _slot_names(cls: type) -> tuple[str, ...]:
 _ARRAY_BYTES = 1 << 16  # NumPy arrays up to this size are compared by their values
 
 
-def _array_key(value: Any, digest_larger: bool = False) -> tuple | None:
+def _array_key(value: Any) -> tuple | None:
     """A NumPy array's values as a key (``None`` for anything else): its bytes up to
-    64 KiB; a larger one by identity, or with ``digest_larger`` by a digest of its
-    bytes (too slow to take before every replay, fine once per call)."""
+    64 KiB, a digest of them beyond."""
     numpy = sys.modules.get("numpy")
     if numpy is None or not isinstance(value, numpy.ndarray):
         return None
-    if value.nbytes > _ARRAY_BYTES:
-        if not digest_larger:
-            return ("object", id(value))
-        return ("array", value.shape, str(value.dtype), hashlib.blake2b(value.tobytes(), digest_size=16).digest())
-    return ("array", value.shape, str(value.dtype), value.tobytes())
+    data = value.tobytes()
+    if len(data) > _ARRAY_BYTES:
+        data = hashlib.blake2b(data, digest_size=16).digest()
+    return ("array", value.shape, str(value.dtype), data)
 
 
 def contents_key(value: Any) -> Any:
@@ -131,12 +129,12 @@ def contents_key(value: Any) -> Any:
     try:
         if _framework_class(type(value)):
             return None
-        return _array_key(value, digest_larger=True) or _value_key(value)
+        return _array_key(value) or _value_key(value, arrays_by_value=True)
     except Exception:
         return None
 
 
-def _digest(value: Any) -> tuple[Any, Any] | object:
+def _digest(value: Any, arrays_by_value: bool = False) -> tuple[Any, Any] | object:
     """A container's contents as ``(values, sizes)``: ``values`` nests its plain
     values (a setting in ``self.hparams``, a loss weight in a dict), the identities
     of its tensors (a graph reads the tensor it was captured with) and of other
@@ -144,7 +142,9 @@ def _digest(value: Any) -> tuple[Any, Any] | object:
     list growing inside a dict tells apart from a value changing; containers nested
     deeper than a few levels, and inner ones past the budget of items (an EMA
     helper's shadow weights beside its decay), by identity and length.
-    ``_UNCOMPARABLE`` for a container itself too big to compare cheaply."""
+    ``_UNCOMPARABLE`` for a container itself too big to compare cheaply. NumPy arrays
+    count by identity, or with ``arrays_by_value`` by their values (once per call, for
+    what is passed to a step: too slow before every replay)."""
     budget = [_DIGEST_ITEMS]
 
     def walk(item: Any, depth: int) -> tuple[Any, Any]:
@@ -154,7 +154,7 @@ def _digest(value: Any) -> tuple[Any, Any] | object:
             return item, None
         if isinstance(item, torch.Tensor):
             return ("tensor", id(item)), None
-        array = _array_key(item)
+        array = _array_key(item) if arrays_by_value else None
         if array is not None:
             return array, None
         if not isinstance(item, _SIZED) or isinstance(item, bytearray):
@@ -192,22 +192,20 @@ def _digest(value: Any) -> tuple[Any, Any] | object:
         return _UNCOMPARABLE
 
 
-def _value_key(value: Any) -> tuple:
-    """What about an attribute value must stay the same across a step."""
+def _value_key(value: Any, arrays_by_value: bool = False) -> tuple:
+    """What about an attribute value must stay the same across a step (for NumPy
+    arrays inside it, see :func:`_digest`)."""
     if isinstance(value, float):
         return ("number", "nan" if math.isnan(value) else value, float)
     if isinstance(value, _PLAIN):
         return ("number", value, type(value))  # (1 and 1.0 and True are equal, yet a graph bakes in the type)
     if isinstance(value, _SIZED):
-        return ("container", id(value), len(value), _digest(value))  # contents: (values, sizes)
+        return ("container", id(value), len(value), _digest(value, arrays_by_value))  # contents: (values, sizes)
     if isinstance(value, torch.Tensor):
         return ("tensor", id(value))
-    array = _array_key(value)
-    if array is not None:
-        return array
     view = _settings_view(value)
     if view is not None:
-        digest = _digest(value)
+        digest = _digest(value, arrays_by_value)
         if digest is not _UNCOMPARABLE:  # (one too big to compare: by identity, as any other object)
             # a mapping (a config library's) is compared as a container also at the broad checks; other settings
             # objects there only for the step's own side effects: before every replay, what the step read of
@@ -233,8 +231,6 @@ def _describe(name: str, before: tuple, after: tuple | None, value: Any) -> str:
         return f"{how} `{name}` (a {type(value).__name__})"
     if before[0] == "number" and after[0] == "number":
         return f"changes `{name}` from {before[1]!r} to {after[1]!r}"
-    if before[0] == "array" and after[0] == "array":
-        return f"changes the values of `{name}` (a NumPy array)"
     if isinstance(value, torch.Tensor):
         return f"rebinds `{name}` to a new tensor"
     return f"rebinds `{name}`"
@@ -643,11 +639,15 @@ def _users_module(module: types.ModuleType) -> bool:
     return bool(path) and not _library_module_name(module.__name__) and "-packages" not in path
 
 
-def _users_function(value: Any) -> bool:
-    if not isinstance(value, types.FunctionType):
-        return False
-    module = sys.modules.get(value.__module__ or "")
+def users_code(module_name: str | None) -> bool:
+    """Whether the module named ``module_name`` is the user's own code (``__main__``
+    included; not Python's, nor an installed package's)."""
+    module = sys.modules.get(module_name or "")
     return module is not None and (module.__name__ == "__main__" or _users_module(module))
+
+
+def _users_function(value: Any) -> bool:
+    return isinstance(value, types.FunctionType) and users_code(value.__module__)
 
 
 def _class_function(owner: type, name: str) -> Any:
@@ -863,7 +863,8 @@ class StepReads:
         return _Recording(self, [obj for _, obj in _with_submodules(objects)])
 
     def _keep(self, obj: Any, name: str, follow: Callable[[Any], bool] | None = None) -> None:
-        if not isinstance(getattr(obj, "__dict__", None), dict) or self._keep_buffers(obj, name):
+        slotted = name in _slot_names(type(obj))
+        if not (slotted or isinstance(getattr(obj, "__dict__", None), dict)) or self._keep_buffers(obj, name):
             return
         if self._ignore(obj, name):
             return
@@ -871,7 +872,7 @@ class StepReads:
             if _settings_view(obj) is not None:
                 self._read[(id(obj), name)] = (obj, name, _value_key(obj), _plain_copy(obj))
             return
-        value = obj.__dict__.get(name, _ABSENT)
+        value = _own_value(obj, name)
         if value is _ABSENT:
             # a class attribute read through the object: a value set on the object later hides it
             inherited = getattr(type(obj), name, _ABSENT)
@@ -899,9 +900,9 @@ class StepReads:
         self._read[(id(obj), name)] = (obj, name, key, copy)
 
     def keep_whole(self, obj: Any) -> None:
-        """Keep a settings object whose reads cannot be recorded one by one (a
-        ``types.SimpleNamespace``, a class with ``__slots__`` or ``__getattr__``),
-        given to watch or held by the step: compared whole before every replay."""
+        """Keep a settings object whose reads cannot be recorded one by one (of a class
+        that takes no stand-in, as ``types.SimpleNamespace``), given to watch or held by
+        the step: compared whole before every replay."""
         if _settings_view(obj) is not None:
             self._read[(id(obj), "__dict__")] = (obj, "__dict__", _value_key(obj), _plain_copy(obj))
 
@@ -935,7 +936,7 @@ class StepReads:
                     found = views[id(obj)] = obj.__dict__
                 value = found.get(name, _ABSENT)
             else:
-                value = obj.__dict__.get(name, _ABSENT)
+                value = _own_value(obj, name)
             kind = key[0]
             if kind == "buffer":
                 if obj._buffers.get(name) is copy:
@@ -970,6 +971,19 @@ class StepReads:
         return None
 
 
+def _own_value(obj: Any, name: str) -> Any:
+    """The value an object holds itself under ``name`` (in its ``__dict__`` or a slot), else ``_ABSENT``."""
+    attributes = getattr(obj, "__dict__", None)
+    if isinstance(attributes, dict) and name in attributes:
+        return attributes[name]
+    if name in _slot_names(type(obj)):
+        try:
+            return object.__getattribute__(obj, name)
+        except AttributeError:
+            return _ABSENT
+    return _ABSENT
+
+
 def _where(obj: Any, name: str) -> str:
     """How a message names an attribute the step read (``Model.beta``, ``global CONFIG``)."""
     shown = name.lstrip("_") if _behind_property(obj, name) else name
@@ -989,19 +1003,6 @@ class _Same:
 
     def __eq__(self, other: Any) -> bool:
         return other is self.obj
-
-
-class _ArrayCopy:
-    """A copy of a small NumPy array's values: equal to an array holding the same ones."""
-
-    __slots__ = ("key",)
-    __hash__ = None  # type: ignore[assignment]
-
-    def __init__(self, key: tuple) -> None:
-        self.key = key
-
-    def __eq__(self, other: Any) -> bool:
-        return _array_key(other) == self.key
 
 
 class _SettingsCopy:
@@ -1032,9 +1033,6 @@ def _plain_copy(value: Any, depth: int = 0, follow: Callable[[Any], bool] | None
     if not isinstance(value, (list, tuple, dict)):
         if isinstance(value, _SIZED):
             return _UNCOMPARABLE
-        array = _array_key(value)
-        if array is not None:
-            return _ArrayCopy(array) if array[0] == "array" else _Same(value)
         view = _settings_view(value)
         if view is None or isinstance(value, collections.abc.Mapping) or (
             follow is not None and depth > 0 and follow(value)
@@ -1123,15 +1121,13 @@ class _Recording:
 
     def _install(self) -> _Recording:
         objects = list(self._objects.values())
-        # (looked at before any class records reads: looking is not the step's read)
-        whole = [not isinstance(obj, (_VariablesView, torch.nn.Module)) and not _followable(obj) for obj in objects]
         recorded = [cls for cls in self._classes if self._stand_in(cls)]
-        self._keeping = True
+        self._keeping = True  # (looking at the objects is not the step's read)
         try:
-            for obj, compared_whole in zip(objects, whole):
-                if compared_whole or (not isinstance(obj, (_VariablesView, torch.nn.Module))
-                                      and all(type(obj) is not cls for cls in recorded)):
-                    # reads that cannot be recorded one by one: the object is compared whole
+            for obj in objects:
+                if not isinstance(obj, (_VariablesView, torch.nn.Module)) and all(type(obj) is not cls
+                                                                                for cls in recorded):
+                    # a class whose reads cannot be recorded (Python's own `SimpleNamespace`): compared whole
                     self._reads.keep_whole(obj)
         finally:
             self._keeping = False

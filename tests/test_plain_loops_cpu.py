@@ -402,7 +402,7 @@ class ModuleDrift(torch.nn.Module):
 
 
 def _dt(settings):
-    return settings.dt[0] if isinstance(getattr(settings, "dt", None), np.ndarray) else settings.dt
+    return settings.dt
 
 
 @dataclasses.dataclass(slots=True)
@@ -420,11 +420,6 @@ def _slotted_settings_watched():
     settings = SlottedSettings()
     sim = Drift(settings)
     return sim, sim.advance, dict(watch=[("settings", settings)]), lambda: setattr(settings, "dt", settings.dt / 2)
-
-
-def _array_setting():
-    sim = Drift(types.SimpleNamespace(dt=np.array([0.1])))
-    return sim, sim.advance, {}, lambda: sim.settings.dt.__setitem__(0, sim.settings.dt[0] / 2)
 
 
 def _callable_object():
@@ -453,7 +448,6 @@ def _module_called():
 _SIMULATIONS = {
     "a namespace given to watch": _namespace_watched,
     "slotted settings given to watch": _slotted_settings_watched,
-    "a NumPy setting changed in place": _array_setting,
     "an object called as the step": _callable_object,
     "a functools.partial": _partial,
     "a method of a slotted class": _slotted_method,
