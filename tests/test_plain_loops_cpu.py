@@ -289,6 +289,8 @@ _ARGUMENT_OBJECTS = {
     "a large array": (lambda: np.ones(20000), _nothing, lambda s: float(s[0])),
     "a large array changed": (lambda: np.ones(20000), _at_six(lambda s: s.__setitem__(0, 3.0)),
                               lambda s: float(s[0])),
+    "a large array attribute changed": (lambda: types.SimpleNamespace(scales=np.ones(20000)),
+                                        _at_six(lambda s: s.scales.__setitem__(0, 3.0)), lambda s: float(s.scales[0])),
     "a NaN setting set again": (lambda: types.SimpleNamespace(scale=1.0, clip=float("nan")),
                                 lambda s, i: setattr(s, "clip", float("nan")), lambda s: s.scale),
 }

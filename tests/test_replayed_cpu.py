@@ -1824,3 +1824,43 @@ def test_a_step_that_prints_stays_graphed_and_says_once_where_its_messages_go(re
     replayed(graphed)
     (warning,) = graphed.warnings
     assert "prints from inside the step" in warning and "on_train_batch_end" in warning, warning
+
+
+class KeepsHistory(pl.Callback):
+    """A callback with a hook inside the step, keeping a history outside it."""
+
+    def __init__(self):
+        self.history = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        pass
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.history.append(batch_idx)
+
+
+class LooksUpOptions(KeepsHistory):
+    def __getattr__(self, name):
+        raise AttributeError(name)
+
+
+class SlottedCounter(pl.Callback):
+    __slots__ = ("count",)
+
+    def __init__(self):
+        self.count = 0
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        pass
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.count += 1
+
+
+@pytest.mark.parametrize("make_callback", [KeepsHistory, LooksUpOptions, SlottedCounter])
+def test_a_callback_keeping_bookkeeping_outside_the_step_leaves_it_graphed(replaying, make_callback):
+    eager, graphed = both(lambda: models.Regressor("adamw", "lambda"), max_epochs=2,
+                          extra_callbacks=lambda: [make_callback()])
+    assert_same(eager, graphed)
+    assert not graphed.warnings
+    replayed(graphed, eager_steps=0)
