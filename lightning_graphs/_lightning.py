@@ -456,6 +456,11 @@ class LogCall:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
+def _frameworks_frame(frame: Any) -> bool:
+    """Whether ``frame`` runs PyTorch's, Lightning's, torchmetrics' or this library's code."""
+    return framework_module(frame.f_globals.get("__name__"))
+
+
 _BUFFER_ADVICE = (
     "give the step what it needs from it in a tensor of the module's own that a hook updates in place "
     "(`self.weight.fill_(value)` in `on_train_batch_start`): a replay reads the tensor's new value"
@@ -560,9 +565,7 @@ class StepProbe:
         """Whether the frame ``caller`` runs the user's code inside the step (which a replay would not run
         again), rather than Lightning's."""
         hook = self.module._current_fx_name
-        return hook in self._USER_HOOKS or (
-            hook in self._SHARED_HOOKS and not framework_module(caller.f_globals.get("__name__"))
-        )
+        return hook in self._USER_HOOKS or (hook in self._SHARED_HOOKS and not _frameworks_frame(caller))
 
     def _watch_property(self, owner: type, name: str, module_level: bool,
                         where: str | None = None) -> tuple[type, str, Any] | None:
@@ -575,7 +578,7 @@ class StepProbe:
 
         def read(instance: Any) -> Any:
             caller = sys._getframe(1)
-            if where is not None and framework_module(caller.f_globals.get("__name__")):
+            if where is not None and _frameworks_frame(caller):
                 return original.fget(instance)
             if module_level or probe._user_code(caller):
                 owner_name = where or ("self" if module_level else "self.trainer")
@@ -635,7 +638,7 @@ class StepProbe:
         def read(scheduler: Any) -> Any:
             caller = sys._getframe(1)
             # (a scheduler stepped in the step reads its own count: PyTorch's code, or its own method)
-            own = caller.f_locals.get("self") is scheduler or framework_module(caller.f_globals.get("__name__"))
+            own = caller.f_locals.get("self") is scheduler or _frameworks_frame(caller)
             if id(scheduler) in watched and not own and probe._user_code(caller):
                 probe.note(
                     f"{probe.what} reads `last_epoch` of its {type(scheduler).__name__} scheduler, a count the "
