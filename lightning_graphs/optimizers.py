@@ -275,11 +275,12 @@ class GraphSafeOptimizer:
         self._saved_zero_grad = self.optimizer.__dict__.get("zero_grad", _MISSING)
         zero_grad = self.optimizer.zero_grad
         found = [(p, p.grad, p.grad._version) for group in groups for p in group["params"] if p.grad is not None]
-        first_call = [True]
+        called = False
 
         def watched_zero_grad(*args: Any, **kwargs: Any) -> Any:
-            if first_call[0]:
-                first_call[0] = False
+            nonlocal called
+            if not called:  # the first zeroing decides
+                called = True
                 self.zeroed_in_capture = all(p.grad is grad and grad._version == version for p, grad, version in found)
             return zero_grad(*args, **kwargs)
 
