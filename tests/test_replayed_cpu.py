@@ -1378,9 +1378,13 @@ class SetsUpOptimizersAgain(pl.Callback):
             trainer.strategy.setup_optimizers(trainer)
 
 
-@pytest.mark.parametrize("replaces", [SwitchesToSGD, SetsUpOptimizersAgain])
-def test_optimizers_replaced_during_the_fit_train_eagerly_from_then_with_one_warning(replaying, replaces):
-    eager, graphed = both(lambda: models.Regressor("adamw", None), max_epochs=3, extra_callbacks=lambda: [replaces()])
+@pytest.mark.parametrize("make_module, replaces", [
+    (lambda: models.Regressor("adamw", None), SwitchesToSGD),
+    (lambda: models.Regressor("adamw", None), SetsUpOptimizersAgain),
+    (models.ManualRegressor, SwitchesToSGD),
+], ids=["switches to SGD", "sets up the optimizers again", "manual optimization switches to SGD"])
+def test_optimizers_replaced_during_the_fit_train_eagerly_from_then_with_one_warning(replaying, make_module, replaces):
+    eager, graphed = both(make_module, max_epochs=3, extra_callbacks=lambda: [replaces()])
     assert_same(eager, graphed)
     stats = graphed.callback.stats
     assert stats.replays > 0 and stats.disabled_reason is not None, stats.summary()
@@ -1624,21 +1628,6 @@ def test_an_optimizer_hook_registered_once_training_runs_is_replayed(replaying):
     assert graphed.callback.stats.replays > 0, graphed.callback.stats.summary()
     for a, b in zip(eager.module.average, graphed.module.average):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
-
-
-class ManualSwitchesToSGD(pl.Callback):
-    def on_train_epoch_start(self, trainer, pl_module):
-        if trainer.current_epoch == 1:
-            trainer.optimizers = [torch.optim.SGD(pl_module.parameters(), lr=0.05)]
-
-
-def test_manual_optimization_with_optimizers_replaced_during_the_fit_trains_eagerly_with_one_warning(replaying):
-    eager, graphed = both(models.ManualRegressor, max_epochs=3, extra_callbacks=lambda: [ManualSwitchesToSGD()])
-    assert_same(eager, graphed)
-    stats = graphed.callback.stats
-    assert stats.replays > 0 and stats.disabled_reason is not None, stats.summary()
-    (warning,) = graphed.warnings
-    assert "optimizers were replaced during the fit" in warning, warning
 
 
 # -- values the fit changes between steps, read from the step ------------------------------------------------------
