@@ -250,19 +250,29 @@ def test_two_graphed_runs_with_one_seed_are_identical():
     graphs_used(second)
 
 
-class NoiseFromItsOwnGenerator(models.Regressor):
+class AugmentsItsInputs(models.Regressor):
+    """The regression step on inputs its ``augment`` changes first, as augmentation in a
+    training step goes."""
+
+    def augment(self, x):
+        return x
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.mse_loss(self(self.augment(x)), y)
+        self.log("train_loss", loss)
+        return loss
+
+
+class NoiseFromItsOwnGenerator(AugmentsItsInputs):
     """Input noise drawn from a generator of the module's own, seeded, as users write
     reproducible augmentation."""
 
     def on_fit_start(self):
         self.noise = torch.Generator(device=self.device).manual_seed(7)
 
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        x = x + 0.1 * torch.randn(x.shape, device=x.device, generator=self.noise)
-        loss = F.mse_loss(self(x), y)
-        self.log("train_loss", loss)
-        return loss
+    def augment(self, x):
+        return x + 0.1 * torch.randn(x.shape, device=x.device, generator=self.noise)
 
 
 def test_noise_from_a_generator_of_its_own_is_fresh_every_step_or_trained_eagerly_with_a_warning():
@@ -272,17 +282,12 @@ def test_noise_from_a_generator_of_its_own_is_fresh_every_step_or_trained_eagerl
         assert any("generator" in w.lower() for w in graphed.warnings), graphed.warnings
 
 
-class FlipsOnAHostCoin(models.Regressor):
+class FlipsOnAHostCoin(AugmentsItsInputs):
     """An augmentation decided as torchvision's random transforms decide it: `torch.rand(1) < p`, a draw
     from PyTorch's CPU generator, which a replay would not draw again."""
 
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        if torch.rand(1) < 0.5:
-            x = -x
-        loss = F.mse_loss(self(x), y)
-        self.log("train_loss", loss)
-        return loss
+    def augment(self, x):
+        return -x if torch.rand(1) < 0.5 else x
 
 
 def test_a_host_coin_from_pytorchs_cpu_generator_trains_eagerly_with_one_warning():
