@@ -1174,8 +1174,7 @@ class GraphedStep:
             if self.fn is not None:  # (Lightning steps its schedulers outside the step, or after every replay)
                 stack.enter_context(schedulers_stepped(schedulers))
             outputs = fn()
-        given = {id(optimizer.optimizer) for optimizer in self._optimizers}
-        not_given = [optimizer for optimizer in stepped if id(optimizer) not in given]
+        not_given = [optimizer for optimizer in stepped if not self.prepared_for(optimizer)]
         self._stepped_not_given = [optimizer for optimizer in not_given if optimizer in self._not_given_before]
         self._not_given_before = weakref.WeakSet(not_given)
         self._stepped_schedulers = schedulers
@@ -1237,8 +1236,7 @@ class GraphedStep:
     def _not_given_in_capture(self, stepped: list[torch.optim.Optimizer]) -> str | None:
         """Names an optimizer not given that the captured step stepped, as the eager step
         before it did (one made inside the step for an inner loop is the step's own)."""
-        given = {id(optimizer.optimizer) for optimizer in self._optimizers}
-        kept = [o for o in stepped if id(o) not in given and o in self._not_given_before]
+        kept = [o for o in stepped if not self.prepared_for(o) and o in self._not_given_before]
         return self._not_given_message(kept[0]) if kept else None
 
     def _not_given_message(self, optimizer: torch.optim.Optimizer) -> str:
