@@ -258,23 +258,23 @@ def _with_submodules(objects: Iterable[tuple[str, Any]]) -> Iterable[tuple[str, 
                 yield from modules(f"{label}.{name}", value)
 
 
-def _instance_values(obj: Any) -> dict[str, Any]:
-    """An object's instance attributes, in its ``__dict__`` and its ``__slots__``."""
-    values = dict(getattr(obj, "__dict__", None) or {})
-    if not isinstance(obj, _VariablesView):
-        for name in _slot_names(type(obj)):
-            value = getattr(obj, name, _ABSENT)
-            if value is not _ABSENT:
-                values[name] = value
-    return values
-
-
 def _attributes(obj: Any) -> dict[str, Any]:
     """A copy of ``obj``'s instance attributes, or ``{}`` where it has none (or its ``__dict__`` raises)."""
     try:
         return dict(vars(obj))
     except Exception:  # no __dict__, or one that raises
         return {}
+
+
+def _instance_values(obj: Any) -> dict[str, Any]:
+    """An object's instance attributes, in its ``__dict__`` and its ``__slots__``."""
+    values = _attributes(obj)
+    if not isinstance(obj, _VariablesView):
+        for name in _slot_names(type(obj)):
+            value = getattr(obj, name, _ABSENT)
+            if value is not _ABSENT:
+                values[name] = value
+    return values
 
 
 class StateFingerprint:
