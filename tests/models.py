@@ -579,3 +579,78 @@ class ManualGAN(pl.LightningModule):
         sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, lambda step: 1.0 / (1.0 + 0.05 * step))
         sched_d = torch.optim.lr_scheduler.ExponentialLR(opt_d, gamma=0.97)
         return [opt_g, opt_d], [sched_g, sched_d]
+
+
+# -- values the fit changes between steps, messages, evaluation steps writing their batch ---------
+
+
+class RampedBy(Regressor):
+    """A penalty ramped up by a count or a metric the fit keeps, read where the step runs."""
+
+    def __init__(self, read):
+        super().__init__("adamw", "cosine", epochs=3)
+        self.read = read
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        pred = self(x)
+        ramp = self.read(self)
+        loss = F.mse_loss(pred, y) * (1.0 + ramp) + 0.1 * ramp * pred.pow(2).mean()
+        self.log("train_loss", loss)
+        return loss
+
+
+# what a RampedBy reads, and the words its warning must hold
+FIT_VALUES = {
+    "last_epoch": (lambda m: min(1.0, m.lr_schedulers().last_epoch / 10), "reads `last_epoch` of its"),
+    "callback_metrics": (lambda m: m.trainer.callback_metrics.get("val_loss", torch.tensor(0.0)),
+                         "reads `self.trainer.callback_metrics`"),
+    "total_batch_idx": (lambda m: min(1.0, m.trainer.fit_loop.total_batch_idx / 10),
+                        "reads `self.trainer.fit_loop.total_batch_idx`"),
+    "epoch batch_idx": (lambda m: m.trainer.fit_loop.epoch_loop.batch_idx / 10,
+                        "reads `self.trainer.fit_loop.epoch_loop.batch_idx`"),
+}
+
+
+class PrintsEachStep(Regressor):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.print("a step")
+        return loss
+
+
+class ScalesItsBatch(pl.LightningModule):
+    """Evaluation steps that write their batch in place before the forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Linear(4, 1)
+
+    def validation_step(self, batch, batch_idx):
+        (x,) = batch
+        x.mul_(0.5)
+        self.log("val_out", self.net(x).mean())
+
+    def predict_step(self, batch, batch_idx):
+        (x,) = batch
+        x.mul_(0.5)
+        return self.net(x)
+
+
+class SameTensorTwice(ScalesItsBatch):
+    def validation_step(self, batch, batch_idx):
+        x, again = batch
+        x.mul_(0.5)  # eagerly, `again` is the same memory and sees the write
+        self.log("val_out", self.net(x).mean() + again.sum())
+
+
+class BatchSums(pl.Callback):
+    """What hooks after the step see of the batch."""
+
+    def __init__(self):
+        self.sums = []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.sums.append(float(batch[0].sum()))
+
+    on_predict_batch_end = on_validation_batch_end

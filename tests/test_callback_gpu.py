@@ -376,6 +376,33 @@ def test_python_side_effects_are_detected_and_trained_eagerly(module, needle):
         assert graphed.module.epoch_means == pytest.approx(eager.module.epoch_means, rel=1e-6)
 
 
+@pytest.mark.parametrize("value", list(models.FIT_VALUES))
+def test_a_step_reading_a_value_the_fit_changes_between_steps_trains_eagerly_with_one_warning(value):
+    read, named = models.FIT_VALUES[value]
+    eager, graphed = both(lambda: models.RampedBy(read), max_epochs=3, val_loader=lambda: loader(batch_size=16))
+    assert_same(eager, graphed)
+    (warning,) = graphed.warnings
+    assert named in warning and "updates in place" in warning
+    assert graphed.callback.stats.replays == 0, graphed.callback.stats.summary()
+
+
+def test_anomaly_detection_trains_eagerly_with_one_warning_naming_it():
+    eager, graphed = both(lambda: models.Regressor("adamw", "lambda"), detect_anomaly=True)
+    assert_same(eager, graphed)
+    (warning,) = graphed.warnings
+    assert "detect_anomaly=True" in warning
+    stats = graphed.callback.stats
+    assert stats is None or stats.captures == 0, stats.summary()
+
+
+def test_a_step_that_prints_stays_graphed_and_says_once_where_its_messages_go():
+    eager, graphed = both(lambda: models.PrintsEachStep("adamw", "lambda"))
+    assert_same(eager, graphed)
+    graphs_used(graphed)
+    (warning,) = graphed.warnings
+    assert "prints from inside the step" in warning and "on_train_batch_end" in warning, warning
+
+
 # -- torchmetrics updated inside the step -----------------------------------------------------
 
 

@@ -284,22 +284,23 @@ class Evaluation:
     callback: CUDAGraphCallback | None
     trainer: pl.Trainer
     warnings: list[str] = field(default_factory=list)
+    extra: list = field(default_factory=list)  # the extra callbacks, as the run left them
 
 
-def evaluate(stage: str, make_module, loaders, graphed: bool, callback_kwargs=None) -> Evaluation:
+def evaluate(stage: str, make_module, loaders, graphed: bool, callback_kwargs=None, extra_callbacks=list) -> Evaluation:
     pl.seed_everything(0, verbose=False)
     module = make_module()
-    logger, kept = MemoryLogger(), KeepsEvaluation()
+    logger, kept, extra = MemoryLogger(), KeepsEvaluation(), extra_callbacks()
     callback = CUDAGraphCallback(graph_evaluation=True, **(callback_kwargs or {})) if graphed else None
     trainer = pl.Trainer(
-        accelerator="gpu", devices=1, logger=logger, callbacks=[kept] + ([callback] if callback else []),
+        accelerator="gpu", devices=1, logger=logger, callbacks=[kept] + extra + ([callback] if callback else []),
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", GraphWarning)
         result = getattr(trainer, stage)(module, dataloaders=loaders())
     messages = [str(w.message) for w in caught if issubclass(w.category, GraphWarning)]
-    return Evaluation(result, logger, kept, callback, trainer, messages)
+    return Evaluation(result, logger, kept, callback, trainer, messages, extra)
 
 
 def both_evaluations(stage, make_module, loaders):
@@ -380,3 +381,33 @@ def test_a_failed_validation_cleans_up():
     assert not any(hook in trainer.strategy.__dict__ for hook in STEP_HOOKS)
     result = trainer.validate(models.Evaluated("adamw", None), dataloaders=val_loader(n=77)())
     assert "val_loss" in result[0] and callback.evaluation_stats["validation"].replays == 6
+
+
+# -- evaluation steps writing their batch in place (batches moved to the device under inference mode) ---
+
+
+def _rows():
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(48.0).reshape(12, 4)), batch_size=2)
+
+
+@pytest.mark.parametrize("stage", ["validate", "predict"])
+def test_an_evaluation_step_writing_its_batch_in_place_leaves_it_written(stage):
+    eager, graphed = [evaluate(stage, models.ScalesItsBatch, _rows, graphed=flag,
+                               extra_callbacks=lambda: [models.BatchSums()]) for flag in (False, True)]
+    assert graphed.extra[0].sums == eager.extra[0].sums
+    stats = graphed.callback.evaluation_stats["validation" if stage == "validate" else "predict"]
+    assert stats.replays > 0, stats.summary()
+
+
+def _one_tensor_twice_on_the_gpu():
+    with torch.inference_mode():  # (already on the device, the batch keeps them: one tensor, twice)
+        table = torch.arange(48.0, device="cuda").reshape(12, 4)
+    return torch.utils.data.DataLoader([(table[i:i + 2], table[i:i + 2]) for i in range(0, 12, 2)], batch_size=None)
+
+
+def test_an_evaluation_batch_holding_one_tensor_twice_and_writing_it_is_not_graphed():
+    eager, graphed = [evaluate("validate", models.SameTensorTwice, _one_tensor_twice_on_the_gpu, graphed=flag)
+                      for flag in (False, True)]
+    assert graphed.result[0]["val_out"] == pytest.approx(eager.result[0]["val_out"])
+    (warning,) = graphed.warnings
+    assert "shares memory with batch[1]" in warning, warning

@@ -447,7 +447,7 @@ def _module_called():
     return sim, sim, {}, lambda: setattr(sim, "dt", sim.dt / 2)
 
 
-_SIMULATIONS = {
+SIMULATIONS = {
     "a namespace given to watch": _namespace_watched,
     "slotted settings given to watch": _slotted_settings_watched,
     "an object called as the step": _callable_object,
@@ -457,21 +457,24 @@ _SIMULATIONS = {
 }
 
 
-@pytest.mark.parametrize("setup", list(_SIMULATIONS))
-def test_a_simulation_setting_changed_between_calls_is_never_replayed_stale(replaying, setup):
-    def simulate(graphed):
-        sim, step, options, halve_dt = _SIMULATIONS[setup]()
-        run = GraphedStep(step, warmup_steps=1, device="cuda", **options) if graphed else step
-        trace = []
-        for index in range(10):
-            if index in (4, 7):
-                halve_dt()
-            run()
-            trace.append(sim.x.clone())
-        return trace, run
+def simulate(setup, graphed, calls=10):
+    """The simulation ``setup`` names, run ``calls`` times with its setting halved at calls 4
+    and 7: the state after each call, and the runner."""
+    sim, step, options, halve_dt = SIMULATIONS[setup]()
+    run = GraphedStep(step, warmup_steps=1, device="cuda", **options) if graphed else step
+    trace = []
+    for index in range(calls):
+        if index in (4, 7):
+            halve_dt()
+        run()
+        trace.append(sim.x.clone())
+    return trace, run
 
-    eager, _ = simulate(False)
-    graphed, run = simulate(True)
+
+@pytest.mark.parametrize("setup", list(SIMULATIONS))
+def test_a_simulation_setting_changed_between_calls_is_never_replayed_stale(replaying, setup):
+    eager, _ = simulate(setup, graphed=False)
+    graphed, run = simulate(setup, graphed=True)
     for got, want in zip(graphed, eager):
         torch.testing.assert_close(got, want)
     assert run.stats.replays >= 4, run.stats.summary()

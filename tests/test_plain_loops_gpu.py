@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import models
 from lightning_graphs import GraphedStep
+from test_plain_loops_cpu import SIMULATIONS, simulate
 
 pytestmark = pytest.mark.cuda
 
@@ -57,3 +58,14 @@ def test_accumulation_decided_by_an_argument_and_a_setting_changed_in_place(dete
     stats = runner.stats
     assert stats.captures == 4 and stats.replays >= 10 and stats.disabled_reason is None, stats.summary()
     runner.close()
+
+
+@pytest.mark.parametrize("setup", list(SIMULATIONS))
+def test_a_simulation_setting_changed_between_calls_is_never_replayed_stale(setup):
+    with torch.device("cuda"):  # the simulation's tensors on the GPU
+        eager, _ = simulate(setup, graphed=False)
+        graphed, run = simulate(setup, graphed=True)
+    assert graphed[0].is_cuda
+    for got, want in zip(graphed, eager):
+        torch.testing.assert_close(got, want)
+    assert run.stats.replays >= 4, run.stats.summary()

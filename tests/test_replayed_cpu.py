@@ -1633,37 +1633,10 @@ def test_an_optimizer_hook_registered_once_training_runs_is_replayed(replaying):
 # -- values the fit changes between steps, read from the step ------------------------------------------------------
 
 
-class RampedBy(models.Regressor):
-    """A penalty ramped up by a count or a metric the fit keeps, read where the step runs."""
-
-    def __init__(self, read):
-        super().__init__("adamw", "cosine", epochs=3)
-        self.read = read
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        pred = self(x)
-        ramp = self.read(self)
-        loss = torch.nn.functional.mse_loss(pred, y) * (1.0 + ramp) + 0.1 * ramp * pred.pow(2).mean()
-        self.log("train_loss", loss)
-        return loss
-
-
-_FIT_VALUES = {
-    "last_epoch": (lambda m: min(1.0, m.lr_schedulers().last_epoch / 10), "reads `last_epoch` of its"),
-    "callback_metrics": (lambda m: m.trainer.callback_metrics.get("val_loss", torch.tensor(0.0)),
-                         "reads `self.trainer.callback_metrics`"),
-    "total_batch_idx": (lambda m: min(1.0, m.trainer.fit_loop.total_batch_idx / 10),
-                        "reads `self.trainer.fit_loop.total_batch_idx`"),
-    "epoch batch_idx": (lambda m: m.trainer.fit_loop.epoch_loop.batch_idx / 10,
-                        "reads `self.trainer.fit_loop.epoch_loop.batch_idx`"),
-}
-
-
-@pytest.mark.parametrize("value", list(_FIT_VALUES))
+@pytest.mark.parametrize("value", list(models.FIT_VALUES))
 def test_a_step_reading_a_value_the_fit_changes_between_steps_trains_eagerly_with_one_warning(replaying, value):
-    read, named = _FIT_VALUES[value]
-    eager, graphed = both(lambda: RampedBy(read), max_epochs=3, val_loader=lambda: loader(batch_size=16))
+    read, named = models.FIT_VALUES[value]
+    eager, graphed = both(lambda: models.RampedBy(read), max_epochs=3, val_loader=lambda: loader(batch_size=16))
     assert_same(eager, graphed)
     (warning,) = graphed.warnings
     assert named in warning and "updates in place" in warning
@@ -1724,59 +1697,22 @@ def test_a_scheduler_of_ones_own_stepped_in_a_manual_step_stays_graphed(replayin
     replayed(graphed)
 
 
-class ScalesItsBatch(pl.LightningModule):
-    """Evaluation steps that write their batch in place before the forward."""
-
-    def __init__(self):
-        super().__init__()
-        self.net = torch.nn.Linear(4, 1)
-
-    def validation_step(self, batch, batch_idx):
-        (x,) = batch
-        x.mul_(0.5)
-        self.log("val_out", self.net(x).mean())
-
-    def predict_step(self, batch, batch_idx):
-        (x,) = batch
-        x.mul_(0.5)
-        return self.net(x)
-
-
-class BatchSums(pl.Callback):
-    """What hooks after the step see of the batch."""
-
-    def __init__(self):
-        self.sums = []
-
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        self.sums.append(float(batch[0].sum()))
-
-    on_predict_batch_end = on_validation_batch_end
-
-
 @pytest.mark.parametrize("stage", ["validate", "predict"])
 def test_an_evaluation_step_writing_its_batch_in_place_leaves_it_written_under_inference_mode(replaying, stage):
     seen, callbacks = {}, {}
     for graphed in (False, True):
         pl.seed_everything(0, verbose=False)
-        sums = BatchSums()
+        sums = models.BatchSums()
         callbacks[graphed] = CUDAGraphCallback(graph_evaluation=True) if graphed else None
         trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                              callbacks=[sums] + ([callbacks[graphed]] if graphed else []))
         data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(48.0).reshape(12, 4)),
                                            batch_size=2)
-        getattr(trainer, stage)(ScalesItsBatch(), dataloaders=data)
+        getattr(trainer, stage)(models.ScalesItsBatch(), dataloaders=data)
         seen[graphed] = sums.sums
     assert seen[True] == seen[False]
     stats = callbacks[True].evaluation_stats["validation" if stage == "validate" else "predict"]
     assert stats.replays > 0, stats.summary()
-
-
-class SameTensorTwice(ScalesItsBatch):
-    def validation_step(self, batch, batch_idx):
-        x, again = batch
-        x.mul_(0.5)  # eagerly, `again` is the same memory and sees the write
-        self.log("val_out", self.net(x).mean() + again.sum())
 
 
 def test_an_evaluation_batch_holding_one_tensor_twice_is_not_graphed_under_inference_mode(replaying):
@@ -1792,7 +1728,7 @@ def test_an_evaluation_batch_holding_one_tensor_twice_is_not_graphed_under_infer
                                            batch_size=None)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", GraphWarning)
-            logged[graphed] = trainer.validate(SameTensorTwice(), dataloaders=data)[0]["val_out"]
+            logged[graphed] = trainer.validate(models.SameTensorTwice(), dataloaders=data)[0]["val_out"]
         warned[graphed] = [str(w.message) for w in caught if issubclass(w.category, GraphWarning)]
     assert logged[True] == pytest.approx(logged[False])
     (warning,) = warned[True]
@@ -1800,15 +1736,8 @@ def test_an_evaluation_batch_holding_one_tensor_twice_is_not_graphed_under_infer
     assert "shares memory with batch[1]" in warning, warning
 
 
-class PrintsEachStep(models.Regressor):
-    def training_step(self, batch, batch_idx):
-        loss = super().training_step(batch, batch_idx)
-        self.print("a step")
-        return loss
-
-
 def test_a_step_that_prints_stays_graphed_and_says_once_where_its_messages_go(replaying, capsys):
-    eager, graphed = both(lambda: PrintsEachStep("adamw", "lambda"), max_epochs=2)
+    eager, graphed = both(lambda: models.PrintsEachStep("adamw", "lambda"), max_epochs=2)
     assert_same(eager, graphed)
     replayed(graphed)
     (warning,) = graphed.warnings
