@@ -54,13 +54,14 @@ find host synchronisations in general, run one eager step under
 from __future__ import annotations
 
 import contextlib
+import gc
 import operator
 import threading
 import time
 import weakref
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
-from typing import Any, Callable, Iterable, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 
@@ -796,7 +797,7 @@ class GraphedStep:
         stepped: list[torch.optim.Optimizer] = []
         printed: list[str] = []
         try:
-            with torch.cuda.device(self._device), torch.cuda.stream(stream):
+            with torch.cuda.device(self._device), torch.cuda.stream(stream), _garbage_collection_paused():
                 graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
                 try:
                     with no_compilation(), graph_safe_grad_scalers(self._grad_scalers, self._step_unless_found_inf), \
@@ -1327,6 +1328,20 @@ def _release_generator_after_failed_capture(device: torch.device) -> None:
     generator = torch.cuda.default_generators[device.index if device.index is not None else 0]
     if hasattr(generator, "graphsafe_set_state") and hasattr(generator, "clone_state"):
         generator.graphsafe_set_state(generator.clone_state())
+
+
+@contextlib.contextmanager
+def _garbage_collection_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for the block: a collection inside a
+    capture could release another CUDA graph, which CUDA does not permit while a
+    stream captures; the capture would fail."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _end_capture(graph: torch.cuda.CUDAGraph) -> bool:

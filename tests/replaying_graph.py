@@ -86,20 +86,29 @@ def _fresh_positions(func: Any, args: tuple, kwargs: dict, out: Any) -> list[int
 class ReplayingGraph:
     """Stands in for ``torch.cuda.CUDAGraph`` (see the module docstring)."""
 
+    _capturing: list[ReplayingGraph] = []  # the graphs capturing now
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._ops: list = []
         self._recorder: _Recorder | None = None
+        self._broken = False
 
     def capture_begin(self, pool: Any = None, capture_error_mode: Any = None) -> None:
         self._ops = []
+        self._broken = False
         self._recorder = _Recorder(self._ops)
         self._recorder.__enter__()
+        ReplayingGraph._capturing.append(self)
 
     def capture_end(self) -> None:
         if self._recorder is not None:
             self._recorder.__exit__(None, None, None)
             self._recorder.undo()
             self._recorder = None
+        if self in ReplayingGraph._capturing:
+            ReplayingGraph._capturing.remove(self)
+        if self._broken:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
 
     def replay(self) -> None:
         with torch.no_grad():
@@ -111,4 +120,11 @@ class ReplayingGraph:
                         targets[position].copy_(values[position])
 
     def reset(self) -> None:
+        # as CUDA: releasing a graph while another captures is not permitted, and fails that capture
+        for other in ReplayingGraph._capturing:
+            if other is not self:
+                other._broken = True
         self._ops = []
+
+    def __del__(self) -> None:
+        self.reset()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import types
 import warnings
 
@@ -539,3 +540,37 @@ def test_a_step_bound_to_an_object_with_an_unusual_getattr_runs(replaying):
     for _ in range(5):
         run()
     torch.testing.assert_close(sim.x, torch.full((3,), 0.5))
+
+
+class HoldsItself:
+    """A simulation in a reference cycle (it holds itself): only the garbage collector frees it."""
+
+    def __init__(self):
+        self.x, self.me = torch.zeros(3), self
+        self.run = GraphedStep(self.advance, warmup_steps=1, device="cuda")
+
+    def advance(self):
+        self.x.add_(1.0)
+
+
+def test_a_graph_left_to_the_garbage_collector_is_not_released_inside_another_capture(replaying):
+    x = torch.zeros(3)
+
+    def step():
+        if gc.isenabled():  # where the collector, when on, may run by itself: here, inside the capture
+            gc.collect()
+        x.add_(1.0)
+
+    run = GraphedStep(step, warmup_steps=1, device="cuda")
+    run()  # warmed up
+    old = HoldsItself()
+    for _ in range(3):
+        old.run()
+    assert old.run.stats.replays == 1, old.run.stats.summary()
+    del old  # its graph waits for the collector
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GraphWarning)
+        for _ in range(3):
+            run()
+    assert run.stats.captures == 1 and run.stats.replays == 2, run.stats.summary()
+    torch.testing.assert_close(x, torch.full((3,), 4.0))
