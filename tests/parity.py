@@ -199,3 +199,13 @@ def assert_same_metric_snapshots(got: list[dict[str, torch.Tensor]], want: list[
     for a, b in zip(got, want):
         for key in a:
             assert torch.equal(a[key], b[key]), key
+
+
+def assert_eager_with_one_warning(eager: Run, graphed: Run, *needles: str) -> None:
+    """The graphed run gave graphs up: it matches the eager one, replayed nothing and
+    warned once, in words holding each of ``needles``."""
+    assert_same(eager, graphed)
+    (warning,) = graphed.warnings
+    assert all(needle in warning for needle in needles), warning
+    stats = graphed.callback.stats  # (None where the callback refused the fit before its first step)
+    assert stats is None or stats.replays == 0, stats.summary()

@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 import models
 from lightning_graphs import CUDAGraphCallback, GraphCaptureError
 from lightning_graphs.graphed_step import Phase
-from parity import assert_same, fit, loader, regression_data
+from parity import assert_eager_with_one_warning, assert_same, fit, loader, regression_data
 
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("deterministic")]
 
@@ -380,19 +380,13 @@ def test_python_side_effects_are_detected_and_trained_eagerly(module, needle):
 def test_a_step_reading_a_value_the_fit_changes_between_steps_trains_eagerly_with_one_warning(value):
     read, named = models.FIT_VALUES[value]
     eager, graphed = both(lambda: models.RampedBy(read), max_epochs=3, val_loader=lambda: loader(batch_size=16))
-    assert_same(eager, graphed)
-    (warning,) = graphed.warnings
-    assert named in warning and "updates in place" in warning
-    assert graphed.callback.stats.replays == 0, graphed.callback.stats.summary()
+    assert_eager_with_one_warning(eager, graphed, named, "updates in place")
 
 
 def test_anomaly_detection_trains_eagerly_with_one_warning_naming_it():
     eager, graphed = both(lambda: models.Regressor("adamw", "lambda"), detect_anomaly=True)
-    assert_same(eager, graphed)
-    (warning,) = graphed.warnings
-    assert "detect_anomaly=True" in warning
-    stats = graphed.callback.stats
-    assert stats is None or stats.captures == 0, stats.summary()
+    assert_eager_with_one_warning(eager, graphed, "detect_anomaly=True")
+    assert graphed.callback.stats is None or graphed.callback.stats.captures == 0  # refused before capturing
 
 
 def test_a_step_that_prints_stays_graphed_and_says_once_where_its_messages_go():

@@ -28,7 +28,7 @@ from lightning.pytorch.callbacks import EarlyStopping, LambdaCallback, LearningR
 import loss_settings
 import models
 from lightning_graphs import CUDAGraphCallback, GraphedStep, GraphWarning
-from parity import assert_same, fit, loader, regression_data
+from parity import assert_eager_with_one_warning, assert_same, fit, loader, regression_data
 from replaying_graph import ReplayingGraph
 from test_eval_graphs_cpu import cuda_on_cpu  # noqa: F401  (a fixture)
 
@@ -1637,20 +1637,13 @@ def test_an_optimizer_hook_registered_once_training_runs_is_replayed(replaying):
 def test_a_step_reading_a_value_the_fit_changes_between_steps_trains_eagerly_with_one_warning(replaying, value):
     read, named = models.FIT_VALUES[value]
     eager, graphed = both(lambda: models.RampedBy(read), max_epochs=3, val_loader=lambda: loader(batch_size=16))
-    assert_same(eager, graphed)
-    (warning,) = graphed.warnings
-    assert named in warning and "updates in place" in warning
-    assert graphed.callback.stats.replays == 0, graphed.callback.stats.summary()
-
+    assert_eager_with_one_warning(eager, graphed, named, "updates in place")
 
 
 def test_anomaly_detection_trains_eagerly_with_one_warning_naming_it(replaying):
     eager, graphed = both(lambda: models.Regressor("adamw", "lambda"), detect_anomaly=True)
-    assert_same(eager, graphed)
-    (warning,) = graphed.warnings
-    assert "detect_anomaly=True" in warning
-    stats = graphed.callback.stats
-    assert stats is None or stats.captures == 0, stats.summary()
+    assert_eager_with_one_warning(eager, graphed, "detect_anomaly=True")
+    assert graphed.callback.stats is None or graphed.callback.stats.captures == 0  # refused before capturing
 
 
 class WarmupThenFlat(torch.optim.lr_scheduler.LRScheduler):
