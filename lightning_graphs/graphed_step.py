@@ -72,7 +72,10 @@ from lightning_graphs.batches import (
     clone_tensors,
     describe_mismatch,
     differs_in_a_tensor,
+    flatten,
+    leaf_paths,
     signature_of,
+    unflatten,
 )
 from lightning_graphs.capture_errors import explain_capture_error
 from lightning_graphs.compiled import is_recompile_refusal, no_compilation
@@ -478,6 +481,7 @@ class GraphedStep:
         managed = {id(o.optimizer) for o in self._optimizers} | {id(s) for s in self._grad_scalers}
         self._reads = StepReads(lambda obj, name: id(obj) in managed or self._ignore(obj, name))
         self._warmups_left = self.warmup_steps
+        self._numbers_returned: dict[str, type] = {}  # Python numbers among the last warm-up's outputs, by path
         try:
             self._device: torch.device | None = torch.device("cuda", device) if isinstance(device, int) else (
                 torch.device(device) if device is not None else None
@@ -737,6 +741,7 @@ class GraphedStep:
         with torch.cuda.stream(stream):
             outputs = self._watching_steps(fn)
         current.wait_stream(stream)
+        self._numbers_returned = _python_numbers(outputs)
         self._warmups_left = max(self._warmups_left - 1, 0)
         self.stats.warmup_steps += 1
         if plan is not None and plan.signature is not None:
@@ -899,6 +904,8 @@ class GraphedStep:
         graph.replay()
         static.note_changed_contents()
         static.copy_back(signature)
+        outputs, number_problem = self._numbers_as_returned(outputs)
+        problems.append(number_problem)
         captured.metric_updates, reset_problem = self._metrics.after_capture(metrics_before)
         problems += [metric_problem, reset_problem]
         problem = next((p for p in problems if p), None)
@@ -906,6 +913,30 @@ class GraphedStep:
             # the graph ran this step faithfully; later steps would repeat its Python decisions
             self.disable(problem)
         return outputs
+
+    def _numbers_as_returned(self, outputs: Any) -> tuple[Any, str | None]:
+        """The captured step's outputs with the Python numbers its last eager step
+        returned in places where the capture returned a one-element tensor (a value
+        computed from an optimizer's hyper-parameters, which are tensors while a graph
+        is captured), and what replays would get wrong, if anything."""
+        if not self._numbers_returned:
+            return outputs, None
+        leaves, tree = flatten(outputs)
+        became = []
+        for index, path in enumerate(leaf_paths(tree, "outputs")):
+            kind, leaf = self._numbers_returned.get(path), leaves[index]
+            if kind is not None and isinstance(leaf, torch.Tensor) and leaf.numel() == 1:
+                leaves[index] = kind(leaf.item())  # (read once, after the capture)
+                became.append(path)
+        if not became:
+            return outputs, None
+        return unflatten(tree, leaves), (
+            f"{self.what} returns `{became[0]}` as a Python number when it runs eagerly, but as a tensor when "
+            "captured: a value read or computed from an optimizer's `param_groups`, whose hyper-parameters are "
+            "tensors while a graph is captured. Replays would return a tensor in its place. With Lightning, log "
+            f"it with `self.log` (replayed step by step) or read it in `{self.batch_end_hook}`; in a loop of your "
+            "own, read it after each call"
+        )
 
     def _capture_outcome(self, failure: Exception | None) -> tuple[CaptureOutcome, str | None]:
         """How this capture ended here, with the user-facing explanation of a failure."""
@@ -1328,6 +1359,13 @@ def _release_generator_after_failed_capture(device: torch.device) -> None:
     generator = torch.cuda.default_generators[device.index if device.index is not None else 0]
     if hasattr(generator, "graphsafe_set_state") and hasattr(generator, "clone_state"):
         generator.graphsafe_set_state(generator.clone_state())
+
+
+def _python_numbers(outputs: Any) -> dict[str, type]:
+    """The leaves of a step's ``outputs`` that are Python numbers, by path (``outputs['lr']``)."""
+    leaves, tree = flatten(outputs)
+    return {path: type(leaf) for path, leaf in zip(leaf_paths(tree, "outputs"), leaves)
+            if type(leaf) in (bool, int, float)}
 
 
 @contextlib.contextmanager

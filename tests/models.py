@@ -654,3 +654,28 @@ class BatchSums(pl.Callback):
         self.sums.append(float(batch[0].sum()))
 
     on_predict_batch_end = on_validation_batch_end
+
+
+class ReturnsItsLearningRate(Regressor):
+    """Returns the learning rate it read (a Python number eagerly) beside the loss."""
+
+    def training_step(self, batch, batch_idx):
+        lr = self.optimizers().param_groups[0]["lr"]
+        return {"loss": super().training_step(batch, batch_idx), "lr": lr, "half_lr": lr / 2}
+
+
+class KeepsReturnedNumbers(pl.Callback):
+    """What a ReturnsItsLearningRate step returned, step by step."""
+
+    def __init__(self):
+        self.returned = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.returned.append((outputs["lr"], outputs["half_lr"]))
+
+
+def returned_numbers(run) -> list[tuple[float, float]]:
+    """What a run's KeepsReturnedNumbers kept, each checked to be a Python float as eager training returns it."""
+    kept = next(c for c in run.trainer.callbacks if isinstance(c, KeepsReturnedNumbers)).returned
+    assert all(type(value) is float for pair in kept for value in pair), kept
+    return kept

@@ -397,6 +397,13 @@ def test_a_step_that_prints_stays_graphed_and_says_once_where_its_messages_go():
     assert "prints from inside the step" in warning and "on_train_batch_end" in warning, warning
 
 
+def test_a_learning_rate_returned_by_the_step_stays_a_python_number_with_one_warning():
+    eager, graphed = both(lambda: models.ReturnsItsLearningRate("adamw", "lambda"),
+                          extra_callbacks=lambda: [models.KeepsReturnedNumbers()])
+    assert_eager_with_one_warning(eager, graphed, "returns `outputs['lr']` as a Python number")
+    assert models.returned_numbers(graphed) == models.returned_numbers(eager)
+
+
 # -- torchmetrics updated inside the step -----------------------------------------------------
 
 

@@ -1775,3 +1775,10 @@ def test_a_callback_keeping_bookkeeping_outside_the_step_leaves_it_graphed(repla
     assert_same(eager, graphed)
     assert not graphed.warnings
     replayed(graphed, eager_steps=0)
+
+
+def test_a_learning_rate_returned_by_the_step_stays_a_python_number_with_one_warning(replaying):
+    eager, graphed = both(lambda: models.ReturnsItsLearningRate("adamw", "lambda"),
+                          extra_callbacks=lambda: [models.KeepsReturnedNumbers()])
+    assert_eager_with_one_warning(eager, graphed, "returns `outputs['lr']` as a Python number")
+    assert models.returned_numbers(graphed) == models.returned_numbers(eager)
