@@ -80,21 +80,32 @@ def _innermost(exc: BaseException) -> BaseException:
     return exc
 
 
+def _short_name(frame: traceback.FrameSummary) -> str:
+    """A framework file as ``package/module.py``, any other by its base name."""
+    parts = os.path.abspath(frame.filename).split(os.sep)
+    in_packages = "site-packages" in parts or "dist-packages" in parts
+    return os.sep.join(parts[-3:]) if in_packages else os.path.basename(frame.filename)
+
+
 def _raised_in(tb: TracebackType | None) -> str:
     """Where an error was raised, as ``package/module.py:line (function)``."""
     frames = traceback.extract_tb(tb)
     if not frames:
         return ""
-    frame = frames[-1]
-    parts = os.path.abspath(frame.filename).split(os.sep)
-    short = os.sep.join(parts[-3:]) if "site-packages" in parts or "dist-packages" in parts else os.path.basename(frame.filename)
-    return f"{short}:{frame.lineno} ({frame.name})"
+    return f"{_short_name(frames[-1])}:{frames[-1].lineno} ({frames[-1].name})"
 
 
-def _operation(line: str, exc: BaseException) -> str:
-    for pattern, meaning in _SYNC_PATTERNS:
-        if re.search(pattern, line):
-            return meaning
+def _source(frame: traceback.FrameSummary) -> str:
+    return (frame.line or linecache.getline(frame.filename, frame.lineno)).strip()
+
+
+def _operation(line: str, exc: BaseException, inner_line: str = "") -> str:
+    """What the failed operation was: from the user's line, else from the line inside
+    a library that raised (``inner_line``), else from the error."""
+    for text in (line, inner_line):
+        for pattern, meaning in _SYNC_PATTERNS:
+            if text and re.search(pattern, text):
+                return meaning
     text = str(exc)
     if "capturing" in text or "capture" in text:
         return "an operation that is not allowed while a CUDA graph is being captured"
@@ -123,14 +134,20 @@ def explain_capture_error(
     frame = user_frame(origin.__traceback__) or user_frame(exc.__traceback__)
     first_line = (str(origin).strip().splitlines() or [""])[0]
     if frame is not None:
-        line = (frame.line or linecache.getline(frame.filename, frame.lineno)).strip()
+        line = _source(frame)
         where = f"{os.path.basename(frame.filename)}:{frame.lineno} in `{frame.name}`: `{line}`"
+        frames = traceback.extract_tb(origin.__traceback__)
+        inner = frames[-1] if frames else None
+        inner_line = ""
+        if inner is not None and (inner.filename, inner.lineno) != (frame.filename, frame.lineno):
+            inner_line = _source(inner)  # the line inside a library that raised (BatchNorm reading a count, say)
+            where += f", inside {_short_name(inner)}:{inner.lineno}: `{inner_line}`"
         if _own_generator(origin):
             return (
                 f"Could not capture {what} as a CUDA graph: it draws random numbers from a `torch.Generator` of "
                 f"its own, at {where} ({type(origin).__name__}: {first_line}). {_GENERATOR_ADVICE}"
             )
-        operation = _operation(line, origin)
+        operation = _operation(line, origin, inner_line)
         return (
             f"Could not capture {what} as a CUDA graph: {operation}, at {where} "
             f"({type(origin).__name__}: {first_line}). A graph can only hold GPU work that needs no answer "

@@ -131,3 +131,26 @@ def test_reading_a_learning_rate_as_a_number_is_named_as_that(tmp_path):
     message = explain_capture_error(exc, "the training step")
     assert "user_model.py:15" in message
     assert "reading an optimizer setting as a number" in message and "loss * group['lr']" in message
+
+
+def test_an_error_raised_inside_a_library_names_that_line_and_what_it_does(tmp_path, monkeypatch):
+    from lightning_graphs import capture_errors
+
+    library = tmp_path / "somelib"
+    library.mkdir()
+    (library / "norm.py").write_text("def forward(count):\n    return 1.0 / float(count)\n")
+    monkeypatch.setattr(capture_errors, "_FRAMEWORK_DIRS", capture_errors._FRAMEWORK_DIRS + (f"{library}/",))
+    exc = _raise_from_user_file(
+        tmp_path,
+        f"""
+        import runpy
+        norm = runpy.run_path({str(library / "norm.py")!r})
+
+        def training_step():
+            return norm["forward"]("a count")  # (float() raises in C, as it does on a captured tensor)
+        """,
+    )
+    message = explain_capture_error(exc)
+    assert "converting a tensor to a Python number" in message, message
+    assert "user_model.py:6 in `training_step`" in message, message
+    assert "inside norm.py:2: `return 1.0 / float(count)`" in message, message
