@@ -704,7 +704,11 @@ class GraphedStep:
                 if changes:
                     # a value the step may read (and torch.compile may have specialised on) is
                     # baked into the graphs: warm up with the new value, then capture again
-                    return f"code outside {self.what} {changes[0]} since the capture", True
+                    return (
+                        f"code outside {self.what} {changes[0]} since the capture (public values are compared "
+                        "in case the step reads them where that cannot be seen, as compiled code does; keep "
+                        "bookkeeping the step does not read in a private attribute, such as `self._count`)"
+                    ), True
         return None, False
 
     def _find_device(self, signature: BatchSignature) -> bool:
@@ -1308,6 +1312,14 @@ class GraphedStep:
         changes = fingerprint.changes(self._fingerprint())
         if changes:
             more = f" (and {len(changes) - 1} more)" if len(changes) > 1 else ""
+            legacy = _legacy_reparametrization(self._modules)
+            if legacy is not None:
+                return (
+                    f"{self.what} {changes[0]}{more} each time it runs: PyTorch's `{legacy}` assigns a new weight "
+                    "before every forward, Python a replay would not run. Use "
+                    f"`torch.nn.utils.parametrizations.{legacy.rsplit('.', 1)[-1]}` instead, which computes the "
+                    "weight inside the step, where a graph replays it"
+                )
             return (
                 f"{self.what} {changes[0]}{more} each time it runs. A CUDA graph replays only the GPU work, "
                 "so this Python side effect would happen once instead of every step. Move it out of the step "
@@ -1359,6 +1371,18 @@ def _release_generator_after_failed_capture(device: torch.device) -> None:
     generator = torch.cuda.default_generators[device.index if device.index is not None else 0]
     if hasattr(generator, "graphsafe_set_state") and hasattr(generator, "clone_state"):
         generator.graphsafe_set_state(generator.clone_state())
+
+
+def _legacy_reparametrization(modules: Iterable[torch.nn.Module]) -> str | None:
+    """``torch.nn.utils.weight_norm`` or ``spectral_norm`` where a module uses one: their
+    forward pre-hooks assign the weight anew in Python at every forward."""
+    for root in modules:
+        for module in root.modules():
+            for hook in module._forward_pre_hooks.values():
+                kind = type(hook)
+                if kind.__module__ in ("torch.nn.utils.weight_norm", "torch.nn.utils.spectral_norm"):
+                    return kind.__module__
+    return None
 
 
 def _python_numbers(outputs: Any) -> dict[str, type]:

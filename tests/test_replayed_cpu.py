@@ -1782,3 +1782,47 @@ def test_a_learning_rate_returned_by_the_step_stays_a_python_number_with_one_war
                           extra_callbacks=lambda: [models.KeepsReturnedNumbers()])
     assert_eager_with_one_warning(eager, graphed, "returns `outputs['lr']` as a Python number")
     assert models.returned_numbers(graphed) == models.returned_numbers(eager)
+
+
+class CountsValidationBatches(models.Regressor):
+    """A count of validation batches, kept where the training step never reads it."""
+
+    def __init__(self, name):
+        super().__init__("adamw", None)
+        self.name = name
+        setattr(self, name, 0)
+
+    def validation_step(self, batch, batch_idx):
+        setattr(self, self.name, getattr(self, self.name) + 1)
+        x, y = batch
+        self.log("val_loss", torch.nn.functional.mse_loss(self(x), y))
+
+
+@pytest.mark.parametrize("name", ["seen", "_seen"])
+def test_bookkeeping_in_validation_costs_captures_when_public_and_nothing_when_private(replaying, name):
+    eager, graphed = both(lambda: CountsValidationBatches(name), val_loader=lambda: loader(regression_data(16, seed=1)),
+                          val_check_interval=3, max_epochs=2)
+    assert_same(eager, graphed)
+    assert getattr(graphed.module, name) == getattr(eager.module, name) > 0
+    if name == "_seen":
+        replayed(graphed)
+        assert not graphed.callback.stats.recaptures and not graphed.warnings, graphed.callback.stats.summary()
+    else:  # compared in case the step reads it unseen: captured anew after each validation, then given up
+        (warning,) = graphed.warnings
+        assert "changes `self.seen`" in warning and "private attribute" in warning, warning
+
+
+class LegacyWeightNorm(models.Regressor):
+    def __init__(self, reparametrize):
+        super().__init__("adamw", "lambda")
+        reparametrize(self.net[0])
+
+
+@pytest.mark.parametrize("reparametrize, advised", [
+    (torch.nn.utils.weight_norm, "parametrizations.weight_norm"),
+    (torch.nn.utils.spectral_norm, "parametrizations.spectral_norm"),
+])
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated")
+def test_a_legacy_weight_reparametrization_trains_eagerly_and_names_its_replacement(replaying, reparametrize, advised):
+    eager, graphed = both(lambda: LegacyWeightNorm(reparametrize))
+    assert_eager_with_one_warning(eager, graphed, advised)
