@@ -146,6 +146,20 @@ def fit(
     )
 
 
+def fit_both(make_module: Callable[[], pl.LightningModule], **kwargs: Any) -> tuple[Run, Run]:
+    """The same fit eagerly, then with the callback."""
+    return fit(make_module, graphed=False, **kwargs), fit(make_module, graphed=True, **kwargs)
+
+
+def graphs_used(run: Run, eager_steps: int | None = None) -> None:
+    """The graphed run captured and replayed, and kept its graphs to the end."""
+    stats = run.callback.stats
+    assert stats.captures >= 1 and stats.replays > 0, stats.summary()
+    assert stats.disabled_reason is None, stats.summary()
+    if eager_steps is not None:
+        assert stats.eager_steps == eager_steps, stats.summary()
+
+
 def progress_of(trainer: pl.Trainer) -> dict:
     """The counters ``global_step`` and the loops derive from: the optimizer steps of
     automatic optimization (and its zero_grad calls), those of manual optimization

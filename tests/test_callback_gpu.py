@@ -19,21 +19,9 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 import models
 from lightning_graphs import CUDAGraphCallback, GraphCaptureError
 from lightning_graphs.graphed_step import Phase
-from parity import assert_eager_with_one_warning, assert_same, fit, loader, regression_data
+from parity import assert_eager_with_one_warning, assert_same, fit, fit_both, graphs_used, loader, regression_data
 
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("deterministic")]
-
-
-def both(make_module, **kwargs):
-    return fit(make_module, graphed=False, **kwargs), fit(make_module, graphed=True, **kwargs)
-
-
-def graphs_used(run, eager_steps=None):
-    stats = run.callback.stats
-    assert stats.captures >= 1 and stats.replays > 0, stats.summary()
-    assert stats.disabled_reason is None, stats.summary()
-    if eager_steps is not None:
-        assert stats.eager_steps == eager_steps, stats.summary()
 
 
 # -- stock optimizers and schedulers, ragged last batches ---------------------------------------
@@ -43,7 +31,7 @@ def graphs_used(run, eager_steps=None):
 def test_the_ragged_last_batch_gets_its_own_graph(ragged):
     # epoch 1: an eager warm-up step of the ragged shape; epoch 2: captured; epoch 3: replayed
     data = lambda: loader(regression_data(n=64 + ragged))  # noqa: E731
-    eager, graphed = both(lambda: models.Regressor("adamw", "lambda"), train_loader=data, max_epochs=3)
+    eager, graphed = fit_both(lambda: models.Regressor("adamw", "lambda"), train_loader=data, max_epochs=3)
     assert_same(eager, graphed)
     graphs_used(graphed, eager_steps=0)
     stats = graphed.callback.stats
@@ -55,7 +43,7 @@ def test_the_ragged_last_batch_gets_its_own_graph(ragged):
 @pytest.mark.parametrize("ragged", [3, 1])
 def test_with_one_graph_the_ragged_last_batch_runs_eagerly(ragged):
     data = lambda: loader(regression_data(n=64 + ragged))  # noqa: E731
-    eager, graphed = both(lambda: models.Regressor("adamw", "lambda"), train_loader=data,
+    eager, graphed = fit_both(lambda: models.Regressor("adamw", "lambda"), train_loader=data,
                           callback_kwargs={"max_graphs": 1})
     assert_same(eager, graphed)
     graphs_used(graphed, eager_steps=2)  # the ragged batch of each of the 2 epochs
@@ -64,7 +52,7 @@ def test_with_one_graph_the_ragged_last_batch_runs_eagerly(ragged):
 
 def test_onecycle_betas_reach_every_graph_held():
     data = lambda: loader(regression_data(n=64 + 5))  # noqa: E731
-    eager, graphed = both(lambda: models.Regressor("adamw", "onecycle", epochs=3), train_loader=data, max_epochs=3)
+    eager, graphed = fit_both(lambda: models.Regressor("adamw", "onecycle", epochs=3), train_loader=data, max_epochs=3)
     assert_same(eager, graphed)
     assert graphed.callback.stats.captures == 2, graphed.callback.stats.summary()
 
@@ -78,7 +66,7 @@ def test_more_recurring_shapes_than_max_graphs_end_eager_with_a_warning():
         collate = torch.utils.data.default_collate
         return torch.utils.data.DataLoader(batches, batch_size=None, collate_fn=collate)
 
-    eager, graphed = both(lambda: models.Regressor("adamw", "lambda"), train_loader=data, max_epochs=1)
+    eager, graphed = fit_both(lambda: models.Regressor("adamw", "lambda"), train_loader=data, max_epochs=1)
     assert_same(eager, graphed)
     stats = graphed.callback.stats
     assert stats.evictions >= 3 and stats.eager_steps > 0, stats.summary()
@@ -86,34 +74,34 @@ def test_more_recurring_shapes_than_max_graphs_end_eager_with_a_warning():
 
 
 def test_adamw_with_onecycle_cycling_lr_and_betas():
-    eager, graphed = both(lambda: models.Regressor("adamw", "onecycle"), max_epochs=2)
+    eager, graphed = fit_both(lambda: models.Regressor("adamw", "onecycle"), max_epochs=2)
     assert_same(eager, graphed)
     graphs_used(graphed)
 
 
 def test_sgd_nesterov_weight_decay_with_per_epoch_steplr():
-    eager, graphed = both(lambda: models.Regressor("sgd", "step_epoch", epochs=3), max_epochs=3)
+    eager, graphed = fit_both(lambda: models.Regressor("sgd", "step_epoch", epochs=3), max_epochs=3)
     assert_same(eager, graphed)
     graphs_used(graphed)
     assert len({tuple(lr) for lr in graphed.recorder.lrs}) == 3  # the lr really changed each epoch
 
 
 def test_adam_two_param_groups_with_cosine():
-    eager, graphed = both(lambda: models.Regressor("adam_two_groups", "cosine"))
+    eager, graphed = fit_both(lambda: models.Regressor("adam_two_groups", "cosine"))
     assert_same(eager, graphed)
     graphs_used(graphed)
     assert len(graphed.recorder.lrs[0]) == 2
 
 
 def test_rmsprop_without_scheduler():
-    eager, graphed = both(lambda: models.Regressor("rmsprop", None))
+    eager, graphed = fit_both(lambda: models.Regressor("rmsprop", None))
     assert_same(eager, graphed)
     graphs_used(graphed)
 
 
 @pytest.mark.parametrize("optimizer, why", [("lbfgs", "LBFGS"), ("adagrad", "Adagrad")])
 def test_optimizers_that_cannot_be_graphed_train_eagerly_with_one_warning(optimizer, why):
-    eager, graphed = both(lambda: models.Regressor(optimizer, None))
+    eager, graphed = fit_both(lambda: models.Regressor(optimizer, None))
     assert_same(eager, graphed)
     assert graphed.callback.stats.replays == 0
     warned = [w for w in graphed.warnings if why in w]
@@ -125,7 +113,7 @@ def test_optimizers_that_cannot_be_graphed_train_eagerly_with_one_warning(optimi
 
 @pytest.mark.parametrize("module", [models.OneArgStep, models.Regressor, models.ThreeArgStep])
 def test_training_step_signatures(module):
-    eager, graphed = both(lambda: module("adamw", "lambda"))
+    eager, graphed = fit_both(lambda: module("adamw", "lambda"))
     assert_same(eager, graphed)
     graphs_used(graphed)
 
@@ -151,7 +139,7 @@ def _dict_loader(names_for_batch):
 
 
 def test_dict_batch_with_a_constant_list_of_strings_is_replayed():
-    eager, graphed = both(models.DictBatchStep, train_loader=_dict_loader(lambda i: ["single", "a"]))
+    eager, graphed = fit_both(models.DictBatchStep, train_loader=_dict_loader(lambda i: ["single", "a"]))
     assert_same(eager, graphed)
     graphs_used(graphed, eager_steps=0)
 
@@ -159,7 +147,7 @@ def test_dict_batch_with_a_constant_list_of_strings_is_replayed():
 def test_a_changing_string_leaf_gets_a_graph_per_value():
     # every third batch says "double": the training step branches on it
     names = lambda i: ["double" if i % 3 == 0 else "single", "a"]  # noqa: E731
-    eager, graphed = both(models.DictBatchStep, train_loader=_dict_loader(names))
+    eager, graphed = fit_both(models.DictBatchStep, train_loader=_dict_loader(names))
     assert_same(eager, graphed)
     graphs_used(graphed, eager_steps=0)
     assert graphed.callback.stats.most_graphs_held == 2, graphed.callback.stats.summary()
@@ -167,7 +155,7 @@ def test_a_changing_string_leaf_gets_a_graph_per_value():
 
 def test_with_one_graph_a_changing_string_leaf_runs_those_batches_eagerly():
     names = lambda i: ["double" if i % 3 == 0 else "single", "a"]  # noqa: E731
-    eager, graphed = both(models.DictBatchStep, train_loader=_dict_loader(names), callback_kwargs={"max_graphs": 1})
+    eager, graphed = fit_both(models.DictBatchStep, train_loader=_dict_loader(names), callback_kwargs={"max_graphs": 1})
     assert_same(eager, graphed)
     stats = graphed.callback.stats
     assert stats.replays > 0 and stats.eager_steps > 0, stats.summary()
@@ -178,7 +166,7 @@ def test_with_one_graph_a_changing_string_leaf_runs_those_batches_eagerly():
 
 
 def test_logged_values_and_outputs_are_each_steps_own():
-    eager, graphed = both(lambda: models.Regressor("adamw", "lambda"))
+    eager, graphed = fit_both(lambda: models.Regressor("adamw", "lambda"))
     assert_same(eager, graphed)
     losses = graphed.recorder.losses
     assert len(set(losses)) == len(losses)  # no frozen values
@@ -187,7 +175,7 @@ def test_logged_values_and_outputs_are_each_steps_own():
 
 
 def test_logging_from_an_in_step_hook_is_replayed():
-    eager, graphed = both(lambda: models.LogsGradNorm("adamw", "lambda"))
+    eager, graphed = fit_both(lambda: models.LogsGradNorm("adamw", "lambda"))
     assert_same(eager, graphed)
     graphs_used(graphed)
     norms = [r[1]["grad_norm_step"] for r in graphed.logger.records if "grad_norm_step" in r[1]]
@@ -198,7 +186,7 @@ def test_validation_and_model_checkpoint_monitor_match_eager(tmp_path):
     def checkpoint():
         return [ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_loss", save_top_k=1)]
 
-    eager, graphed = both(
+    eager, graphed = fit_both(
         lambda: models.Regressor("adamw", "lambda"),
         val_loader=lambda: loader(regression_data(n=32, seed=1)),
         extra_callbacks=checkpoint,
@@ -223,14 +211,14 @@ def test_validation_and_model_checkpoint_monitor_match_eager(tmp_path):
 def test_bf16_mixed():
     # bf16 rounds activations to 8 bits of mantissa; the 1e-7 optimizer difference can flip
     # a rounding now and then, so agreement is checked at bf16 resolution
-    eager, graphed = both(lambda: models.Regressor("adamw", "lambda"), precision="bf16-mixed")
+    eager, graphed = fit_both(lambda: models.Regressor("adamw", "lambda"), precision="bf16-mixed")
     assert_same(eager, graphed, rtol=2e-2, atol=2e-3)
     graphs_used(graphed)
 
 
 @pytest.mark.parametrize("algorithm", ["norm", "value"])
 def test_gradient_clipping(algorithm):
-    eager, graphed = both(
+    eager, graphed = fit_both(
         lambda: models.Regressor("adamw", "lambda"), gradient_clip_val=0.05, gradient_clip_algorithm=algorithm
     )
     assert_same(eager, graphed)
@@ -238,7 +226,7 @@ def test_gradient_clipping(algorithm):
 
 
 def test_dropout_draws_the_same_fresh_masks_as_eager():
-    eager, graphed = both(lambda: models.Regressor("adamw", "lambda", dropout=0.3))
+    eager, graphed = fit_both(lambda: models.Regressor("adamw", "lambda", dropout=0.3))
     assert_same(eager, graphed)
     graphs_used(graphed)
 
@@ -276,7 +264,7 @@ class NoiseFromItsOwnGenerator(AugmentsItsInputs):
 
 
 def test_noise_from_a_generator_of_its_own_is_fresh_every_step_or_trained_eagerly_with_a_warning():
-    eager, graphed = both(lambda: NoiseFromItsOwnGenerator("adamw", "lambda"))
+    eager, graphed = fit_both(lambda: NoiseFromItsOwnGenerator("adamw", "lambda"))
     assert_same(eager, graphed)
     if graphed.callback.stats.replays == 0:
         assert any("generator" in w.lower() for w in graphed.warnings), graphed.warnings
@@ -291,7 +279,7 @@ class FlipsOnAHostCoin(AugmentsItsInputs):
 
 
 def test_a_host_coin_from_pytorchs_cpu_generator_trains_eagerly_with_one_warning():
-    eager, graphed = both(lambda: FlipsOnAHostCoin("adamw", "lambda"))
+    eager, graphed = fit_both(lambda: FlipsOnAHostCoin("adamw", "lambda"))
     assert_same(eager, graphed)
     assert graphed.callback.stats.replays == 0, graphed.callback.stats.summary()
     (warning,) = [w for w in graphed.warnings if "PyTorch's CPU generator" in w]
@@ -305,7 +293,7 @@ class ClipsInItsOwnWay(models.Regressor):
 
 
 def test_a_configure_gradient_clipping_override_is_replayed():
-    eager, graphed = both(lambda: ClipsInItsOwnWay("adamw", "lambda"))
+    eager, graphed = fit_both(lambda: ClipsInItsOwnWay("adamw", "lambda"))
     assert_same(eager, graphed)
     graphs_used(graphed)
 
@@ -325,7 +313,7 @@ class ReloadsStateAtEpoch1(Callback):
 
 
 def test_loading_model_and_optimizer_state_mid_training_recaptures():
-    eager, graphed = both(lambda: models.Regressor("adamw", None), max_epochs=3,
+    eager, graphed = fit_both(lambda: models.Regressor("adamw", None), max_epochs=3,
                           extra_callbacks=lambda: [ReloadsStateAtEpoch1()])
     assert_same(eager, graphed)
     graphs_used(graphed)
@@ -333,7 +321,7 @@ def test_loading_model_and_optimizer_state_mid_training_recaptures():
 
 
 def test_batchnorm_running_statistics_match():
-    eager, graphed = both(lambda: models.Regressor("sgd", None, batchnorm=True))
+    eager, graphed = fit_both(lambda: models.Regressor("sgd", None, batchnorm=True))
     assert_same(eager, graphed)
     graphs_used(graphed)
     assert graphed.state["net.1.num_batches_tracked"].item() == eager.state["net.1.num_batches_tracked"].item()
@@ -344,7 +332,7 @@ def test_batchnorm_running_statistics_match():
 
 def test_item_in_training_step_falls_back_naming_the_line():
     # dropout too: random ops must keep working (and match eager) after the failed capture
-    eager, graphed = both(lambda: models.ItemInStep(dropout=0.2))
+    eager, graphed = fit_both(lambda: models.ItemInStep(dropout=0.2))
     assert_same(eager, graphed)
     stats = graphed.callback.stats
     assert stats.replays == 0 and stats.disabled_reason is not None
@@ -368,7 +356,7 @@ def test_item_in_training_step_raises_when_strict():
     ],
 )
 def test_python_side_effects_are_detected_and_trained_eagerly(module, needle):
-    eager, graphed = both(lambda: module("adamw", "lambda"))
+    eager, graphed = fit_both(lambda: module("adamw", "lambda"))
     assert_same(eager, graphed)
     assert graphed.callback.stats.replays == 0, graphed.callback.stats.summary()
     assert any(needle in w for w in graphed.warnings), graphed.warnings
@@ -379,18 +367,18 @@ def test_python_side_effects_are_detected_and_trained_eagerly(module, needle):
 @pytest.mark.parametrize("value", list(models.FIT_VALUES))
 def test_a_step_reading_a_value_the_fit_changes_between_steps_trains_eagerly_with_one_warning(value):
     read, named = models.FIT_VALUES[value]
-    eager, graphed = both(lambda: models.RampedBy(read), max_epochs=3, val_loader=lambda: loader(batch_size=16))
+    eager, graphed = fit_both(lambda: models.RampedBy(read), max_epochs=3, val_loader=lambda: loader(batch_size=16))
     assert_eager_with_one_warning(eager, graphed, named, "updates in place")
 
 
 def test_anomaly_detection_trains_eagerly_with_one_warning_naming_it():
-    eager, graphed = both(lambda: models.Regressor("adamw", "lambda"), detect_anomaly=True)
+    eager, graphed = fit_both(lambda: models.Regressor("adamw", "lambda"), detect_anomaly=True)
     assert_eager_with_one_warning(eager, graphed, "detect_anomaly=True")
     assert graphed.callback.stats is None or graphed.callback.stats.captures == 0  # refused before capturing
 
 
 def test_a_step_that_prints_stays_graphed_and_says_once_where_its_messages_go():
-    eager, graphed = both(lambda: models.PrintsEachStep("adamw", "lambda"))
+    eager, graphed = fit_both(lambda: models.PrintsEachStep("adamw", "lambda"))
     assert_same(eager, graphed)
     graphs_used(graphed)
     (warning,) = graphed.warnings
@@ -398,7 +386,7 @@ def test_a_step_that_prints_stays_graphed_and_says_once_where_its_messages_go():
 
 
 def test_a_learning_rate_returned_by_the_step_stays_a_python_number_with_one_warning():
-    eager, graphed = both(lambda: models.ReturnsItsLearningRate("adamw", "lambda"),
+    eager, graphed = fit_both(lambda: models.ReturnsItsLearningRate("adamw", "lambda"),
                           extra_callbacks=lambda: [models.KeepsReturnedNumbers()])
     assert_eager_with_one_warning(eager, graphed, "returns `outputs['lr']` as a Python number")
     assert models.returned_numbers(graphed) == models.returned_numbers(eager)
@@ -430,7 +418,7 @@ def assert_same_metric_states(eager, graphed):
 def test_torchmetrics_updated_in_the_step_are_replayed_with_every_value_right(module, epoch_values):
     # three epochs with the ragged last batch graphed too: the states pass between two
     # graphs, and the resets at every epoch end rebind them
-    eager, graphed = both(lambda: module("adamw", "lambda", epochs=3), max_epochs=3)
+    eager, graphed = fit_both(lambda: module("adamw", "lambda", epochs=3), max_epochs=3)
     assert_same(eager, graphed)  # per-step values and the final epoch values among them
     graphs_used(graphed, eager_steps=0)
     assert not graphed.warnings, graphed.warnings
@@ -441,7 +429,7 @@ def test_torchmetrics_updated_in_the_step_are_replayed_with_every_value_right(mo
 def test_a_capture_failing_after_a_metric_ran_leaves_the_metric_as_eager():
     # the capture ran the metric's Python (its count, its new state tensors) but none of
     # its GPU work: the eager step that follows must start from the metric as it was
-    eager, graphed = both(lambda: models.ForwardsPearson("adamw", "lambda"))
+    eager, graphed = fit_both(lambda: models.ForwardsPearson("adamw", "lambda"))
     assert_same(eager, graphed)
     assert graphed.callback.stats.replays == 0 and graphed.callback.stats.captures == 0
     assert len(graphed.warnings) == 1 and "Could not capture" in graphed.warnings[0], graphed.warnings
@@ -453,7 +441,7 @@ def test_a_capture_failing_after_a_metric_ran_leaves_the_metric_as_eager():
     (lambda *a: models.UpdatesAccuracy(*a, validate_args=True), "validate_args=False"),
 ])
 def test_torchmetrics_that_cannot_be_replayed_train_eagerly_naming_the_metric(module, needle):
-    eager, graphed = both(lambda: module("adamw", "lambda"))
+    eager, graphed = fit_both(lambda: module("adamw", "lambda"))
     assert_same(eager, graphed)
     assert graphed.callback.stats.replays == 0
     assert len(graphed.warnings) == 1 and needle in graphed.warnings[0], graphed.warnings
@@ -510,7 +498,7 @@ def test_16_mixed_skips_the_same_overflowing_steps_as_eager(optimizer, clip):
 
 
 def test_16_mixed_with_an_optimizer_that_cannot_skip_on_the_device_trains_eagerly():
-    eager, graphed = both(lambda: models.Regressor("rmsprop", None), precision="16-mixed")
+    eager, graphed = fit_both(lambda: models.Regressor("rmsprop", None), precision="16-mixed")
     assert_same(eager, graphed, rtol=0, atol=0)  # untouched: bitwise equal
     assert graphed.callback.stats.replays == 0
     assert len([w for w in graphed.warnings if "RMSprop" in w and "fp16" in w]) == 1, graphed.warnings
@@ -582,7 +570,7 @@ def test_graphed_step_with_a_grad_scaler_in_a_plain_loop():
 def test_gradient_accumulation(every, ragged):
     # 8 full batches (+ a ragged one) an epoch: cycles end mid-epoch and at the epoch's last batch
     data = lambda: loader(regression_data(n=64 + ragged))  # noqa: E731
-    eager, graphed = both(lambda: models.Regressor("adamw", "lambda"), train_loader=data, max_epochs=3,
+    eager, graphed = fit_both(lambda: models.Regressor("adamw", "lambda"), train_loader=data, max_epochs=3,
                           accumulate_grad_batches=every)
     assert_same(eager, graphed)
     graphs_used(graphed, eager_steps=0)
@@ -591,7 +579,7 @@ def test_gradient_accumulation(every, ragged):
 
 
 def test_gradient_accumulation_with_clipping_and_sgd_steplr():
-    eager, graphed = both(lambda: models.Regressor("sgd", "step_epoch", epochs=3), max_epochs=3,
+    eager, graphed = fit_both(lambda: models.Regressor("sgd", "step_epoch", epochs=3), max_epochs=3,
                           accumulate_grad_batches=3, gradient_clip_val=0.5)
     assert_same(eager, graphed)
     graphs_used(graphed)
@@ -603,7 +591,7 @@ def test_accumulation_set_by_a_scheduler_from_the_start(optimizer):
     # must not be captured before the optimizer has stepped once (its state would be created in the graph)
     from lightning.pytorch.callbacks import GradientAccumulationScheduler
 
-    eager, graphed = both(lambda: models.Regressor(optimizer, None), max_epochs=3,
+    eager, graphed = fit_both(lambda: models.Regressor(optimizer, None), max_epochs=3,
                           extra_callbacks=lambda: [GradientAccumulationScheduler({0: 4})])
     assert_same(eager, graphed)
     graphs_used(graphed)
@@ -612,7 +600,7 @@ def test_accumulation_set_by_a_scheduler_from_the_start(optimizer):
 def test_backbone_finetuning_with_accumulation():
     from lightning.pytorch.callbacks import BackboneFinetuning
 
-    eager, graphed = both(
+    eager, graphed = fit_both(
         lambda: models.WithBackbone("adamw", None), max_epochs=3, accumulate_grad_batches=2,
         extra_callbacks=lambda: [BackboneFinetuning(unfreeze_backbone_at_epoch=1, verbose=False)],
     )
@@ -623,7 +611,7 @@ def test_backbone_finetuning_with_accumulation():
 def test_a_changing_accumulation_schedule_gets_new_graphs():
     from lightning.pytorch.callbacks import GradientAccumulationScheduler
 
-    eager, graphed = both(lambda: models.Regressor("adamw", "lambda"), max_epochs=3,
+    eager, graphed = fit_both(lambda: models.Regressor("adamw", "lambda"), max_epochs=3,
                           extra_callbacks=lambda: [GradientAccumulationScheduler({0: 1, 1: 2, 2: 4})])
     assert_same(eager, graphed)
     graphs_used(graphed)
@@ -640,7 +628,7 @@ class FreezeFirstLayerAtEpoch1(Callback):
 
 
 def test_freezing_a_layer_between_epochs_recaptures():
-    eager, graphed = both(lambda: models.Regressor("sgd", None), extra_callbacks=lambda: [FreezeFirstLayerAtEpoch1()])
+    eager, graphed = fit_both(lambda: models.Regressor("sgd", None), extra_callbacks=lambda: [FreezeFirstLayerAtEpoch1()])
     assert_same(eager, graphed)
     # epoch 1: the full batches' graph; epoch 2: captured again after the freeze, and the ragged batch's
     assert graphed.callback.stats.captures == 3, graphed.callback.stats.summary()
@@ -650,7 +638,7 @@ def test_backbone_unfrozen_before_the_first_capture_is_stepped_eagerly_first():
     # 3 batches an epoch: warm-up fills epoch 0, the unfreeze comes before any capture
     from lightning.pytorch.callbacks import BackboneFinetuning
 
-    eager, graphed = both(
+    eager, graphed = fit_both(
         lambda: models.WithBackbone("adamw", None), max_epochs=3,
         train_loader=lambda: loader(regression_data(n=24)),
         extra_callbacks=lambda: [BackboneFinetuning(unfreeze_backbone_at_epoch=1, verbose=False)],
@@ -662,7 +650,7 @@ def test_backbone_unfrozen_before_the_first_capture_is_stepped_eagerly_first():
 def test_backbone_finetuning_adding_a_param_group_recaptures():
     from lightning.pytorch.callbacks import BackboneFinetuning
 
-    eager, graphed = both(
+    eager, graphed = fit_both(
         lambda: models.WithBackbone("adamw", None),
         extra_callbacks=lambda: [BackboneFinetuning(unfreeze_backbone_at_epoch=1, verbose=False)],
     )
@@ -792,7 +780,7 @@ def _collocation_batches():
 
 
 def test_pinn_with_input_gradients_and_double_backward():
-    eager, graphed = both(HeatPINN, train_loader=lambda: torch.utils.data.DataLoader(_collocation_batches(), batch_size=None),
+    eager, graphed = fit_both(HeatPINN, train_loader=lambda: torch.utils.data.DataLoader(_collocation_batches(), batch_size=None),
                           max_epochs=3)
     assert_same(eager, graphed, rtol=1e-5, atol=1e-6)
     graphs_used(graphed)

@@ -15,24 +15,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 import models
-from parity import assert_same, fit, loader, regression_data
+from parity import assert_same, fit, fit_both, graphs_used, loader, regression_data
 
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("deterministic")]
 
 # 67 samples in batches of 8: 8 full batches and a ragged one of 3 per epoch
 BATCHES_PER_EPOCH = 9
-
-
-def both(make_module, **kwargs):
-    return fit(make_module, graphed=False, **kwargs), fit(make_module, graphed=True, **kwargs)
-
-
-def graphs_used(run, eager_steps=None):
-    stats = run.callback.stats
-    assert stats.captures >= 1 and stats.replays > 0, stats.summary()
-    assert stats.disabled_reason is None, stats.summary()
-    if eager_steps is not None:
-        assert stats.eager_steps == eager_steps, stats.summary()
 
 
 def trained_eagerly(run, needle):
@@ -51,7 +39,7 @@ def scheduler_states(run):
 
 @pytest.mark.parametrize("optimizer, scheduler", [("adamw", "lambda"), ("adamw", "onecycle"), ("sgd", "step")])
 def test_one_optimizer_with_a_scheduler_stepped_by_hand_after_the_step(optimizer, scheduler):
-    eager, graphed = both(lambda: models.ManualRegressor(optimizer, scheduler))
+    eager, graphed = fit_both(lambda: models.ManualRegressor(optimizer, scheduler))
     assert_same(eager, graphed)
     graphs_used(graphed, eager_steps=0)
     assert graphed.global_step == 2 * BATCHES_PER_EPOCH
@@ -65,7 +53,7 @@ def test_one_optimizer_with_a_scheduler_stepped_by_hand_after_the_step(optimizer
 
 @pytest.mark.parametrize("returns", ["dict", "none"])
 def test_what_the_manual_step_returns_is_handled_as_eager(returns):
-    eager, graphed = both(lambda: models.ManualRegressor("adamw", "lambda", returns=returns))
+    eager, graphed = fit_both(lambda: models.ManualRegressor("adamw", "lambda", returns=returns))
     assert_same(eager, graphed)
     graphs_used(graphed, eager_steps=0)
     if returns == "none":
@@ -75,7 +63,7 @@ def test_what_the_manual_step_returns_is_handled_as_eager(returns):
 
 
 def test_logged_values_and_returned_losses_are_each_manual_steps_own():
-    eager, graphed = both(lambda: models.ManualRegressor("adamw", "lambda", dropout=0.2))
+    eager, graphed = fit_both(lambda: models.ManualRegressor("adamw", "lambda", dropout=0.2))
     assert_same(eager, graphed)
     graphs_used(graphed)
     losses = graphed.recorder.losses
@@ -88,7 +76,7 @@ def test_logged_values_and_returned_losses_are_each_manual_steps_own():
 
 
 def test_gradient_clipping_with_clip_gradients_inside_the_step():
-    eager, graphed = both(lambda: models.ManualRegressor("adamw", "lambda", clip=0.05))
+    eager, graphed = fit_both(lambda: models.ManualRegressor("adamw", "lambda", clip=0.05))
     assert_same(eager, graphed)
     graphs_used(graphed, eager_steps=0)
 
@@ -98,7 +86,7 @@ def test_gradient_clipping_with_clip_gradients_inside_the_step():
 
 @pytest.mark.parametrize("schedulers", [True, False])
 def test_gan_generator_and_discriminator_updates_in_one_graph(schedulers):
-    eager, graphed = both(lambda: models.ManualGAN(schedulers=schedulers))
+    eager, graphed = fit_both(lambda: models.ManualGAN(schedulers=schedulers))
     assert_same(eager, graphed, rtol=1e-5, atol=1e-6)
     graphs_used(graphed, eager_steps=0)
     # both optimizers' steps count, in every replay too
@@ -118,7 +106,7 @@ def test_gan_generator_and_discriminator_updates_in_one_graph(schedulers):
 @pytest.mark.parametrize("ragged", [3, 1])
 def test_the_ragged_last_batch_gets_its_own_manual_graph(ragged):
     data = lambda: loader(regression_data(n=64 + ragged))  # noqa: E731
-    eager, graphed = both(models.ManualGAN, train_loader=data, max_epochs=3)
+    eager, graphed = fit_both(models.ManualGAN, train_loader=data, max_epochs=3)
     assert_same(eager, graphed, rtol=1e-5, atol=1e-6)
     graphs_used(graphed, eager_steps=0)
     stats = graphed.callback.stats
@@ -127,7 +115,7 @@ def test_the_ragged_last_batch_gets_its_own_manual_graph(ragged):
 
 
 def test_with_one_graph_the_ragged_last_manual_step_runs_eagerly():
-    eager, graphed = both(lambda: models.ManualRegressor("adamw", "lambda"), callback_kwargs={"max_graphs": 1})
+    eager, graphed = fit_both(lambda: models.ManualRegressor("adamw", "lambda"), callback_kwargs={"max_graphs": 1})
     assert_same(eager, graphed)
     graphs_used(graphed, eager_steps=2)  # the ragged batch of each of the 2 epochs
     assert any("shape (3, 8)" in w for w in graphed.warnings), graphed.warnings
@@ -147,7 +135,7 @@ def test_with_one_graph_the_ragged_last_manual_step_runs_eagerly():
     ],
 )
 def test_schedulers_a_replay_cannot_step_train_eagerly_and_right(module, needle):
-    eager, graphed = both(module)
+    eager, graphed = fit_both(module)
     assert_same(eager, graphed)
     trained_eagerly(graphed, needle)
     if module in (models.ManualEveryNBatches, models.ManualAtEpochEnd):
@@ -163,7 +151,7 @@ class Alternate(Callback):
 
 
 def test_a_gan_step_skipping_the_discriminator_now_and_then_trains_eagerly():
-    eager, graphed = both(models.ManualGAN, extra_callbacks=lambda: [Alternate()])
+    eager, graphed = fit_both(models.ManualGAN, extra_callbacks=lambda: [Alternate()])
     assert_same(eager, graphed)
     trained_eagerly(graphed, "differently in two steps")
 
