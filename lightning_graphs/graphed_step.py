@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import numbers
 import operator
 import threading
 import time
@@ -481,7 +482,8 @@ class GraphedStep:
         managed = {id(o.optimizer) for o in self._optimizers} | {id(s) for s in self._grad_scalers}
         self._reads = StepReads(lambda obj, name: id(obj) in managed or self._ignore(obj, name))
         self._warmups_left = self.warmup_steps
-        self._numbers_returned: dict[str, type] = {}  # Python numbers among the last warm-up's outputs, by path
+        # the last warm-up's signature, and the Python numbers among its outputs, by path
+        self._numbers_returned: tuple[BatchSignature | None, dict[str, type]] = (None, {})
         try:
             self._device: torch.device | None = torch.device("cuda", device) if isinstance(device, int) else (
                 torch.device(device) if device is not None else None
@@ -745,7 +747,7 @@ class GraphedStep:
         with torch.cuda.stream(stream):
             outputs = self._watching_steps(fn)
         current.wait_stream(stream)
-        self._numbers_returned = _python_numbers(outputs)
+        self._numbers_returned = (plan.signature if plan is not None else None, _python_numbers(outputs))
         self._warmups_left = max(self._warmups_left - 1, 0)
         self.stats.warmup_steps += 1
         if plan is not None and plan.signature is not None:
@@ -859,6 +861,7 @@ class GraphedStep:
         if outcome is CaptureOutcome.FAILED:
             raise CaptureFailed(explanation or "the capture failed") from failure
         self._deferred_captures = 0
+        stood_in = {key: value for optimizer in self._optimizers for key, value in optimizer.stood_in_values().items()}
         problems = [optimizer.exit_capture() for optimizer in self._optimizers]
         problems.append(self._side_effects(before, hyperparameters=False))
         problems.append(self._not_given_in_capture(stepped))
@@ -908,7 +911,7 @@ class GraphedStep:
         graph.replay()
         static.note_changed_contents()
         static.copy_back(signature)
-        outputs, number_problem = self._numbers_as_returned(outputs)
+        outputs, number_problem = self._numbers_as_returned(outputs, signature, stood_in)
         problems.append(number_problem)
         captured.metric_updates, reset_problem = self._metrics.after_capture(metrics_before)
         problems += [metric_problem, reset_problem]
@@ -918,20 +921,33 @@ class GraphedStep:
             self.disable(problem)
         return outputs
 
-    def _numbers_as_returned(self, outputs: Any) -> tuple[Any, str | None]:
-        """The captured step's outputs with the Python numbers its last eager step
-        returned in places where the capture returned a one-element tensor (a value
-        computed from an optimizer's hyper-parameters, which are tensors while a graph
-        is captured), and what replays would get wrong, if anything."""
-        if not self._numbers_returned:
+    def _numbers_as_returned(self, outputs: Any, signature: BatchSignature,
+                             stood_in: dict[int, Any]) -> tuple[Any, str | None]:
+        """The captured step's outputs with Python numbers where the step returned a
+        value of its optimizers' ``param_groups`` (a device tensor while capturing:
+        ``stood_in`` maps each to the user's value) or, where the last warm-up of this
+        signature returned a Python number, a one-element tensor computed from one; and
+        what replays would get wrong, if anything."""
+        warmed, numbers = self._numbers_returned
+        if not stood_in and not (numbers and warmed == signature):
             return outputs, None
+        numbers = numbers if warmed == signature else {}
         leaves, tree = flatten(outputs)
         became = []
         for index, path in enumerate(leaf_paths(tree, "outputs")):
-            kind, leaf = self._numbers_returned.get(path), leaves[index]
-            if kind is not None and isinstance(leaf, torch.Tensor) and leaf.numel() == 1:
-                leaves[index] = kind(leaf.item())  # (read once, after the capture)
-                became.append(path)
+            leaf = leaves[index]
+            if not isinstance(leaf, torch.Tensor):
+                continue
+            if id(leaf) in stood_in:
+                leaves[index] = stood_in[id(leaf)]
+            elif path in numbers and leaf.numel() == 1:
+                try:
+                    leaves[index] = numbers[path](leaf.item())  # (read once, after the capture)
+                except (TypeError, ValueError, OverflowError):  # (a NaN where an int was): kept a tensor
+                    pass
+            else:
+                continue
+            became.append(path)
         if not became:
             return outputs, None
         return unflatten(tree, leaves), (
@@ -1312,7 +1328,7 @@ class GraphedStep:
         changes = fingerprint.changes(self._fingerprint())
         if changes:
             more = f" (and {len(changes) - 1} more)" if len(changes) > 1 else ""
-            legacy = _legacy_reparametrization(self._modules)
+            legacy = _legacy_reparametrization(self._modules, changes[0])
             if legacy is not None:
                 return (
                     f"{self.what} {changes[0]}{more} each time it runs: PyTorch's `{legacy}` assigns a new weight "
@@ -1373,15 +1389,17 @@ def _release_generator_after_failed_capture(device: torch.device) -> None:
         generator.graphsafe_set_state(generator.clone_state())
 
 
-def _legacy_reparametrization(modules: Iterable[torch.nn.Module]) -> str | None:
-    """``torch.nn.utils.weight_norm`` or ``spectral_norm`` where a module uses one: their
-    forward pre-hooks assign the weight anew in Python at every forward."""
+def _legacy_reparametrization(modules: Iterable[torch.nn.Module], change: str) -> str | None:
+    """``torch.nn.utils.weight_norm`` or ``spectral_norm`` where ``change`` is the
+    rebinding of a weight one of them computes: their forward pre-hooks assign it
+    anew in Python at every forward."""
     for root in modules:
         for module in root.modules():
             for hook in module._forward_pre_hooks.values():
-                kind = type(hook)
-                if kind.__module__ in ("torch.nn.utils.weight_norm", "torch.nn.utils.spectral_norm"):
-                    return kind.__module__
+                kind = type(hook).__module__
+                if kind in ("torch.nn.utils.weight_norm", "torch.nn.utils.spectral_norm") and \
+                        f"{getattr(hook, 'name', None)}` to a new tensor" in change:
+                    return kind
     return None
 
 
@@ -1389,7 +1407,7 @@ def _python_numbers(outputs: Any) -> dict[str, type]:
     """The leaves of a step's ``outputs`` that are Python numbers, by path (``outputs['lr']``)."""
     leaves, tree = flatten(outputs)
     return {path: type(leaf) for path, leaf in zip(leaf_paths(tree, "outputs"), leaves)
-            if type(leaf) in (bool, int, float)}
+            if isinstance(leaf, numbers.Real) and not isinstance(leaf, torch.Tensor)}
 
 
 @contextlib.contextmanager

@@ -294,6 +294,15 @@ class GraphSafeOptimizer:
             ))
         self._baked = self._baked_snapshot()
 
+    def stood_in_values(self) -> dict[int, Any]:
+        """While capturing: the user's value each live device tensor stands in for, by the tensor's id."""
+        found: dict[int, Any] = {}
+        for slot, value in self._swapped.items():
+            live = self._live[slot]
+            pairs = zip(live, value) if isinstance(live, (tuple, list)) else [(live, value)]
+            found.update((id(tensor), number) for tensor, number in pairs if isinstance(tensor, torch.Tensor))
+        return found
+
     def exit_capture(self) -> str | None:
         """Put the user's settings back; names a hyper-parameter the step itself changed, if any.
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_graphs import GraphedStep, GraphWarning
+from lightning_graphs import GraphedStep, GraphWarning, optimizers
 from replaying_graph import ReplayingGraph
 
 
@@ -574,3 +574,54 @@ def test_a_graph_left_to_the_garbage_collector_is_not_released_inside_another_ca
             run()
     assert run.stats.captures == 1 and run.stats.replays == 2, run.stats.summary()
     torch.testing.assert_close(x, torch.full((3,), 4.0))
+
+
+def _returning(make_optimizer, returned, graphed, calls=6):
+    """Each call's outputs of a step that trains one parameter and returns ``returned(optimizer)``."""
+    weight, module = _weight()
+    optimizer = make_optimizer([weight])
+
+    def step(x):
+        optimizer.zero_grad()
+        (weight * x).sum().backward()
+        optimizer.step()
+        return returned(optimizer)
+
+    run = GraphedStep(step, optimizers=[optimizer], modules=[module], device="cuda") if graphed else step
+    return [run(torch.ones(3)) for _ in range(calls)]
+
+
+@pytest.mark.parametrize("make_optimizer", [
+    lambda params: torch.optim.AdamW(params, lr=0.1),
+    lambda params: torch.optim.AdamW(params, lr=np.float64(0.1)),  # (a learning rate from np.logspace, say)
+    lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9),
+], ids=["adamw", "a numpy learning rate", "sgd"])
+def test_values_of_param_groups_the_step_returns_come_back_as_eager_returns_them(replaying, monkeypatch,
+                                                                                 make_optimizer):
+    # SGD as on a GPU: its fused kernel, reading the learning rate from a float32 tensor while captured
+    monkeypatch.setattr(optimizers, "_is_dense_cuda_float", lambda optimizer: True)
+
+    def returned(optimizer):
+        lr = optimizer.param_groups[0]["lr"]
+        return {"lr": lr, "more": [(lr / 3, "a string"), None]}
+
+    eager = _returning(make_optimizer, returned, graphed=False)
+    with pytest.warns(GraphWarning, match=r"returns `outputs\['lr'\]` as a Python number"):
+        graphed = _returning(make_optimizer, returned, graphed=True)
+    assert [(o["lr"], type(o["lr"]), o["more"][0][1:], o["more"][1:]) for o in graphed] == \
+        [(o["lr"], type(o["lr"]), o["more"][0][1:], o["more"][1:]) for o in eager]
+    # a value computed from the learning rate on the device: in its precision (float32 for fused SGD)
+    assert [o["more"][0][0] for o in graphed] == pytest.approx([o["more"][0][0] for o in eager], rel=1e-6)
+
+
+def test_a_number_returned_for_one_signature_leaves_a_tensor_returned_for_another_alone(replaying):
+    def step(x, scale):
+        return {"scaled": scale * 1 if isinstance(scale, torch.Tensor) else scale, "sum": x.sum()}
+
+    run = GraphedStep(step, warmup_steps=2, device="cuda")
+    scales = [torch.tensor([0.5]), 3, torch.tensor([float("nan")]), torch.tensor([0.5]), torch.tensor([0.5])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GraphWarning)
+        returned = [run(torch.ones(3), scale)["scaled"] for scale in scales]
+    assert [type(r) for r in returned] == [torch.Tensor, int, torch.Tensor, torch.Tensor, torch.Tensor]
+    assert run.stats.replays == 2, run.stats.summary()
