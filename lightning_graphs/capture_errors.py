@@ -99,12 +99,20 @@ def _source(frame: traceback.FrameSummary) -> str:
     return (frame.line or linecache.getline(frame.filename, frame.lineno)).strip()
 
 
+# the patterns a line inside a library may be read by: reads of a value on the host, which such a
+# line names plainly (its conditions and copies are too common there to tell anything)
+_READS = _SYNC_PATTERNS[:8]
+
+
 def _operation(line: str, exc: BaseException, inner_line: str = "") -> str:
     """What the failed operation was: from the user's line, else from the line inside
-    a library that raised (``inner_line``), else from the error."""
-    for text in (line, inner_line):
-        for pattern, meaning in _SYNC_PATTERNS:
-            if text and re.search(pattern, text):
+    a library that raised (``inner_line``: host reads only), else from the error."""
+    candidates = [(line, _SYNC_PATTERNS)]
+    if inner_line and not inner_line.startswith(("raise", "assert")):
+        candidates.append((re.sub(r"(['\"]).*?\1", "", inner_line), _READS))  # (string literals left out)
+    for text, patterns in candidates:
+        for pattern, meaning in patterns:
+            if re.search(pattern, text):
                 return meaning
     text = str(exc)
     if "capturing" in text or "capture" in text:
@@ -139,9 +147,11 @@ def explain_capture_error(
         frames = traceback.extract_tb(origin.__traceback__)
         inner = frames[-1] if frames else None
         inner_line = ""
-        if inner is not None and (inner.filename, inner.lineno) != (frame.filename, frame.lineno):
+        if inner is not None and (inner.filename, inner.lineno) != (frame.filename, frame.lineno) \
+                and not inner.filename.startswith("<"):
             inner_line = _source(inner)  # the line inside a library that raised (BatchNorm reading a count, say)
-            where += f", inside {_short_name(inner)}:{inner.lineno}: `{inner_line}`"
+            if inner_line:
+                where += f", inside {_short_name(inner)}:{inner.lineno}: `{inner_line}`"
         if _own_generator(origin):
             return (
                 f"Could not capture {what} as a CUDA graph: it draws random numbers from a `torch.Generator` of "

@@ -133,12 +133,22 @@ def test_reading_a_learning_rate_as_a_number_is_named_as_that(tmp_path):
     assert "reading an optimizer setting as a number" in message and "loss * group['lr']" in message
 
 
-def test_an_error_raised_inside_a_library_names_that_line_and_what_it_does(tmp_path, monkeypatch):
+_LIBRARY_LINES = {
+    # float() raises in C, as it does on a captured tensor: the read is named from the library's line
+    "read": ("return 1.0 / float(count)", "converting a tensor to a Python number"),
+    # a condition in a library's own line says nothing of what failed
+    "condition": ("return count.upper() if count else None", "not allowed while a CUDA graph is being"),
+}
+
+
+@pytest.mark.parametrize("kind", list(_LIBRARY_LINES))
+def test_an_error_raised_inside_a_library_names_that_line_and_what_it_does(tmp_path, monkeypatch, kind):
     from lightning_graphs import capture_errors
 
+    source, meaning = _LIBRARY_LINES[kind]
     library = tmp_path / "somelib"
     library.mkdir()
-    (library / "norm.py").write_text("def forward(count):\n    return 1.0 / float(count)\n")
+    (library / "norm.py").write_text(f"def forward(count):\n    {source}\n")
     monkeypatch.setattr(capture_errors, "_FRAMEWORK_DIRS", capture_errors._FRAMEWORK_DIRS + (f"{library}/",))
     exc = _raise_from_user_file(
         tmp_path,
@@ -147,10 +157,12 @@ def test_an_error_raised_inside_a_library_names_that_line_and_what_it_does(tmp_p
         norm = runpy.run_path({str(library / "norm.py")!r})
 
         def training_step():
-            return norm["forward"]("a count")  # (float() raises in C, as it does on a captured tensor)
+            return norm["forward"]({"'a count'" if kind == "read" else 1})
         """,
     )
+    if kind == "condition":  # (what CUDA says of an operation refused during capture)
+        exc = RuntimeError("operation not permitted when stream is capturing").with_traceback(exc.__traceback__)
     message = explain_capture_error(exc)
-    assert "converting a tensor to a Python number" in message, message
+    assert meaning in message, message
     assert "user_model.py:6 in `training_step`" in message, message
-    assert "inside norm.py:2: `return 1.0 / float(count)`" in message, message
+    assert f"inside norm.py:2: `{source}`" in message, message
