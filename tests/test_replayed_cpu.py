@@ -1826,3 +1826,22 @@ class LegacyWeightNorm(models.Regressor):
 def test_a_legacy_weight_reparametrization_trains_eagerly_and_names_its_replacement(replaying, reparametrize, advised):
     eager, graphed = both(lambda: LegacyWeightNorm(reparametrize))
     assert_eager_with_one_warning(eager, graphed, advised)
+
+
+class CountsBesideALegacyWeightNorm(LegacyWeightNorm):
+    """A legacy weight norm on a layer the step uses, and a count of steps kept in Python."""
+
+    def __init__(self):
+        super().__init__(torch.nn.utils.weight_norm)
+        self.steps_taken = 0
+
+    def training_step(self, batch, batch_idx):
+        self.steps_taken += 1
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated")
+def test_a_side_effect_beside_a_legacy_weight_norm_is_named_for_itself(replaying):
+    eager, graphed = both(CountsBesideALegacyWeightNorm)
+    assert_eager_with_one_warning(eager, graphed, "changes `self.steps_taken`", "Move it out of the step")
+    assert "parametrizations" not in graphed.warnings[0]
