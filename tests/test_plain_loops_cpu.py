@@ -30,6 +30,22 @@ def _weight():
     return weight, module
 
 
+def _training_one_weight(make_optimizer, graphed, returned=lambda optimizer: None):
+    """A step training one weight with ``make_optimizer``'s optimizer and returning
+    ``returned(optimizer)``: what runs it (graphed or as written), the weight, the optimizer."""
+    weight, module = _weight()
+    optimizer = make_optimizer([weight])
+
+    def step(x):
+        optimizer.zero_grad()
+        (weight * x).sum().backward()
+        optimizer.step()
+        return returned(optimizer)
+
+    run = GraphedStep(step, optimizers=[optimizer], modules=[module], device="cuda") if graphed else step
+    return run, weight, optimizer
+
+
 def test_a_step_that_zeroes_the_gradients_after_stepping_adds_to_those_held_before(replaying):
     """Accumulation decided by an argument: each call adds to the gradients; every
     second one also steps and zeroes them at its end, so its graph reads the gradients
@@ -91,15 +107,7 @@ def test_an_optimizer_not_given_is_noticed_whatever_the_warm_up(replaying, warmu
                                             lambda p: torch.optim.AdamW(p, lr=0.1)], ids=["sgd-momentum", "adamw"])
 def test_an_optimizer_state_cleared_between_calls_starts_afresh(replaying, make_optimizer):
     def train(graphed):
-        weight, module = _weight()
-        optimizer = make_optimizer([weight])
-
-        def step(x):
-            optimizer.zero_grad()
-            (weight * x).sum().backward()
-            optimizer.step()
-
-        run = GraphedStep(step, optimizers=[optimizer], modules=[module], device="cuda") if graphed else step
+        run, weight, optimizer = _training_one_weight(make_optimizer, graphed)
         trace = []
         for index in range(12):
             if index == 7:
@@ -577,17 +585,8 @@ def test_a_graph_left_to_the_garbage_collector_is_not_released_inside_another_ca
 
 
 def _returning(make_optimizer, returned, graphed, calls=6):
-    """Each call's outputs of a step that trains one parameter and returns ``returned(optimizer)``."""
-    weight, module = _weight()
-    optimizer = make_optimizer([weight])
-
-    def step(x):
-        optimizer.zero_grad()
-        (weight * x).sum().backward()
-        optimizer.step()
-        return returned(optimizer)
-
-    run = GraphedStep(step, optimizers=[optimizer], modules=[module], device="cuda") if graphed else step
+    """Each call's outputs of a step that trains one weight and returns ``returned(optimizer)``."""
+    run, _, _ = _training_one_weight(make_optimizer, graphed, returned)
     return [run(torch.ones(3)) for _ in range(calls)]
 
 
