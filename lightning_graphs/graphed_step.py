@@ -1398,7 +1398,7 @@ def _legacy_reparametrization(modules: Iterable[torch.nn.Module], change: str) -
             for hook in module._forward_pre_hooks.values():
                 kind = type(hook).__module__
                 if kind in ("torch.nn.utils.weight_norm", "torch.nn.utils.spectral_norm") and \
-                        f"{getattr(hook, 'name', None)}` to a new tensor" in change:
+                        f".{getattr(hook, 'name', None)}` to a new tensor" in change:
                     return kind
     return None
 
