@@ -99,17 +99,19 @@ def _source(frame: traceback.FrameSummary) -> str:
     return (frame.line or linecache.getline(frame.filename, frame.lineno)).strip()
 
 
-# the patterns a line inside a library may be read by: reads of a value on the host, which such a
-# line names plainly (its conditions and copies are too common there to tell anything)
-_READS = _SYNC_PATTERNS[:8]
+# what a line inside a library is read for: reads of a value on the host, which such a line names
+# plainly (its conditions and copies are too common there to tell anything)
+_READS = [(pattern, meaning) for pattern, meaning in _SYNC_PATTERNS
+          if pattern in (r"param_groups", r"\.item\(\)", r"\.tolist\(\)", r"\.cpu\(\)", r"\.numpy\(\)",
+                         r"\btorch\.(tensor|as_tensor)\(", r"\b(float|int|bool)\(")]
 
 
 def _operation(line: str, exc: BaseException, inner_line: str = "") -> str:
     """What the failed operation was: from the user's line, else from the line inside
     a library that raised (``inner_line``: host reads only), else from the error."""
     candidates = [(line, _SYNC_PATTERNS)]
-    if inner_line and not inner_line.startswith(("raise", "assert")):
-        candidates.append((re.sub(r"(['\"]).*?\1", "", inner_line), _READS))  # (string literals left out)
+    if inner_line and not re.match(r"(raise|assert)\b", inner_line):
+        candidates.append((inner_line, _READS))
     for text, patterns in candidates:
         for pattern, meaning in patterns:
             if re.search(pattern, text):

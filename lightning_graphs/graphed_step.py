@@ -482,8 +482,9 @@ class GraphedStep:
         managed = {id(o.optimizer) for o in self._optimizers} | {id(s) for s in self._grad_scalers}
         self._reads = StepReads(lambda obj, name: id(obj) in managed or self._ignore(obj, name))
         self._warmups_left = self.warmup_steps
-        # the last warm-up's signature, and the Python numbers among its outputs, by path
-        self._numbers_returned: tuple[BatchSignature | None, dict[str, type]] = (None, {})
+        # per signature warmed up (None: one warmed without a plan), the Python numbers its last
+        # warm-up returned, by path
+        self._numbers_returned: list[tuple[BatchSignature | None, dict[str, type]]] = []
         try:
             self._device: torch.device | None = torch.device("cuda", device) if isinstance(device, int) else (
                 torch.device(device) if device is not None else None
@@ -747,7 +748,9 @@ class GraphedStep:
         with torch.cuda.stream(stream):
             outputs = self._watching_steps(fn)
         current.wait_stream(stream)
-        self._numbers_returned = (plan.signature if plan is not None else None, _python_numbers(outputs))
+        warmed = plan.signature if plan is not None else None
+        self._numbers_returned = [(seen, numbers) for seen, numbers in self._numbers_returned
+                                  if seen != warmed][-31:] + [(warmed, _python_numbers(outputs))]
         self._warmups_left = max(self._warmups_left - 1, 0)
         self.stats.warmup_steps += 1
         if plan is not None and plan.signature is not None:
@@ -923,31 +926,29 @@ class GraphedStep:
 
     def _numbers_as_returned(self, outputs: Any, signature: BatchSignature,
                              stood_in: dict[int, Any]) -> tuple[Any, str | None]:
-        """The captured step's outputs with Python numbers where the step returned a
-        value of its optimizers' ``param_groups`` (a device tensor while capturing:
-        ``stood_in`` maps each to the user's value) or, where the last warm-up of this
-        signature returned a Python number, a one-element tensor computed from one; and
-        what replays would get wrong, if anything."""
-        warmed, numbers = self._numbers_returned
-        if not stood_in and not (numbers and warmed == signature):
+        """The captured step's outputs with Python numbers where the warm-up of this
+        signature returned them and the capture a one-element tensor: a value of its
+        optimizers' ``param_groups`` (a device tensor while capturing; ``stood_in`` maps
+        each to the user's value) or one computed from it. Also what replays would get
+        wrong, if anything."""
+        numbers = next((numbers for seen, numbers in reversed(self._numbers_returned) if seen == signature),
+                       next((numbers for seen, numbers in reversed(self._numbers_returned) if seen is None), {}))
+        if not numbers:
             return outputs, None
-        numbers = numbers if warmed == signature else {}
         leaves, tree = flatten(outputs)
         became = []
         for index, path in enumerate(leaf_paths(tree, "outputs")):
             leaf = leaves[index]
-            if not isinstance(leaf, torch.Tensor):
-                continue
-            if id(leaf) in stood_in:
-                leaves[index] = stood_in[id(leaf)]
-            elif path in numbers and leaf.numel() == 1:
-                try:
-                    leaves[index] = numbers[path](leaf.item())  # (read once, after the capture)
-                except (TypeError, ValueError, OverflowError):  # (a NaN where an int was): kept a tensor
-                    pass
-            else:
+            if path not in numbers or not isinstance(leaf, torch.Tensor) or leaf.numel() != 1:
                 continue
             became.append(path)
+            if id(leaf) in stood_in:
+                leaves[index] = stood_in[id(leaf)]
+                continue
+            try:
+                leaves[index] = numbers[path](leaf.item())  # (read once, after the capture)
+            except (TypeError, ValueError, OverflowError):  # (a NaN where an int was): kept a tensor
+                pass
         if not became:
             return outputs, None
         return unflatten(tree, leaves), (
@@ -1116,6 +1117,7 @@ class GraphedStep:
         self._drop_graphs(None)
         self._retired = []
         self._warmed = []
+        self._numbers_returned = []
         for optimizer in self._optimizers:
             optimizer.restore()
         self._forget_structure()
@@ -1394,11 +1396,11 @@ def _legacy_reparametrization(modules: Iterable[torch.nn.Module], change: str) -
     rebinding of a weight one of them computes: their forward pre-hooks assign it
     anew in Python at every forward."""
     for root in modules:
-        for module in root.modules():
+        for path, module in root.named_modules():
             for hook in module._forward_pre_hooks.values():
                 kind = type(hook).__module__
-                if kind in ("torch.nn.utils.weight_norm", "torch.nn.utils.spectral_norm") and \
-                        f".{getattr(hook, 'name', None)}` to a new tensor" in change:
+                rebound = f"{'.' + path if path else ''}.{getattr(hook, 'name', None)}` to a new tensor"
+                if kind in ("torch.nn.utils.weight_norm", "torch.nn.utils.spectral_norm") and rebound in change:
                     return kind
     return None
 
@@ -1407,7 +1409,12 @@ def _python_numbers(outputs: Any) -> dict[str, type]:
     """The leaves of a step's ``outputs`` that are Python numbers, by path (``outputs['lr']``)."""
     leaves, tree = flatten(outputs)
     return {path: type(leaf) for path, leaf in zip(leaf_paths(tree, "outputs"), leaves)
-            if isinstance(leaf, numbers.Real) and not isinstance(leaf, torch.Tensor)}
+            if not isinstance(leaf, torch.Tensor) and (isinstance(leaf, numbers.Real) or _numpy_scalar(leaf))}
+
+
+def _numpy_scalar(value: Any) -> bool:
+    """A NumPy scalar (``np.bool_`` included, which is no ``numbers.Real``)."""
+    return type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0
 
 
 @contextlib.contextmanager

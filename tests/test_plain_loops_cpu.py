@@ -30,9 +30,10 @@ def _weight():
     return weight, module
 
 
-def _training_one_weight(make_optimizer, graphed, returned=lambda optimizer: None):
+def _training_one_weight(make_optimizer, graphed, returned=lambda optimizer: None, **options):
     """A step training one weight with ``make_optimizer``'s optimizer and returning
-    ``returned(optimizer)``: what runs it (graphed or as written), the weight, the optimizer."""
+    ``returned(optimizer)``: what runs it (graphed with ``options``, or as written), the
+    weight, the optimizer."""
     weight, module = _weight()
     optimizer = make_optimizer([weight])
 
@@ -42,7 +43,7 @@ def _training_one_weight(make_optimizer, graphed, returned=lambda optimizer: Non
         optimizer.step()
         return returned(optimizer)
 
-    run = GraphedStep(step, optimizers=[optimizer], modules=[module], device="cuda") if graphed else step
+    run = GraphedStep(step, optimizers=[optimizer], modules=[module], device="cuda", **options) if graphed else step
     return run, weight, optimizer
 
 
@@ -624,3 +625,25 @@ def test_a_number_returned_for_one_signature_leaves_a_tensor_returned_for_anothe
         returned = [run(torch.ones(3), scale)["scaled"] for scale in scales]
     assert [type(r) for r in returned] == [torch.Tensor, int, torch.Tensor, torch.Tensor, torch.Tensor]
     assert run.stats.replays == 2, run.stats.summary()
+
+
+def test_a_value_computed_from_the_learning_rate_is_returned_as_eager_returns_it_whichever_warmed_up_last(replaying):
+    def returned(optimizer):
+        lr = optimizer.param_groups[0]["lr"]
+        return {"double_lr": lr * 2, "as_tensor": torch.as_tensor(lr)}
+
+    def trace(graphed):
+        run, _, _ = _training_one_weight(lambda params: torch.optim.AdamW(params, lr=0.1), graphed, returned,
+                                         warmup_steps=2)
+        # the capture of the first shape comes right after a warm-up of the second
+        return [run(torch.ones(n)) for n in (3, 3, 1, 3, 3, 3)]
+
+    eager = trace(False)
+    with pytest.warns(GraphWarning, match=r"returns `outputs\['double_lr'\]` as a Python number"):
+        graphed = trace(True)
+    assert [(o["double_lr"], type(o["double_lr"])) for o in graphed] == \
+        [(o["double_lr"], type(o["double_lr"])) for o in eager]
+    # a tensor made of the learning rate is a tensor eagerly too: left one (while captured, made of the
+    # learning rate's float64 device tensor rather than of the float)
+    assert all(isinstance(o["as_tensor"], torch.Tensor) for o in graphed)
+    assert [float(o["as_tensor"]) for o in graphed] == pytest.approx([float(o["as_tensor"]) for o in eager])
