@@ -324,9 +324,9 @@ def _as_list(name: str, value: Any) -> list:
         items = list(value)
     except TypeError:
         raise TypeError(f"`{name}` must be a list, got {type(value).__name__}: pass [{name[:-1]}]") from None
+    wanted, label = (torch.optim.Optimizer, "torch.optim.Optimizer") if name == "optimizers" \
+        else (torch.nn.Module, "torch.nn.Module")
     for item in items:
-        wanted, label = (torch.optim.Optimizer, "torch.optim.Optimizer") if name == "optimizers" \
-            else (torch.nn.Module, "torch.nn.Module")
         # (Lightning and Fabric wrap optimizers; an optimizer of one's own may only look like one)
         looks_like_one = name == "optimizers" and (hasattr(item, "optimizer") or hasattr(item, "param_groups"))
         if not isinstance(item, wanted) and not looks_like_one:
@@ -482,9 +482,6 @@ class GraphedStep:
         managed = {id(o.optimizer) for o in self._optimizers} | {id(s) for s in self._grad_scalers}
         self._reads = StepReads(lambda obj, name: id(obj) in managed or self._ignore(obj, name))
         self._warmups_left = self.warmup_steps
-        # per signature warmed up (None: one warmed without a plan), the Python numbers its last
-        # warm-up returned, by path
-        self._numbers_returned: list[tuple[BatchSignature | None, dict[str, type]]] = []
         try:
             self._device: torch.device | None = torch.device("cuda", device) if isinstance(device, int) else (
                 torch.device(device) if device is not None else None
@@ -500,7 +497,10 @@ class GraphedStep:
         # graphs dropped as stale or evicted are kept (never replayed) until the next
         # capture: while a graph holds the pool, the next capture may share it
         self._retired: list[CapturedGraph] = []
-        self._warmed: list[BatchSignature] = []  # signatures that ran a warm-up step, newest last
+        # signatures that ran a warm-up step, newest last, each with the Python numbers among that
+        # step's outputs, by path; and those of the last warm-up run without a signature
+        self._warmed: list[tuple[BatchSignature, dict[str, type]]] = []
+        self._numbers_unplanned: dict[str, type] = {}
         self._structure: ModuleStructure | None = None  # modules' parameters, modes and flags at capture
         self._structure_check_due = False
         self._stepped: set[int] = set()  # optimizers that took an eager step since the last structural change
@@ -575,7 +575,7 @@ class GraphedStep:
         if self._warmups_left > 0 or not self._optimizers_ready():
             return StepPlan(Action.WARMUP, signature, variant=variant)
         # (warm-ups run without a plan name no signature: then any is taken as warmed)
-        warmed = self.warmup_steps == 0 or not self._warmed or any(seen == signature for seen in self._warmed)
+        warmed = self.warmup_steps == 0 or not self._warmed or any(seen == signature for seen, _ in self._warmed)
         if not self._graphs:
             # a signature not seen in warm-up (a ragged batch at capture time) runs one more warm-up step
             if warmed:
@@ -584,7 +584,7 @@ class GraphedStep:
             if self._unrepeated >= _MAX_UNREPEATED:
                 self.disable(
                     f"no {self.input_name} signature recurred in {self._unrepeated} calls in a row, so nothing was "
-                    f"captured: {describe_mismatch(self._warmed[-1], signature, self.input_name, 'one before had')}"
+                    f"captured: {describe_mismatch(self._warmed[-1][0], signature, self.input_name, 'one before had')}"
                 )
                 return StepPlan(Action.EAGER, signature, "graphs disabled")
             return StepPlan(Action.WARMUP, signature, variant=variant)
@@ -748,13 +748,14 @@ class GraphedStep:
         with torch.cuda.stream(stream):
             outputs = self._watching_steps(fn)
         current.wait_stream(stream)
-        warmed = plan.signature if plan is not None else None
-        self._numbers_returned = [(seen, numbers) for seen, numbers in self._numbers_returned
-                                  if seen != warmed][-31:] + [(warmed, _python_numbers(outputs))]
         self._warmups_left = max(self._warmups_left - 1, 0)
         self.stats.warmup_steps += 1
+        numbers = _python_numbers(outputs)
         if plan is not None and plan.signature is not None:
-            self._warmed = [seen for seen in self._warmed if seen != plan.signature][-31:] + [plan.signature]
+            self._warmed = [(seen, kept) for seen, kept in self._warmed if seen != plan.signature][-31:] + \
+                [(plan.signature, numbers)]
+        else:
+            self._numbers_unplanned = numbers
         problem = self._side_effects(before, hyperparameters=check_hyperparameters) if check else None
         problem = problem or self._host_state() or self._not_given()
         if problem is not None:
@@ -931,8 +932,7 @@ class GraphedStep:
         optimizers' ``param_groups`` (a device tensor while capturing; ``stood_in`` maps
         each to the user's value) or one computed from it. Also what replays would get
         wrong, if anything."""
-        numbers = next((numbers for seen, numbers in reversed(self._numbers_returned) if seen == signature),
-                       next((numbers for seen, numbers in reversed(self._numbers_returned) if seen is None), {}))
+        numbers = next((kept for seen, kept in reversed(self._warmed) if seen == signature), self._numbers_unplanned)
         if not numbers:
             return outputs, None
         leaves, tree = flatten(outputs)
@@ -1117,7 +1117,7 @@ class GraphedStep:
         self._drop_graphs(None)
         self._retired = []
         self._warmed = []
-        self._numbers_returned = []
+        self._numbers_unplanned = {}
         for optimizer in self._optimizers:
             optimizer.restore()
         self._forget_structure()
