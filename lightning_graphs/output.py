@@ -37,14 +37,17 @@ def output_noticed(found: list[str]) -> Iterator[None]:
     printing, handling = builtins.print, logging.Logger.handle
     thread = threading.get_ident()
 
+    def notice(kind: str) -> None:
+        # (the frame two up: the caller of the print or of the logger's handle)
+        if kind not in found and threading.get_ident() == thread and _from_users_code(sys._getframe(2)):
+            found.append(kind)
+
     def noticed_print(*args: Any, **kwargs: Any) -> None:
-        if "print" not in found and threading.get_ident() == thread and _from_users_code(sys._getframe(1)):
-            found.append("print")
+        notice("print")
         printing(*args, **kwargs)
 
     def noticed_handle(logger: logging.Logger, record: logging.LogRecord) -> None:
-        if "logging" not in found and threading.get_ident() == thread and _from_users_code(sys._getframe(1)):
-            found.append("logging")
+        notice("logging")
         handling(logger, record)
 
     builtins.print, logging.Logger.handle = noticed_print, noticed_handle
